@@ -1,0 +1,275 @@
+//! Types shared by divert's kernel programs (`divert-ebpf`) and its user-space
+//! agent (`divert`).
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so that the kernel
+//! and user space agree on the layout byte for byte. Conventions, stated once
+//! and repeated on each field:
+//!
+//! * **Addresses** are 16 bytes in network byte order. An IPv4 address is
+//!   stored IPv4-mapped (`::ffff:a.b.c.d`), so one key shape serves both
+//!   families and an IPv4-mapped IPv6 destination is the same key as the IPv4
+//!   destination it stands for.
+//! * **Ports** are in host byte order unless a field says otherwise.
+//! * **Netns cookies** are the kernel's network-namespace cookie
+//!   (`bpf_get_netns_cookie()`, `getsockopt(SO_NETNS_COOKIE)`), a `u64` in
+//!   host byte order. A cookie is never reused while the machine is up.
+//!
+//! With the `user` feature each type implements `aya::Pod` so the agent can
+//! read and write the maps.
+#![no_std]
+
+/// Map names, as the kernel object declares them and the loader looks them up.
+pub mod maps {
+    /// `HashMap<u64 netns cookie, PolicyHeader>`: the meshed network namespaces.
+    pub const POLICIES: &str = "POLICIES";
+    /// `LpmTrie<LpmKey4, u8>`: include ranges (`-i`), IPv4.
+    pub const INCLUDE_V4: &str = "INCLUDE_V4";
+    /// `LpmTrie<LpmKey4, u8>`: exclude ranges (`-x`), IPv4.
+    pub const EXCLUDE_V4: &str = "EXCLUDE_V4";
+    /// `LpmTrie<LpmKey6, u8>`: include ranges (`-i`), IPv6.
+    pub const INCLUDE_V6: &str = "INCLUDE_V6";
+    /// `LpmTrie<LpmKey6, u8>`: exclude ranges (`-x`), IPv6.
+    pub const EXCLUDE_V6: &str = "EXCLUDE_V6";
+    /// `HashMap<PortKey, u8>`: include (`-q`) and exclude (`-o`) outbound ports.
+    pub const PORTS: &str = "PORTS";
+    /// `HashMap<AddrKey, u8>`: the namespace's own addresses (what iptables
+    /// calls `-o lo`: destinations routed over loopback).
+    pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    /// `LruHashMap<u64 socket cookie, OrigDst>`: original destination of each
+    /// diverted socket, for `getpeername` and `sock_ops`.
+    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    /// `LruHashMap<TupleKey, OrigDst>`: original destination by the tuple the
+    /// proxy sees as its peer, for `SO_ORIGINAL_DST`.
+    pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    /// `LruPerCpuHashMap<CounterKey, u64>`: connections per destination and verdict.
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Program names (the Rust function names in `divert-ebpf`).
+pub mod programs {
+    pub const CONNECT4: &str = "divert_connect4";
+    pub const CONNECT6: &str = "divert_connect6";
+    pub const SOCK_OPS: &str = "divert_sock_ops";
+    pub const GETSOCKOPT: &str = "divert_getsockopt";
+    pub const GETPEERNAME4: &str = "divert_getpeername4";
+    pub const GETPEERNAME6: &str = "divert_getpeername6";
+}
+
+/// Capacity of each map, in entries.
+pub mod limits {
+    /// Registered network namespaces (pods) per node.
+    pub const MAX_POLICIES: u32 = 16_384;
+    /// Prefixes per LPM trie (one trie per list and family, shared by all pods).
+    pub const MAX_RANGES: u32 = 131_072;
+    /// Include plus exclude ports, all pods together.
+    pub const MAX_PORTS: u32 = 65_536;
+    /// Own addresses, all pods together.
+    pub const MAX_LOCAL_ADDRS: u32 = 65_536;
+    /// In-flight diverted sockets remembered (LRU: the oldest is evicted).
+    pub const MAX_ORIG: u32 = 262_144;
+    /// (netns, destination, port, verdict) counter series (LRU).
+    pub const MAX_COUNTERS: u32 = 65_536;
+    /// Proxy UIDs and, separately, proxy GIDs per policy.
+    pub const MAX_PROXY_IDS: usize = 8;
+}
+
+/// Bits of [`PolicyHeader::flags`].
+pub mod flags {
+    /// `-i '*'`: every destination not excluded is redirected.
+    pub const INCLUDE_ALL: u32 = 1 << 0;
+    /// An include range's network address is a loopback address; istio-iptables
+    /// then omits its `-o lo -m owner ! --uid-owner` RETURN rules.
+    pub const INCLUDE_HAS_LOOPBACK: u32 = 1 << 1;
+    /// At least one `-o` port: look the port up in `PORTS`.
+    pub const HAS_EXCLUDE_PORTS: u32 = 1 << 2;
+    /// At least one `-q` port.
+    pub const HAS_INCLUDE_PORTS: u32 = 1 << 3;
+    pub const HAS_INCLUDE_V4: u32 = 1 << 4;
+    pub const HAS_EXCLUDE_V4: u32 = 1 << 5;
+    pub const HAS_INCLUDE_V6: u32 = 1 << 6;
+    pub const HAS_EXCLUDE_V6: u32 = 1 << 7;
+    /// At least one own address is in `LOCAL_ADDRS`.
+    pub const HAS_LOCAL_ADDRS: u32 = 1 << 8;
+}
+
+/// What happened to a connect, as stored in [`OrigDst`] and [`CounterKey`].
+pub mod verdict {
+    /// Left alone: the connection goes where the application asked.
+    pub const PASSTHROUGH: u8 = 0;
+    /// Rewritten to the outbound proxy port (istio-iptables' `ISTIO_REDIRECT`).
+    pub const REDIRECT: u8 = 1;
+    /// Rewritten to the inbound capture port (istio-iptables' `ISTIO_IN_REDIRECT`).
+    pub const INBOUND: u8 = 2;
+}
+
+/// `PortKey::list` values.
+pub mod port_list {
+    /// `-o`, `excludeOutboundPorts`.
+    pub const EXCLUDE: u8 = 0;
+    /// `-q`, `includeOutboundPorts`.
+    pub const INCLUDE: u8 = 1;
+}
+
+/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` / `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)`.
+pub const SO_ORIGINAL_DST: i32 = 80;
+
+/// The per-namespace policy header, the value of the `POLICIES` map.
+///
+/// 76 bytes. Ports in host byte order; UIDs and GIDs as the kernel's
+/// `bpf_get_current_uid_gid()` reports them (the caller's real IDs, in the
+/// initial user namespace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyHeader {
+    /// Bits from [`flags`].
+    pub flags: u32,
+    /// Outbound proxy port (`-p`), host byte order.
+    pub proxy_port: u16,
+    /// Inbound capture port (`-z`), host byte order.
+    pub inbound_capture_port: u16,
+    /// Inbound tunnel port (15008) that a proxy-owned connect to a local
+    /// address is never sent to the inbound capture port for.
+    pub inbound_tunnel_port: u16,
+    /// How many of `proxy_uids` are set.
+    pub proxy_uid_count: u8,
+    /// How many of `proxy_gids` are set.
+    pub proxy_gid_count: u8,
+    pub proxy_uids: [u32; limits::MAX_PROXY_IDS],
+    pub proxy_gids: [u32; limits::MAX_PROXY_IDS],
+}
+
+/// Key data of the IPv4 LPM tries: 12 bytes, matched with prefix length
+/// `64 + CIDR length`, so the netns cookie always matches exactly.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LpmKey4 {
+    /// Netns cookie, host byte order (matched as opaque bytes).
+    pub netns_cookie: u64,
+    /// IPv4 address, network byte order.
+    pub addr: [u8; 4],
+}
+
+/// Key data of the IPv6 LPM tries: 24 bytes, prefix length `64 + CIDR length`.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LpmKey6 {
+    /// Netns cookie, host byte order (matched as opaque bytes).
+    pub netns_cookie: u64,
+    /// IPv6 address, network byte order.
+    pub addr: [u8; 16],
+}
+
+/// Key of the `PORTS` map: 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub netns_cookie: u64,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// [`port_list::EXCLUDE`] or [`port_list::INCLUDE`].
+    pub list: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Key of the `LOCAL_ADDRS` map: 24 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    pub netns_cookie: u64,
+    /// Address, 16 bytes network byte order, IPv4 mapped.
+    pub addr: [u8; 16],
+}
+
+/// The destination an application dialled: 24 bytes, the value of
+/// `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Address, 16 bytes network byte order, IPv4 (and IPv4-mapped) mapped.
+    pub addr: [u8; 16],
+    /// Port, host byte order.
+    pub port: u16,
+    /// 1 when the connection was judged and diverted as IPv4 (an AF_INET
+    /// socket, or an AF_INET6 socket dialling `::ffff:a.b.c.d`).
+    pub is_v4: u8,
+    /// One of [`verdict`].
+    pub verdict: u8,
+    pub _pad: [u8; 4],
+}
+
+/// Key of `ORIG_BY_TUPLE`: the application's end of a diverted connection as
+/// the proxy sees it (its peer), in the namespace it belongs to. 32 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub netns_cookie: u64,
+    /// Application's local address, 16 bytes network byte order, IPv4 mapped.
+    pub addr: [u8; 16],
+    /// Application's local port, host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Key of `COUNTERS`: 32 bytes. The value is a per-CPU `u64` count of
+/// connects; user space sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    pub netns_cookie: u64,
+    /// Destination as dialled, 16 bytes network byte order, IPv4 mapped.
+    pub addr: [u8; 16],
+    /// Destination port as dialled, host byte order.
+    pub port: u16,
+    /// One of [`verdict`].
+    pub verdict: u8,
+    pub _pad: [u8; 5],
+}
+
+/// `a.b.c.d` as the 16-byte IPv4-mapped form `::ffff:a.b.c.d`.
+#[inline(always)]
+pub const fn mapped_v4(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C) (or packed) plain data with explicit
+    // padding fields, valid for every bit pattern.
+    unsafe impl aya::Pod for PolicyHeader {}
+    unsafe impl aya::Pod for LpmKey4 {}
+    unsafe impl aya::Pod for LpmKey6 {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for CounterKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<PolicyHeader>(), 76);
+        assert_eq!(size_of::<LpmKey4>(), 12);
+        assert_eq!(size_of::<LpmKey6>(), 24);
+        assert_eq!(size_of::<PortKey>(), 16);
+        assert_eq!(size_of::<AddrKey>(), 24);
+        assert_eq!(size_of::<OrigDst>(), 24);
+        assert_eq!(size_of::<TupleKey>(), 32);
+        assert_eq!(size_of::<CounterKey>(), 32);
+    }
+
+    #[test]
+    fn mapped_form() {
+        assert_eq!(
+            mapped_v4([10, 211, 0, 2]),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 10, 211, 0, 2]
+        );
+    }
+}

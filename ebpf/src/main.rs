@@ -1,0 +1,600 @@
+//! divert's kernel programs.
+//!
+//! * `divert_connect4` / `divert_connect6` (`cgroup/connect4|6`): judge each
+//!   outbound TCP connect of a meshed network namespace in the order of
+//!   istio-iptables' `ISTIO_OUTPUT` chain (the same order as
+//!   `divert::policy::verdict()`), rewrite the destination to the proxy,
+//!   remember the original destination under the socket cookie, count.
+//! * `divert_sock_ops` (`sockops`, `TCP_CONNECT_CB`): the source port is now
+//!   known; file the original destination under the tuple the proxy will see
+//!   as its peer.
+//! * `divert_getsockopt` (`cgroup/getsockopt`): answer `SO_ORIGINAL_DST` for
+//!   those sockets; every other option is left exactly as the kernel returned it.
+//! * `divert_getpeername4|6` (`cgroup/getpeername4|6`): the application sees
+//!   the address it dialled.
+//!
+//! Every program allows the operation (returns 1): divert rewrites, it never
+//! refuses. A namespace with no policy is untouched and uncounted.
+#![no_std]
+#![no_main]
+// Inline asm pins loads from the context and from `bpf_sock` to one
+// instruction each (see `load!`).
+#![feature(asm_experimental_arch)]
+
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr, bpf_sock_ops, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        HashMap, LruHashMap, LruPerCpuHashMap,
+    },
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    EbpfContext,
+};
+use divert_common::{
+    flags, limits, mapped_v4, port_list, verdict, AddrKey, CounterKey, LpmKey4, LpmKey6, OrigDst,
+    PolicyHeader, PortKey, TupleKey, SO_ORIGINAL_DST,
+};
+
+/// Load the 32-bit word at `offset_of!($ty, $field) + 4 * $i` of a context or
+/// `bpf_sock` pointer as one `ldxw` with a constant offset. The verifier
+/// rejects any arithmetic on those pointers, and LLVM, left to itself, hoists
+/// a shared base address for neighbouring fields (C has
+/// `preserve_static_offset` for this; Rust does not).
+macro_rules! load {
+    ($ptr:expr, $ty:ty, $field:ident) => {
+        load!($ptr, $ty, $field, 0)
+    };
+    ($ptr:expr, $ty:ty, $field:ident, $i:expr) => {{
+        const OFF: usize = core::mem::offset_of!($ty, $field) + 4 * $i;
+        let v: u64;
+        unsafe {
+            core::arch::asm!(
+                "{v} = *(u32 *)({p} + {off})",
+                p = in(reg) $ptr,
+                v = lateout(reg) v,
+                off = const OFF,
+                options(readonly, nostack, preserves_flags),
+            )
+        };
+        v as u32
+    }};
+}
+
+/// A 16-byte address field (`[u32; 4]`, network byte order) as bytes.
+macro_rules! load6 {
+    ($ptr:expr, $ty:ty, $field:ident) => {
+        words_to_bytes([
+            load!($ptr, $ty, $field, 0),
+            load!($ptr, $ty, $field, 1),
+            load!($ptr, $ty, $field, 2),
+            load!($ptr, $ty, $field, 3),
+        ])
+    };
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+const PAGE_SIZE: i32 = 4096;
+
+/// 127.0.0.1 / ::1: where the proxy listens, and istio-iptables' "host loopback".
+const LOOPBACK4: [u8; 4] = [127, 0, 0, 1];
+const LOOPBACK6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// Source of Envoy's inbound passthrough connects (istio-iptables' `-s 127.0.0.6/32` / `::6/128`).
+const PASSTHROUGH_SRC4: [u8; 4] = [127, 0, 0, 6];
+const PASSTHROUGH_SRC6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
+
+#[map]
+static POLICIES: HashMap<u64, PolicyHeader> =
+    HashMap::with_max_entries(limits::MAX_POLICIES, 0);
+#[map]
+static INCLUDE_V4: LpmTrie<LpmKey4, u8> =
+    LpmTrie::with_max_entries(limits::MAX_RANGES, BPF_F_NO_PREALLOC);
+#[map]
+static EXCLUDE_V4: LpmTrie<LpmKey4, u8> =
+    LpmTrie::with_max_entries(limits::MAX_RANGES, BPF_F_NO_PREALLOC);
+#[map]
+static INCLUDE_V6: LpmTrie<LpmKey6, u8> =
+    LpmTrie::with_max_entries(limits::MAX_RANGES, BPF_F_NO_PREALLOC);
+#[map]
+static EXCLUDE_V6: LpmTrie<LpmKey6, u8> =
+    LpmTrie::with_max_entries(limits::MAX_RANGES, BPF_F_NO_PREALLOC);
+#[map]
+static PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(limits::MAX_PORTS, 0);
+#[map]
+static LOCAL_ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(limits::MAX_LOCAL_ADDRS, 0);
+#[map]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(limits::MAX_ORIG, 0);
+#[map]
+static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> =
+    LruHashMap::with_max_entries(limits::MAX_ORIG, 0);
+#[map]
+static COUNTERS: LruPerCpuHashMap<CounterKey, u64> =
+    LruPerCpuHashMap::with_max_entries(limits::MAX_COUNTERS, 0);
+
+/// A destination in the family it is judged in.
+#[derive(Clone, Copy)]
+enum Dst {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+impl Dst {
+    #[inline(always)]
+    fn mapped(&self) -> [u8; 16] {
+        match self {
+            Dst::V4(a) => mapped_v4(*a),
+            Dst::V6(a) => *a,
+        }
+    }
+    /// 127.0.0.0/8 or ::1: always routed over `lo`.
+    #[inline(always)]
+    fn is_loopback(&self) -> bool {
+        match self {
+            Dst::V4(a) => a[0] == 127,
+            Dst::V6(a) => *a == LOOPBACK6,
+        }
+    }
+    /// istio-iptables' host loopback, `127.0.0.1/32` / `::1/128`.
+    #[inline(always)]
+    fn is_host_loopback(&self) -> bool {
+        match self {
+            Dst::V4(a) => *a == LOOPBACK4,
+            Dst::V6(a) => *a == LOOPBACK6,
+        }
+    }
+}
+
+/// The verdict of istio-iptables' `ISTIO_OUTPUT` chain for one connect, rule
+/// for rule in its order (see `divert::policy::verdict` for the reference).
+#[inline(always)]
+fn judge(
+    p: &PolicyHeader,
+    netns: u64,
+    dst: Dst,
+    port: u16,
+    uid: u32,
+    gid: u32,
+    src_is_passthrough: bool,
+) -> u8 {
+    // -p tcp --dport <-o port> -j RETURN
+    if p.flags & flags::HAS_EXCLUDE_PORTS != 0 {
+        let key = PortKey {
+            netns_cookie: netns,
+            port,
+            list: port_list::EXCLUDE,
+            _pad: [0; 5],
+        };
+        if unsafe { PORTS.get(&key) }.is_some() {
+            return verdict::PASSTHROUGH;
+        }
+    }
+    // -o lo -s 127.0.0.6/32 -j RETURN
+    if src_is_passthrough {
+        return verdict::PASSTHROUGH;
+    }
+    // "-o lo": the destination is one of the namespace's own addresses.
+    let local = dst.is_loopback()
+        || (p.flags & flags::HAS_LOCAL_ADDRS != 0 && {
+            let key = AddrKey {
+                netns_cookie: netns,
+                addr: dst.mapped(),
+            };
+            unsafe { LOCAL_ADDRS.get(&key) }.is_some()
+        });
+    let host_lo = dst.is_host_loopback();
+    let lo_return = p.flags & flags::INCLUDE_HAS_LOOPBACK == 0;
+    let tunnel = port == p.inbound_tunnel_port;
+    // for uid in -u: IN_REDIRECT, "-o lo ! --uid-owner" RETURN, "--uid-owner" RETURN
+    for i in 0..limits::MAX_PROXY_IDS {
+        if i >= p.proxy_uid_count as usize {
+            break;
+        }
+        let owner = p.proxy_uids[i] == uid;
+        if owner && local && !host_lo && !tunnel {
+            return verdict::INBOUND;
+        }
+        if owner || (local && lo_return) {
+            return verdict::PASSTHROUGH;
+        }
+    }
+    // for gid in -g: the same three rules with --gid-owner
+    for i in 0..limits::MAX_PROXY_IDS {
+        if i >= p.proxy_gid_count as usize {
+            break;
+        }
+        let owner = p.proxy_gids[i] == gid;
+        if owner && local && !host_lo && !tunnel {
+            return verdict::INBOUND;
+        }
+        if owner || (local && lo_return) {
+            return verdict::PASSTHROUGH;
+        }
+    }
+    // -d 127.0.0.1/32 -j RETURN
+    if host_lo {
+        return verdict::PASSTHROUGH;
+    }
+    // -d <-x range> -j RETURN
+    if in_ranges(p, netns, dst, false) {
+        return verdict::PASSTHROUGH;
+    }
+    // -p tcp --dport <-q port> -j ISTIO_REDIRECT
+    if p.flags & flags::HAS_INCLUDE_PORTS != 0 {
+        let key = PortKey {
+            netns_cookie: netns,
+            port,
+            list: port_list::INCLUDE,
+            _pad: [0; 5],
+        };
+        if unsafe { PORTS.get(&key) }.is_some() {
+            return verdict::REDIRECT;
+        }
+    }
+    // -j ISTIO_REDIRECT (`*`) or -d <-i range> -j ISTIO_REDIRECT
+    if p.flags & flags::INCLUDE_ALL != 0 || in_ranges(p, netns, dst, true) {
+        return verdict::REDIRECT;
+    }
+    verdict::PASSTHROUGH
+}
+
+#[inline(always)]
+fn in_ranges(p: &PolicyHeader, netns: u64, dst: Dst, include: bool) -> bool {
+    match dst {
+        Dst::V4(addr) => {
+            let (flag, trie) = if include {
+                (flags::HAS_INCLUDE_V4, &INCLUDE_V4)
+            } else {
+                (flags::HAS_EXCLUDE_V4, &EXCLUDE_V4)
+            };
+            p.flags & flag != 0 && {
+                let key = Key::new(
+                    64 + 32,
+                    LpmKey4 {
+                        netns_cookie: netns,
+                        addr,
+                    },
+                );
+                trie.get(&key).is_some()
+            }
+        }
+        Dst::V6(addr) => {
+            let (flag, trie) = if include {
+                (flags::HAS_INCLUDE_V6, &INCLUDE_V6)
+            } else {
+                (flags::HAS_EXCLUDE_V6, &EXCLUDE_V6)
+            };
+            p.flags & flag != 0 && {
+                let key = Key::new(
+                    64 + 128,
+                    LpmKey6 {
+                        netns_cookie: netns,
+                        addr,
+                    },
+                );
+                trie.get(&key).is_some()
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn count(netns: u64, addr: [u8; 16], port: u16, v: u8) {
+    let key = CounterKey {
+        netns_cookie: netns,
+        addr,
+        port,
+        verdict: v,
+        _pad: [0; 5],
+    };
+    for _ in 0..2 {
+        if let Some(n) = COUNTERS.get_ptr_mut(&key) {
+            // Per-CPU value: no other CPU writes it.
+            unsafe { *n += 1 };
+            return;
+        }
+        // Another CPU may insert the same series between our lookup and
+        // insert; then the second lookup finds it.
+        if COUNTERS.insert(&key, &1, BPF_NOEXIST as u64).is_ok() {
+            return;
+        }
+    }
+}
+
+/// Judge a connect in `netns` to `dst:port`, count it, and remember the
+/// original destination of a diverted socket. Returns the loopback port the
+/// connect must be rewritten to, or `None` to leave it alone.
+#[inline(always)]
+fn on_connect<C: EbpfContext>(
+    ctx: &C,
+    sk: *mut bpf_sock,
+    dst: Dst,
+    port: u16,
+    is_v4: bool,
+) -> Option<u16> {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let policy = unsafe { POLICIES.get(&netns) }?;
+    let uid_gid = bpf_get_current_uid_gid();
+    let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
+    let src_is_passthrough = if sk.is_null() {
+        false
+    } else if is_v4 {
+        let src = load!(sk, bpf_sock, src_ip4).to_ne_bytes();
+        // An AF_INET6 socket bound to ::ffff:127.0.0.6 reports it in src_ip6.
+        src == PASSTHROUGH_SRC4 || load6!(sk, bpf_sock, src_ip6) == mapped_v4(PASSTHROUGH_SRC4)
+    } else {
+        load6!(sk, bpf_sock, src_ip6) == PASSTHROUGH_SRC6
+    };
+    let v = judge(policy, netns, dst, port, uid, gid, src_is_passthrough);
+    let addr = dst.mapped();
+    count(netns, addr, port, v);
+    let target_port = match v {
+        verdict::REDIRECT => policy.proxy_port,
+        verdict::INBOUND => policy.inbound_capture_port,
+        _ => return None,
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr,
+        port,
+        is_v4: is_v4 as u8,
+        verdict: v,
+        _pad: [0; 4],
+    };
+    // An LRU map evicts rather than fails; a failed insert only costs the
+    // proxy its SO_ORIGINAL_DST answer, never the connect.
+    let _ = ORIG_BY_COOKIE.insert(&cookie, &orig, 0);
+    Some(target_port)
+}
+
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+#[inline(always)]
+fn bytes_to_words(b: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+#[inline(always)]
+fn is_tcp(ty: u32, protocol: u32) -> bool {
+    ty == SOCK_STREAM && protocol == IPPROTO_TCP
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn divert_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if !is_tcp(sa.type_, sa.protocol) {
+        return 1;
+    }
+    let dst = sa.user_ip4.to_ne_bytes();
+    let port = u16::from_be(sa.user_port as u16);
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if let Some(target_port) = on_connect(&ctx, sk, Dst::V4(dst), port, true) {
+        sa.user_ip4 = u32::from_ne_bytes(LOOPBACK4);
+        sa.user_port = target_port.to_be() as u32;
+    }
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn divert_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if !is_tcp(sa.type_, sa.protocol) {
+        return 1;
+    }
+    let dst = load6!(ctx.sock_addr, bpf_sock_addr, user_ip6);
+    let port = u16::from_be(sa.user_port as u16);
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    // ::ffff:a.b.c.d is an IPv4 connect through an AF_INET6 socket: judge it
+    // as IPv4, so nobody escapes the IPv4 policy by dialling the mapped form.
+    let is_mapped = dst[..12] == mapped_v4([0; 4])[..12];
+    let judged = if is_mapped {
+        on_connect(
+            &ctx,
+            sk,
+            Dst::V4([dst[12], dst[13], dst[14], dst[15]]),
+            port,
+            true,
+        )
+    } else {
+        on_connect(&ctx, sk, Dst::V6(dst), port, false)
+    };
+    if let Some(target_port) = judged {
+        let target = if is_mapped {
+            mapped_v4(LOOPBACK4)
+        } else {
+            LOOPBACK6
+        };
+        sa.user_ip6 = bytes_to_words(target);
+        sa.user_port = target_port.to_be() as u32;
+    }
+    1
+}
+
+#[sock_ops]
+pub fn divert_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        file_tuple(&ctx);
+    }
+    1
+}
+
+/// At `TCP_CONNECT_CB` the source port is bound and the SYN not yet sent:
+/// file the original destination under (netns, source address, source port),
+/// which is what the proxy will see as its accepted socket's peer.
+#[inline(always)]
+fn file_tuple(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
+        return;
+    };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // A mapped connect on an AF_INET6 socket runs as IPv4: its source is in
+    // local_ip4 (sk_rcv_saddr), which the proxy sees as an IPv4 peer.
+    let ops = ctx.ops;
+    let addr = if orig.is_v4 != 0 {
+        mapped_v4(load!(ops, bpf_sock_ops, local_ip4).to_ne_bytes())
+    } else {
+        load6!(ops, bpf_sock_ops, local_ip6)
+    };
+    let key = TupleKey {
+        netns_cookie: netns,
+        addr,
+        port: ctx.local_port() as u16,
+        _pad: [0; 6],
+    };
+    let _ = ORIG_BY_TUPLE.insert(&key, orig, 0);
+}
+
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port_be: u16,
+    addr: [u8; 4],
+    zero: [u8; 8],
+}
+
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port_be: u16,
+    flowinfo: u32,
+    addr: [u8; 16],
+    scope_id: u32,
+}
+
+#[cgroup_sockopt(getsockopt)]
+pub fn divert_getsockopt(ctx: SockoptContext) -> i32 {
+    let so = unsafe { &mut *ctx.sockopt };
+    if so.optname != SO_ORIGINAL_DST || (so.level != SOL_IP && so.level != SOL_IPV6) {
+        // Not ours. Past PAGE_SIZE the program only sees a truncated buffer:
+        // optlen 0 tells the kernel to hand back its own result untouched
+        // (Documentation/bpf/prog_cgroup_sockopt.rst).
+        if so.optlen > PAGE_SIZE {
+            so.optlen = 0;
+        }
+        return 1;
+    }
+    answer_original_dst(&ctx);
+    1
+}
+
+#[inline(always)]
+fn answer_original_dst(ctx: &SockoptContext) {
+    let so = unsafe { &mut *ctx.sockopt };
+    let sk = unsafe { so.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return;
+    }
+    let (family, protocol) = (load!(sk, bpf_sock, family), load!(sk, bpf_sock, protocol));
+    if protocol != IPPROTO_TCP {
+        return;
+    }
+    let peer = match family {
+        AF_INET => mapped_v4(load!(sk, bpf_sock, dst_ip4).to_ne_bytes()),
+        AF_INET6 => load6!(sk, bpf_sock, dst_ip6),
+        _ => return,
+    };
+    // dst_port: __be16 followed by 16 bits of zero padding.
+    let peer_port = u16::from_be(load!(sk, bpf_sock, dst_port) as u16);
+    let key = TupleKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        addr: peer,
+        port: peer_port,
+        _pad: [0; 6],
+    };
+    let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(&key) }) else {
+        return;
+    };
+    let optval = unsafe { so.__bindgen_anon_2.optval } as usize;
+    let optval_end = unsafe { so.__bindgen_anon_3.optval_end } as usize;
+    if so.level == SOL_IP {
+        // An IPv6 original has no sockaddr_in form: leave the kernel's answer.
+        if orig.is_v4 == 0 {
+            return;
+        }
+        let len = core::mem::size_of::<SockaddrIn>();
+        if optval + len > optval_end {
+            return;
+        }
+        let out = optval as *mut SockaddrIn;
+        unsafe {
+            (*out).family = AF_INET as u16;
+            (*out).port_be = orig.port.to_be();
+            (*out).addr = [orig.addr[12], orig.addr[13], orig.addr[14], orig.addr[15]];
+            (*out).zero = [0; 8];
+        }
+        so.optlen = len as i32;
+    } else {
+        let len = core::mem::size_of::<SockaddrIn6>();
+        if optval + len > optval_end {
+            return;
+        }
+        let out = optval as *mut SockaddrIn6;
+        unsafe {
+            (*out).family = AF_INET6 as u16;
+            (*out).port_be = orig.port.to_be();
+            (*out).flowinfo = 0;
+            (*out).addr = orig.addr;
+            (*out).scope_id = 0;
+        }
+        so.optlen = len as i32;
+    }
+    so.retval = 0;
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn divert_getpeername4(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+        let sa = unsafe { &mut *ctx.sock_addr };
+        if orig.is_v4 != 0 {
+            sa.user_ip4 =
+                u32::from_ne_bytes([orig.addr[12], orig.addr[13], orig.addr[14], orig.addr[15]]);
+            sa.user_port = orig.port.to_be() as u32;
+        }
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn divert_getpeername6(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip6 = bytes_to_words(orig.addr);
+        sa.user_port = orig.port.to_be() as u32;
+    }
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";
