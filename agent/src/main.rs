@@ -1,13 +1,38 @@
-fn main() {
-    let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/divert"));
-    let mut ebpf = aya::Ebpf::load(bytes).unwrap();
-    for (name, prog) in ebpf.programs_mut() {
-        let r = match prog {
-            aya::programs::Program::CgroupSockAddr(p) => p.load(),
-            aya::programs::Program::SockOps(p) => p.load(),
-            aya::programs::Program::CgroupSockopt(p) => p.load(),
-            _ => Ok(()),
-        };
-        println!("{name}: {r:?}");
+//! The `divert` binary.
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use divert::cli;
+
+/// Transparent outbound interception for service meshes, with eBPF.
+#[derive(Parser, Debug)]
+#[command(name = "divert", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a command with its outbound TCP diverted to the local proxy.
+    Run(cli::run::RunArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DIVERT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match &cli.command {
+        Command::Run(args) => {
+            let sub = matches.subcommand_matches("run").expect("run was matched");
+            cli::run::main(args, sub)
+        }
     }
 }

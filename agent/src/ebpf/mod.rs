@@ -1,0 +1,447 @@
+//! Loading, attaching and filling divert's kernel programs and maps (aya).
+//!
+//! An [`Interceptor`] is one instance of the programs and their maps. The
+//! workload side (connect4/6, sock_ops, getpeername4/6) is attached to the
+//! cgroup whose processes are diverted; the proxy side (getsockopt) to the
+//! cgroup the proxy runs in, so its `SO_ORIGINAL_DST` is answered. Attachments
+//! are bpf links owned by the instance: dropping it detaches everything.
+
+use std::{collections::BTreeMap, net::IpAddr, os::fd::AsFd};
+
+use aya::{
+    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps,
+    },
+    Ebpf, EbpfError,
+};
+use divert_common::{
+    flags, maps, mapped_v4, port_list, programs, AddrKey, CounterKey, LpmKey4, LpmKey6,
+    PolicyHeader, PortKey,
+};
+use ipnetwork::IpNetwork;
+
+use crate::policy::{canonical, IncludeRanges, Policy};
+
+/// The kernel object built from `ebpf/` by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/divert"));
+
+/// Loading, attaching or map access failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot load the eBPF object (is BPF available, and are we root with CAP_BPF/CAP_SYS_ADMIN?): {0}")]
+    Load(#[from] EbpfError),
+    #[error("the kernel refused program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("netns {0:#x} is already registered in this instance")]
+    AlreadyRegistered(u64),
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// One diverted destination's connection count, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Counter {
+    pub netns_cookie: u64,
+    /// Destination as dialled (IPv4-mapped shown as IPv4).
+    pub destination: IpAddr,
+    pub port: u16,
+    /// `redirected`, `inbound_capture` or `passthrough`.
+    pub verdict: &'static str,
+    pub connections: u64,
+}
+
+/// One loaded instance of the programs and maps.
+pub struct Interceptor {
+    ebpf: Ebpf,
+}
+
+impl Interceptor {
+    /// Load and verify every program. Private to this process: nothing is
+    /// pinned, and everything is released when the instance is dropped.
+    pub fn load() -> Result<Self> {
+        // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+        let _ = nix::sys::resource::setrlimit(
+            nix::sys::resource::Resource::RLIMIT_MEMLOCK,
+            nix::sys::resource::RLIM_INFINITY,
+            nix::sys::resource::RLIM_INFINITY,
+        );
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        for name in [
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::GETPEERNAME4,
+            programs::GETPEERNAME6,
+        ] {
+            let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?;
+            p.load().map_err(|source| Error::Program { program: name, source })?;
+        }
+        let p: &mut SockOps = prog(&mut ebpf, programs::SOCK_OPS)?;
+        p.load().map_err(|source| Error::Program {
+            program: programs::SOCK_OPS,
+            source,
+        })?;
+        let p: &mut CgroupSockopt = prog(&mut ebpf, programs::GETSOCKOPT)?;
+        p.load().map_err(|source| Error::Program {
+            program: programs::GETSOCKOPT,
+            source,
+        })?;
+        Ok(Interceptor { ebpf })
+    }
+
+    /// Attach the workload programs (connect4/6, sock_ops, getpeername4/6)
+    /// to `cgroup` (an open cgroup v2 directory), allowing other programs
+    /// beside ours (`BPF_F_ALLOW_MULTI`).
+    pub fn attach_workload(&mut self, cgroup: impl AsFd) -> Result<()> {
+        let fd = cgroup.as_fd();
+        for name in [
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::GETPEERNAME4,
+            programs::GETPEERNAME6,
+        ] {
+            let p: &mut CgroupSockAddr = prog(&mut self.ebpf, name)?;
+            p.attach(fd, CgroupAttachMode::AllowMultiple)
+                .map_err(|source| Error::Program { program: name, source })?;
+        }
+        let p: &mut SockOps = prog(&mut self.ebpf, programs::SOCK_OPS)?;
+        p.attach(fd, CgroupAttachMode::AllowMultiple)
+            .map_err(|source| Error::Program {
+                program: programs::SOCK_OPS,
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Attach the getsockopt program to the proxy's cgroup.
+    pub fn attach_proxy(&mut self, cgroup: impl AsFd) -> Result<()> {
+        let p: &mut CgroupSockopt = prog(&mut self.ebpf, programs::GETSOCKOPT)?;
+        p.attach(cgroup.as_fd(), CgroupAttachMode::AllowMultiple)
+            .map_err(|source| Error::Program {
+                program: programs::GETSOCKOPT,
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Register `policy` for the network namespace `netns_cookie`.
+    ///
+    /// Ranges, ports and local addresses are written first and the policy
+    /// header last, so the kernel never judges with half a policy. On error
+    /// everything written is removed again: the namespace is either fully
+    /// configured or untouched.
+    pub fn register(&mut self, netns_cookie: u64, policy: &Policy) -> Result<()> {
+        if self.policies()?.get(&netns_cookie, 0).is_ok() {
+            return Err(Error::AlreadyRegistered(netns_cookie));
+        }
+        let written = self.write_entries(netns_cookie, policy);
+        let header = header(policy);
+        let result = written.and_then(|()| {
+            self.policies()?
+                .insert(netns_cookie, header, 0)
+                .map_err(|source| Error::Map {
+                    map: maps::POLICIES,
+                    source,
+                })
+        });
+        if result.is_err() {
+            let _ = self.remove_entries(netns_cookie, policy);
+        }
+        result
+    }
+
+    /// Remove `netns_cookie`'s policy: the header first (the namespace is
+    /// unmeshed at once), then its entries.
+    pub fn unregister(&mut self, netns_cookie: u64, policy: &Policy) -> Result<()> {
+        match self.policies()?.remove(&netns_cookie) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(Error::Map {
+                    map: maps::POLICIES,
+                    source,
+                })
+            }
+        }
+        self.remove_entries(netns_cookie, policy)
+    }
+
+    /// Per-destination counters, summed over CPUs, sorted by namespace,
+    /// destination, port and verdict.
+    pub fn counters(&self) -> Result<Vec<Counter>> {
+        let map = self
+            .ebpf
+            .map(maps::COUNTERS)
+            .ok_or(Error::MissingMap(maps::COUNTERS))?;
+        let counters: PerCpuHashMap<&MapData, CounterKey, u64> =
+            PerCpuHashMap::try_from(map).map_err(|source| Error::Map {
+                map: maps::COUNTERS,
+                source,
+            })?;
+        let mut sums: BTreeMap<CounterKey, u64> = BTreeMap::new();
+        for entry in counters.iter() {
+            let (key, per_cpu) = entry.map_err(|source| Error::Map {
+                map: maps::COUNTERS,
+                source,
+            })?;
+            *sums.entry(key).or_default() += per_cpu.iter().sum::<u64>();
+        }
+        Ok(sums
+            .into_iter()
+            .map(|(k, connections)| Counter {
+                netns_cookie: k.netns_cookie,
+                destination: canonical(IpAddr::from(k.addr)),
+                port: k.port,
+                verdict: verdict_name(k.verdict),
+                connections,
+            })
+            .collect())
+    }
+
+    fn policies(&mut self) -> Result<HashMap<&mut MapData, u64, PolicyHeader>> {
+        hash_map(&mut self.ebpf, maps::POLICIES)
+    }
+
+    fn write_entries(&mut self, netns: u64, policy: &Policy) -> Result<()> {
+        let (inc4, inc6) = split_families(policy.include_ranges.cidrs());
+        let (exc4, exc6) = split_families(&policy.exclude_ranges);
+        for (name, nets) in [(maps::INCLUDE_V4, &inc4), (maps::EXCLUDE_V4, &exc4)] {
+            let mut trie: LpmTrie<&mut MapData, LpmKey4, u8> = lpm(&mut self.ebpf, name)?;
+            for n in nets {
+                trie.insert(&key4(netns, n), 1, 0)
+                    .map_err(|source| Error::Map { map: name, source })?;
+            }
+        }
+        for (name, nets) in [(maps::INCLUDE_V6, &inc6), (maps::EXCLUDE_V6, &exc6)] {
+            let mut trie: LpmTrie<&mut MapData, LpmKey6, u8> = lpm(&mut self.ebpf, name)?;
+            for n in nets {
+                trie.insert(&key6(netns, n), 1, 0)
+                    .map_err(|source| Error::Map { map: name, source })?;
+            }
+        }
+        let mut ports: HashMap<&mut MapData, PortKey, u8> = hash_map(&mut self.ebpf, maps::PORTS)?;
+        for key in port_keys(netns, policy) {
+            ports.insert(key, 1, 0).map_err(|source| Error::Map {
+                map: maps::PORTS,
+                source,
+            })?;
+        }
+        let mut local: HashMap<&mut MapData, AddrKey, u8> =
+            hash_map(&mut self.ebpf, maps::LOCAL_ADDRS)?;
+        for key in addr_keys(netns, policy) {
+            local.insert(key, 1, 0).map_err(|source| Error::Map {
+                map: maps::LOCAL_ADDRS,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Remove every entry `policy` wrote for `netns`; entries already gone
+    /// are fine. Returns the first failure after trying them all.
+    fn remove_entries(&mut self, netns: u64, policy: &Policy) -> Result<()> {
+        let mut first: Option<Error> = None;
+        let mut note = |name: &'static str, r: std::result::Result<(), MapError>| match r {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                first.get_or_insert(Error::Map { map: name, source });
+            }
+        };
+        let (inc4, inc6) = split_families(policy.include_ranges.cidrs());
+        let (exc4, exc6) = split_families(&policy.exclude_ranges);
+        for (name, nets) in [(maps::INCLUDE_V4, &inc4), (maps::EXCLUDE_V4, &exc4)] {
+            let mut trie: LpmTrie<&mut MapData, LpmKey4, u8> = lpm(&mut self.ebpf, name)?;
+            for n in nets {
+                note(name, trie.remove(&key4(netns, n)));
+            }
+        }
+        for (name, nets) in [(maps::INCLUDE_V6, &inc6), (maps::EXCLUDE_V6, &exc6)] {
+            let mut trie: LpmTrie<&mut MapData, LpmKey6, u8> = lpm(&mut self.ebpf, name)?;
+            for n in nets {
+                note(name, trie.remove(&key6(netns, n)));
+            }
+        }
+        let mut ports: HashMap<&mut MapData, PortKey, u8> = hash_map(&mut self.ebpf, maps::PORTS)?;
+        for key in port_keys(netns, policy) {
+            note(maps::PORTS, ports.remove(&key));
+        }
+        let mut local: HashMap<&mut MapData, AddrKey, u8> =
+            hash_map(&mut self.ebpf, maps::LOCAL_ADDRS)?;
+        for key in addr_keys(netns, policy) {
+            note(maps::LOCAL_ADDRS, local.remove(&key));
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// The kernel's policy header for `policy`.
+pub fn header(policy: &Policy) -> PolicyHeader {
+    let mut h = PolicyHeader {
+        proxy_port: policy.proxy_port,
+        inbound_capture_port: policy.inbound_capture_port,
+        inbound_tunnel_port: policy.inbound_tunnel_port,
+        proxy_uid_count: policy.proxy_uids.len() as u8,
+        proxy_gid_count: policy.proxy_gids.len() as u8,
+        ..Default::default()
+    };
+    h.proxy_uids[..policy.proxy_uids.len()].copy_from_slice(&policy.proxy_uids);
+    h.proxy_gids[..policy.proxy_gids.len()].copy_from_slice(&policy.proxy_gids);
+    let (inc4, inc6) = split_families(policy.include_ranges.cidrs());
+    let (exc4, exc6) = split_families(&policy.exclude_ranges);
+    for (cond, bit) in [
+        (policy.include_ranges == IncludeRanges::All, flags::INCLUDE_ALL),
+        (policy.include_ranges.has_loopback(), flags::INCLUDE_HAS_LOOPBACK),
+        (!policy.exclude_ports.is_empty(), flags::HAS_EXCLUDE_PORTS),
+        (!policy.include_ports.is_empty(), flags::HAS_INCLUDE_PORTS),
+        (!inc4.is_empty(), flags::HAS_INCLUDE_V4),
+        (!exc4.is_empty(), flags::HAS_EXCLUDE_V4),
+        (!inc6.is_empty(), flags::HAS_INCLUDE_V6),
+        (!exc6.is_empty(), flags::HAS_EXCLUDE_V6),
+        (!policy.local_addrs.is_empty(), flags::HAS_LOCAL_ADDRS),
+    ] {
+        if cond {
+            h.flags |= bit;
+        }
+    }
+    h
+}
+
+/// The name of a kernel verdict code, as counters and `--stats` show it.
+pub fn verdict_name(code: u8) -> &'static str {
+    match code {
+        divert_common::verdict::REDIRECT => "redirected",
+        divert_common::verdict::INBOUND => "inbound_capture",
+        _ => "passthrough",
+    }
+}
+
+fn split_families(nets: &[IpNetwork]) -> (Vec<IpNetwork>, Vec<IpNetwork>) {
+    nets.iter().partition(|n| n.is_ipv4())
+}
+
+fn key4(netns: u64, n: &IpNetwork) -> Key<LpmKey4> {
+    let IpNetwork::V4(n) = n else {
+        unreachable!("split_families keeps IPv4 here")
+    };
+    Key::new(
+        64 + u32::from(n.prefix()),
+        LpmKey4 {
+            netns_cookie: netns,
+            addr: n.network().octets(),
+        },
+    )
+}
+
+fn key6(netns: u64, n: &IpNetwork) -> Key<LpmKey6> {
+    let IpNetwork::V6(n) = n else {
+        unreachable!("split_families keeps IPv6 here")
+    };
+    Key::new(
+        64 + u32::from(n.prefix()),
+        LpmKey6 {
+            netns_cookie: netns,
+            addr: n.network().octets(),
+        },
+    )
+}
+
+fn port_keys(netns: u64, policy: &Policy) -> Vec<PortKey> {
+    let key = |port, list| PortKey {
+        netns_cookie: netns,
+        port,
+        list,
+        _pad: [0; 5],
+    };
+    policy
+        .exclude_ports
+        .iter()
+        .map(|&p| key(p, port_list::EXCLUDE))
+        .chain(policy.include_ports.iter().map(|&p| key(p, port_list::INCLUDE)))
+        .collect()
+}
+
+fn addr_keys(netns: u64, policy: &Policy) -> Vec<AddrKey> {
+    policy
+        .local_addrs
+        .iter()
+        .map(|a| AddrKey {
+            netns_cookie: netns,
+            addr: match canonical(*a) {
+                IpAddr::V4(v4) => mapped_v4(v4.octets()),
+                IpAddr::V6(v6) => v6.octets(),
+            },
+        })
+        .collect()
+}
+
+fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(Error::Program {
+        program: name,
+        source: ProgramError::UnexpectedProgramType,
+    })?;
+    p.try_into().map_err(|source| Error::Program { program: name, source })
+}
+
+fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<&'a mut MapData, K, V>> {
+    let m = ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
+    HashMap::try_from(m).map_err(|source| Error::Map { map: name, source })
+}
+
+fn lpm<'a, K: aya::Pod>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<LpmTrie<&'a mut MapData, K, u8>> {
+    let m = ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
+    LpmTrie::try_from(m).map_err(|source| Error::Map { map: name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_flags_follow_the_policy() {
+        let p = Policy {
+            include_ranges: IncludeRanges::List(vec!["127.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()]),
+            exclude_ranges: vec!["10.0.0.0/8".parse().unwrap()],
+            include_ports: vec![80],
+            proxy_uids: vec![1, 2, 3],
+            proxy_gids: vec![],
+            ..Policy::default()
+        };
+        let h = header(&p);
+        assert_eq!(
+            h.flags,
+            flags::INCLUDE_HAS_LOOPBACK
+                | flags::HAS_INCLUDE_PORTS
+                | flags::HAS_INCLUDE_V4
+                | flags::HAS_INCLUDE_V6
+                | flags::HAS_EXCLUDE_V4
+        );
+        assert_eq!((h.proxy_uid_count, h.proxy_gid_count), (3, 0));
+        assert_eq!(&h.proxy_uids[..4], &[1, 2, 3, 0]);
+    }
+
+    #[test]
+    fn lpm_keys_mask_host_bits_and_prefix_the_cookie() {
+        let k = key4(7, &"10.211.9.9/16".parse().unwrap());
+        assert_eq!(k.prefix_len(), 80);
+        assert_eq!(k.data().addr, [10, 211, 0, 0]);
+        let k = key6(7, &"fd00:211::1/64".parse().unwrap());
+        assert_eq!(k.prefix_len(), 128);
+    }
+}

@@ -1,0 +1,16 @@
+//! divert: transparent outbound interception for service meshes, with eBPF.
+//!
+//! * [`policy`]: the Istio policy model and [`policy::verdict()`], the
+//!   reference every backend agrees with.
+//! * [`ebpf`]: loading, attaching and filling the kernel programs and maps.
+//! * [`cgroup`], [`netns`]: the kernel objects a policy is attached to.
+//! * [`cli`]: one module per subcommand of the `divert` binary.
+//!
+//! `ARCHITECTURE.md` at the repository root tells how flags become a verdict
+//! in the kernel.
+
+pub mod cgroup;
+pub mod cli;
+pub mod ebpf;
+pub mod netns;
+pub mod policy;

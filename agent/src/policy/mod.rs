@@ -1,0 +1,111 @@
+//! The Istio interception policy: what it holds, how it is parsed and
+//! validated, and [`verdict()`], the reference decision every backend must
+//! agree with. Pure Rust, no I/O.
+//!
+//! The decision order is the order of istio-iptables' `ISTIO_OUTPUT` chain
+//! (istio `tools/istio-iptables/pkg/capture/run.go`), rule for rule, so the
+//! same flags give the same outcome under the eBPF and the iptables backend.
+
+mod parse;
+mod verdict;
+
+use std::net::IpAddr;
+
+pub use ipnetwork::IpNetwork;
+pub use parse::{PolicyArgs, PolicyError, Source};
+pub use verdict::{verdict, verdict_for, Action, Connect, Rule, Verdict};
+
+/// Default outbound proxy port (`-p`, Envoy's outbound listener).
+pub const DEFAULT_PROXY_PORT: u16 = 15001;
+/// Default inbound capture port (`-z`, Envoy's inbound listener).
+pub const DEFAULT_INBOUND_CAPTURE_PORT: u16 = 15006;
+/// Default inbound tunnel port (HBONE, 15008): never sent to the inbound capture port.
+pub const DEFAULT_INBOUND_TUNNEL_PORT: u16 = 15008;
+/// Istio's proxy UID and GID.
+pub const DEFAULT_PROXY_ID: u32 = 1337;
+/// Most proxy UIDs, and separately GIDs, one policy can name (kernel map layout).
+pub const MAX_PROXY_IDS: usize = divert_common::limits::MAX_PROXY_IDS;
+
+/// Which destinations the include ranges (`-i`, `includeOutboundIPRanges`) capture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IncludeRanges {
+    /// `*`: every destination that nothing earlier passes through.
+    All,
+    /// A list of CIDRs, IPv4 and IPv6 mixed; empty (`""`) captures nothing by range.
+    List(Vec<IpNetwork>),
+}
+
+impl IncludeRanges {
+    /// The CIDRs of a list (none for `*`).
+    pub fn cidrs(&self) -> &[IpNetwork] {
+        match self {
+            IncludeRanges::All => &[],
+            IncludeRanges::List(v) => v,
+        }
+    }
+
+    /// Whether a range was written with a loopback address (`127.0.0.0/8`,
+    /// `::1/128`), istio-iptables' `HasLoopBackIP`: then it omits the rules
+    /// that let a non-proxy process reach the pod's own addresses directly.
+    pub fn has_loopback(&self) -> bool {
+        self.cidrs().iter().any(|n| n.ip().is_loopback())
+    }
+}
+
+/// One network namespace's interception policy, validated.
+///
+/// Ports are host byte order; UIDs and GIDs are as the kernel reports the
+/// connecting process's real IDs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Outbound proxy port (`-p`, `--envoy-port`), default 15001.
+    pub proxy_port: u16,
+    /// Inbound capture port (`-z`, `--inbound-capture-port`), default 15006.
+    pub inbound_capture_port: u16,
+    /// Inbound tunnel port (`--inbound-tunnel-port`), default 15008.
+    pub inbound_tunnel_port: u16,
+    /// Proxy UIDs (`-u`, `--proxy-uid`), at most [`MAX_PROXY_IDS`].
+    pub proxy_uids: Vec<u32>,
+    /// Proxy GIDs (`-g`, `--proxy-gid`), at most [`MAX_PROXY_IDS`].
+    pub proxy_gids: Vec<u32>,
+    /// Include ranges (`-i`, `includeOutboundIPRanges`).
+    pub include_ranges: IncludeRanges,
+    /// Exclude ranges (`-x`, `excludeOutboundIPRanges`); exclude always beats include.
+    pub exclude_ranges: Vec<IpNetwork>,
+    /// Include outbound ports (`-q`, `includeOutboundPorts`): redirected whatever the address.
+    pub include_ports: Vec<u16>,
+    /// Exclude outbound ports (`-o`, `excludeOutboundPorts`): never redirected.
+    pub exclude_ports: Vec<u16>,
+    /// The namespace's own addresses (what iptables' `-o lo` matches besides
+    /// loopback), canonical: no IPv4-mapped IPv6.
+    pub local_addrs: Vec<IpAddr>,
+}
+
+impl Default for Policy {
+    /// istio-iptables' defaults with include `*`: the policy of a plain `divert run`.
+    fn default() -> Self {
+        Policy {
+            proxy_port: DEFAULT_PROXY_PORT,
+            inbound_capture_port: DEFAULT_INBOUND_CAPTURE_PORT,
+            inbound_tunnel_port: DEFAULT_INBOUND_TUNNEL_PORT,
+            proxy_uids: vec![DEFAULT_PROXY_ID],
+            proxy_gids: vec![DEFAULT_PROXY_ID],
+            include_ranges: IncludeRanges::All,
+            exclude_ranges: Vec::new(),
+            include_ports: Vec::new(),
+            exclude_ports: Vec::new(),
+            local_addrs: Vec::new(),
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d` as `a.b.c.d`; every other address unchanged.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}

@@ -1,0 +1,423 @@
+//! istio-iptables' flags and environment variables → a validated [`Policy`].
+//!
+//! Spellings are istio-iptables' (`tools/istio-iptables/pkg/cmd/root.go` and
+//! the environment of the older `istio-iptables.sh`), with readable aliases
+//! named after the `traffic.sidecar.istio.io/*` annotations. A flag beats its
+//! environment variable. Every bad value is an error naming the value and the
+//! setting it came from; nothing is applied.
+
+use std::{fmt, str::FromStr};
+
+use clap::{parser::ValueSource, ArgMatches, Args};
+use ipnetwork::IpNetwork;
+
+use super::{IncludeRanges, Policy, MAX_PROXY_IDS};
+
+/// Where a setting's value came from, for error messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A command-line flag, e.g. `--istio-service-cidr (-i)`.
+    Flag(String),
+    /// An environment variable, e.g. `ISTIO_SERVICE_CIDR`.
+    Env(String),
+    /// Nobody set it: the built-in default.
+    Default(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Flag(s) => write!(f, "{s}"),
+            Source::Env(s) => write!(f, "environment variable {s}"),
+            Source::Default(s) => write!(f, "the default of {s}"),
+        }
+    }
+}
+
+/// A setting that could not be turned into a policy. Each names the value and
+/// its [`Source`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("invalid CIDR {value:?} in {origin}: {reason}")]
+    InvalidCidr {
+        value: String,
+        origin: Source,
+        reason: String,
+    },
+    #[error("'*' is not allowed in {origin}: exclude ranges must be CIDRs")]
+    WildcardExclude { origin: Source },
+    #[error("'*' must stand alone in {origin}, got {value:?}")]
+    WildcardInList { value: String, origin: Source },
+    #[error("invalid port {value:?} in {origin}: ports are whole numbers from 1 to 65535")]
+    InvalidPort { value: String, origin: Source },
+    #[error("invalid ID {value:?} in {origin}: UIDs and GIDs are whole numbers from 0 to 4294967295")]
+    InvalidId { value: String, origin: Source },
+    #[error("empty element in {origin}: {value:?} (a list is comma-separated with nothing between two commas or at either end)")]
+    EmptyElement { value: String, origin: Source },
+    #[error("{value:?} in {origin} contains white space: write the list without spaces")]
+    WhiteSpace { value: String, origin: Source },
+    #[error("{count} IDs in {origin}, at most {max} are supported")]
+    TooManyIds {
+        count: usize,
+        max: usize,
+        origin: Source,
+    },
+    #[error("{origin} is empty: at least one proxy UID is needed, or the proxy's own connections loop back into it")]
+    NoProxyUid { origin: Source },
+}
+
+/// The policy flags shared by every subcommand that configures interception.
+///
+/// Defaults are istio-iptables' except `-i`, which is `*` (capture
+/// everything), the value Istio's injector always passes.
+#[derive(Args, Clone, Debug, Default)]
+pub struct PolicyArgs {
+    /// Outbound proxy port that connects are redirected to.
+    #[arg(short = 'p', long = "envoy-port", env = "ENVOY_PORT", default_value = "15001", value_name = "PORT")]
+    pub proxy_port: String,
+
+    /// Inbound capture port: where a proxy-owned connect to the pod's own address goes.
+    #[arg(short = 'z', long = "inbound-capture-port", env = "INBOUND_CAPTURE_PORT", default_value = "15006", value_name = "PORT")]
+    pub inbound_capture_port: String,
+
+    /// Inbound tunnel port (HBONE), never sent to the inbound capture port.
+    #[arg(long = "inbound-tunnel-port", env = "INBOUND_TUNNEL_PORT", default_value = "15008", value_name = "PORT")]
+    pub inbound_tunnel_port: String,
+
+    /// Comma-separated UIDs whose connections are never redirected (the proxy's).
+    #[arg(short = 'u', long = "proxy-uid", env = "PROXY_UID", default_value = "1337", value_name = "UIDS")]
+    pub proxy_uids: String,
+
+    /// Comma-separated GIDs whose connections are never redirected.
+    #[arg(short = 'g', long = "proxy-gid", env = "PROXY_GID", default_value = "1337", value_name = "GIDS")]
+    pub proxy_gids: String,
+
+    /// Include ranges: '*', '' (none), or comma-separated IPv4/IPv6 CIDRs to redirect.
+    #[arg(short = 'i', long = "istio-service-cidr", visible_alias = "include-outbound-ip-ranges", env = "ISTIO_SERVICE_CIDR", default_value = "*", value_name = "CIDRS", allow_hyphen_values = true)]
+    pub include_ranges: String,
+
+    /// Exclude ranges: comma-separated CIDRs never redirected; beats every include.
+    #[arg(short = 'x', long = "istio-service-exclude-cidr", visible_alias = "exclude-outbound-ip-ranges", env = "ISTIO_SERVICE_EXCLUDE_CIDR", default_value = "", value_name = "CIDRS")]
+    pub exclude_ranges: String,
+
+    /// Include outbound ports: redirected whatever the address (but not past -x).
+    #[arg(short = 'q', long = "istio-outbound-ports", visible_alias = "include-outbound-ports", env = "ISTIO_OUTBOUND_PORTS", default_value = "", value_name = "PORTS")]
+    pub include_ports: String,
+
+    /// Exclude outbound ports: never redirected, checked before anything else.
+    #[arg(short = 'o', long = "istio-local-outbound-ports-exclude", visible_alias = "exclude-outbound-ports", env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", default_value = "", value_name = "PORTS")]
+    pub exclude_ports: String,
+}
+
+/// (field id, flag spelling, environment variable) of each setting.
+const SETTINGS: &[(&str, &str, &str)] = &[
+    ("proxy_port", "--envoy-port (-p)", "ENVOY_PORT"),
+    ("inbound_capture_port", "--inbound-capture-port (-z)", "INBOUND_CAPTURE_PORT"),
+    ("inbound_tunnel_port", "--inbound-tunnel-port", "INBOUND_TUNNEL_PORT"),
+    ("proxy_uids", "--proxy-uid (-u)", "PROXY_UID"),
+    ("proxy_gids", "--proxy-gid (-g)", "PROXY_GID"),
+    ("include_ranges", "--istio-service-cidr (-i)", "ISTIO_SERVICE_CIDR"),
+    ("exclude_ranges", "--istio-service-exclude-cidr (-x)", "ISTIO_SERVICE_EXCLUDE_CIDR"),
+    ("include_ports", "--istio-outbound-ports (-q)", "ISTIO_OUTBOUND_PORTS"),
+    ("exclude_ports", "--istio-local-outbound-ports-exclude (-o)", "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"),
+];
+
+impl PolicyArgs {
+    /// Validate into a [`Policy`] (with no local addresses: the caller adds
+    /// the namespace's). `matches` are the matches these args were parsed
+    /// from, used to say whether a bad value came from a flag or the
+    /// environment; without them every value is attributed to its flag.
+    pub fn to_policy(&self, matches: Option<&ArgMatches>) -> Result<Policy, PolicyError> {
+        let origin = |id: &str| -> Source {
+            let (_, flag, env) = SETTINGS
+                .iter()
+                .find(|(i, _, _)| *i == id)
+                .expect("every policy setting is listed in SETTINGS");
+            match matches.and_then(|m| m.value_source(id)) {
+                Some(ValueSource::EnvVariable) => Source::Env(env.to_string()),
+                Some(ValueSource::DefaultValue) => Source::Default(flag.to_string()),
+                _ => Source::Flag(flag.to_string()),
+            }
+        };
+        let proxy_uids = parse_ids(&self.proxy_uids, origin("proxy_uids"))?;
+        if proxy_uids.is_empty() {
+            return Err(PolicyError::NoProxyUid {
+                origin: origin("proxy_uids"),
+            });
+        }
+        Ok(Policy {
+            proxy_port: parse_port(&self.proxy_port, origin("proxy_port"))?,
+            inbound_capture_port: parse_port(&self.inbound_capture_port, origin("inbound_capture_port"))?,
+            inbound_tunnel_port: parse_port(&self.inbound_tunnel_port, origin("inbound_tunnel_port"))?,
+            proxy_uids,
+            proxy_gids: parse_ids(&self.proxy_gids, origin("proxy_gids"))?,
+            include_ranges: parse_include(&self.include_ranges, origin("include_ranges"))?,
+            exclude_ranges: parse_exclude(&self.exclude_ranges, origin("exclude_ranges"))?,
+            include_ports: parse_ports(&self.include_ports, origin("include_ports"))?,
+            exclude_ports: parse_ports(&self.exclude_ports, origin("exclude_ports"))?,
+            local_addrs: Vec::new(),
+        })
+    }
+}
+
+/// Split a comma list: `""` is empty; an empty element or white space is an error.
+fn split<'a>(value: &'a str, origin: &Source) -> Result<Vec<&'a str>, PolicyError> {
+    if value.is_empty() {
+        return Ok(Vec::new());
+    }
+    if value.chars().any(char::is_whitespace) {
+        return Err(PolicyError::WhiteSpace {
+            value: value.to_string(),
+            origin: origin.clone(),
+        });
+    }
+    let items: Vec<&str> = value.split(',').collect();
+    if items.iter().any(|s| s.is_empty()) {
+        return Err(PolicyError::EmptyElement {
+            value: value.to_string(),
+            origin: origin.clone(),
+        });
+    }
+    Ok(items)
+}
+
+fn parse_port(value: &str, origin: Source) -> Result<u16, PolicyError> {
+    match u16::from_str(value) {
+        Ok(p) if p > 0 && !value.starts_with('+') => Ok(p),
+        _ => Err(PolicyError::InvalidPort {
+            value: value.to_string(),
+            origin,
+        }),
+    }
+}
+
+/// A port list, deduplicated, in the order given.
+fn parse_ports(value: &str, origin: Source) -> Result<Vec<u16>, PolicyError> {
+    let mut ports = Vec::new();
+    for item in split(value, &origin)? {
+        let p = parse_port(item, origin.clone())?;
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
+    }
+    Ok(ports)
+}
+
+fn parse_ids(value: &str, origin: Source) -> Result<Vec<u32>, PolicyError> {
+    let mut ids = Vec::new();
+    for item in split(value, &origin)? {
+        match u32::from_str(item) {
+            Ok(id) if !item.starts_with('+') => {
+                if !ids.contains(&id) {
+                    ids.push(id)
+                }
+            }
+            _ => {
+                return Err(PolicyError::InvalidId {
+                    value: item.to_string(),
+                    origin,
+                })
+            }
+        }
+    }
+    if ids.len() > MAX_PROXY_IDS {
+        return Err(PolicyError::TooManyIds {
+            count: ids.len(),
+            max: MAX_PROXY_IDS,
+            origin,
+        });
+    }
+    Ok(ids)
+}
+
+/// One CIDR. A bare address is a host route (/32, /128), as iptables' `-d`
+/// reads it; host bits under the mask are allowed, as iptables allows them.
+fn parse_cidr(item: &str, origin: &Source) -> Result<IpNetwork, PolicyError> {
+    let err = |reason: String| PolicyError::InvalidCidr {
+        value: item.to_string(),
+        origin: origin.clone(),
+        reason,
+    };
+    if item == "*" {
+        return Err(PolicyError::WildcardInList {
+            value: item.to_string(),
+            origin: origin.clone(),
+        });
+    }
+    let net = IpNetwork::from_str(item).map_err(|e| err(e.to_string()))?;
+    if let IpNetwork::V6(v6) = net {
+        if v6.ip().to_ipv4_mapped().is_some() {
+            return Err(err(
+                "IPv4-mapped IPv6 ranges are not accepted: write the IPv4 CIDR, it covers mapped destinations too".into(),
+            ));
+        }
+    }
+    Ok(net)
+}
+
+fn parse_cidrs(value: &str, origin: &Source) -> Result<Vec<IpNetwork>, PolicyError> {
+    let mut nets: Vec<IpNetwork> = Vec::new();
+    for item in split(value, origin)? {
+        let net = parse_cidr(item, origin)?;
+        if !nets.contains(&net) {
+            nets.push(net);
+        }
+    }
+    Ok(nets)
+}
+
+fn parse_include(value: &str, origin: Source) -> Result<IncludeRanges, PolicyError> {
+    if value == "*" {
+        return Ok(IncludeRanges::All);
+    }
+    if split(value, &origin)?.contains(&"*") {
+        return Err(PolicyError::WildcardInList {
+            value: value.to_string(),
+            origin,
+        });
+    }
+    Ok(IncludeRanges::List(parse_cidrs(value, &origin)?))
+}
+
+fn parse_exclude(value: &str, origin: Source) -> Result<Vec<IpNetwork>, PolicyError> {
+    if split(value, &origin)?.contains(&"*") {
+        return Err(PolicyError::WildcardExclude { origin });
+    }
+    parse_cidrs(value, &origin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches, Parser};
+    use std::sync::Mutex;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        policy: PolicyArgs,
+    }
+
+    /// Environment variables are process-wide: tests that parse take turns.
+    static ENV: Mutex<()> = Mutex::new(());
+
+    fn parse(args: &[&str]) -> Result<Policy, PolicyError> {
+        let m = Cli::command()
+            .try_get_matches_from(std::iter::once("divert").chain(args.iter().copied()))
+            .expect("clap accepts the arguments");
+        let cli = Cli::from_arg_matches(&m).unwrap();
+        cli.policy.to_policy(Some(&m))
+    }
+
+    fn locked<T>(f: impl FnOnce() -> T) -> T {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        f()
+    }
+
+    #[test]
+    fn defaults_are_istio_injector_defaults() {
+        let p = locked(|| parse(&[])).unwrap();
+        assert_eq!(p, Policy::default());
+    }
+
+    #[test]
+    fn injector_command_line_parses() {
+        // What Istio's sidecar injector writes for istio-init.
+        let p = locked(|| {
+            parse(&["-p", "15001", "-z", "15006", "-u", "1337", "-i", "*", "-x", "", "-q", "", "-o", ""])
+        })
+        .unwrap();
+        assert_eq!(p.include_ranges, IncludeRanges::All);
+        assert_eq!(p.proxy_uids, vec![1337]);
+        assert!(p.exclude_ranges.is_empty());
+    }
+
+    #[test]
+    fn long_spellings_and_aliases() {
+        let p = locked(|| {
+            parse(&[
+                "--envoy-port=15111",
+                "--istio-service-cidr=10.0.0.0/8,fd00::/8",
+                "--exclude-outbound-ip-ranges=10.1.0.0/16",
+                "--istio-outbound-ports=8080,9090",
+                "--exclude-outbound-ports=5432",
+                "--proxy-uid=1337,1338",
+                "--proxy-gid=",
+            ])
+        })
+        .unwrap();
+        assert_eq!(p.proxy_port, 15111);
+        assert_eq!(
+            p.include_ranges,
+            IncludeRanges::List(vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()])
+        );
+        assert_eq!(p.exclude_ranges, vec!["10.1.0.0/16".parse::<IpNetwork>().unwrap()]);
+        assert_eq!(p.include_ports, vec![8080, 9090]);
+        assert_eq!(p.exclude_ports, vec![5432]);
+        assert_eq!(p.proxy_uids, vec![1337, 1338]);
+        assert!(p.proxy_gids.is_empty());
+    }
+
+    #[test]
+    fn environment_is_read_and_a_flag_beats_it() {
+        let (from_env, flag_wins, bad) = locked(|| {
+            std::env::set_var("ISTIO_SERVICE_CIDR", "10.9.0.0/16");
+            std::env::set_var("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", "70000");
+            let bad = parse(&[]);
+            std::env::remove_var("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE");
+            let from_env = parse(&[]);
+            let flag_wins = parse(&["-i", "10.8.0.0/16"]);
+            std::env::remove_var("ISTIO_SERVICE_CIDR");
+            (from_env, flag_wins, bad)
+        });
+        assert_eq!(
+            from_env.unwrap().include_ranges,
+            IncludeRanges::List(vec!["10.9.0.0/16".parse().unwrap()])
+        );
+        assert_eq!(
+            flag_wins.unwrap().include_ranges,
+            IncludeRanges::List(vec!["10.8.0.0/16".parse().unwrap()])
+        );
+        let err = bad.unwrap_err();
+        assert_eq!(
+            err,
+            PolicyError::InvalidPort {
+                value: "70000".into(),
+                origin: Source::Env("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE".into())
+            }
+        );
+        assert!(err.to_string().contains("environment variable ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"));
+    }
+
+    #[test]
+    fn bad_values_name_the_value_and_the_setting() {
+        let cases: &[(&[&str], &str, &str)] = &[
+            (&["-i", "10.0.0.0/33"], "\"10.0.0.0/33\"", "--istio-service-cidr (-i)"),
+            (&["-i", "10.0.0.0/8,banana"], "\"banana\"", "-i"),
+            (&["-x", "*"], "'*'", "--istio-service-exclude-cidr (-x)"),
+            (&["-i", "*,10.0.0.0/8"], "*,10.0.0.0/8", "-i"),
+            (&["-q", "0"], "\"0\"", "--istio-outbound-ports (-q)"),
+            (&["-o", "65536"], "\"65536\"", "(-o)"),
+            (&["-o", "80,,81"], "80,,81", "empty element"),
+            (&["-q", "80,"], "80,", "empty element"),
+            (&["-x", "10.0.0.0/8, 10.1.0.0/16"], "white space", "(-x)"),
+            (&["-u", "abc"], "\"abc\"", "--proxy-uid (-u)"),
+            (&["-u", ""], "--proxy-uid (-u)", "at least one proxy UID"),
+            (&["-g", "1,2,3,4,5,6,7,8,9"], "9 IDs", "--proxy-gid (-g)"),
+            (&["-p", "http"], "\"http\"", "--envoy-port (-p)"),
+            (&["-i", "::ffff:10.0.0.0/104"], "IPv4-mapped", "-i"),
+        ];
+        for (args, want1, want2) in cases {
+            let msg = locked(|| parse(args)).expect_err(&format!("{args:?} must fail")).to_string();
+            assert!(msg.contains(want1), "{args:?}: {msg:?} lacks {want1:?}");
+            assert!(msg.contains(want2), "{args:?}: {msg:?} lacks {want2:?}");
+        }
+    }
+
+    #[test]
+    fn empty_include_is_nothing_and_bare_addresses_are_hosts() {
+        let p = locked(|| parse(&["-i", "", "-x", "10.211.0.7"])).unwrap();
+        assert_eq!(p.include_ranges, IncludeRanges::List(vec![]));
+        assert_eq!(p.exclude_ranges, vec!["10.211.0.7/32".parse::<IpNetwork>().unwrap()]);
+    }
+}

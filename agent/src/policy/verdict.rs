@@ -1,0 +1,457 @@
+//! [`verdict()`]: istio-iptables' `ISTIO_OUTPUT` chain as a function.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use ipnetwork::IpNetwork;
+use serde::Serialize;
+
+use super::{canonical, IncludeRanges, Policy};
+
+/// 127.0.0.6 / ::6: the source Envoy binds for inbound passthrough connects.
+const PASSTHROUGH_SRC4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+const PASSTHROUGH_SRC6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// What happens to a connect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case", tag = "action", content = "port")]
+pub enum Action {
+    /// Rewritten to the outbound proxy on the loopback (`ISTIO_REDIRECT`), at this port.
+    Redirect(u16),
+    /// Rewritten to the inbound capture port on the loopback (`ISTIO_IN_REDIRECT`).
+    InboundCapture(u16),
+    /// Left alone (`RETURN`).
+    PassThrough,
+}
+
+impl Action {
+    /// The kernel's code for this action (`divert_common::verdict`).
+    pub fn code(self) -> u8 {
+        match self {
+            Action::PassThrough => divert_common::verdict::PASSTHROUGH,
+            Action::Redirect(_) => divert_common::verdict::REDIRECT,
+            Action::InboundCapture(_) => divert_common::verdict::INBOUND,
+        }
+    }
+}
+
+/// The `ISTIO_OUTPUT` rule that decided, in chain order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "rule", content = "value")]
+pub enum Rule {
+    /// `-p tcp --dport P -j RETURN` (`-o`).
+    ExcludeOutboundPort(u16),
+    /// `-o lo -s 127.0.0.6/32 -j RETURN`: Envoy's inbound passthrough.
+    InboundPassthroughSource,
+    /// `-o lo ! -d 127.0.0.1/32 ! --dport 15008 -m owner --uid-owner U -j ISTIO_IN_REDIRECT`.
+    ProxyUidToLocal(u32),
+    /// The same with `--gid-owner G`.
+    ProxyGidToLocal(u32),
+    /// `-o lo -m owner ! --uid-owner U -j RETURN`: app to the pod's own address.
+    LocalNotProxyUid(u32),
+    /// `-o lo -m owner ! --gid-owner G -j RETURN`.
+    LocalNotProxyGid(u32),
+    /// `-m owner --uid-owner U -j RETURN`: the proxy reaching the real destination.
+    ProxyUid(u32),
+    /// `-m owner --gid-owner G -j RETURN`.
+    ProxyGid(u32),
+    /// `-d 127.0.0.1/32 -j RETURN` (`::1/128` for IPv6).
+    HostLoopback,
+    /// `-d CIDR -j RETURN` (`-x`).
+    ExcludeRange(IpNetwork),
+    /// `-p tcp --dport P -j ISTIO_REDIRECT` (`-q`).
+    IncludeOutboundPort(u16),
+    /// `-j ISTIO_REDIRECT` (`-i '*'`).
+    IncludeAll,
+    /// `-d CIDR -j ISTIO_REDIRECT` (`-i`).
+    IncludeRange(IpNetwork),
+    /// End of the chain: `RETURN`.
+    NoMatch,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rule::ExcludeOutboundPort(p) => write!(f, "port {p} is in the exclude outbound ports (-o)"),
+            Rule::InboundPassthroughSource => write!(f, "source is 127.0.0.6/::6 (inbound passthrough)"),
+            Rule::ProxyUidToLocal(u) => write!(f, "proxy UID {u} dialling a local address: inbound capture"),
+            Rule::ProxyGidToLocal(g) => write!(f, "proxy GID {g} dialling a local address: inbound capture"),
+            Rule::LocalNotProxyUid(u) => write!(f, "local address, owner is not proxy UID {u}"),
+            Rule::LocalNotProxyGid(g) => write!(f, "local address, owner is not proxy GID {g}"),
+            Rule::ProxyUid(u) => write!(f, "owner is proxy UID {u} (-u)"),
+            Rule::ProxyGid(g) => write!(f, "owner is proxy GID {g} (-g)"),
+            Rule::HostLoopback => write!(f, "destination is 127.0.0.1 / ::1"),
+            Rule::ExcludeRange(n) => write!(f, "destination is in exclude range {n} (-x)"),
+            Rule::IncludeOutboundPort(p) => write!(f, "port {p} is in the include outbound ports (-q)"),
+            Rule::IncludeAll => write!(f, "include ranges are '*' (-i)"),
+            Rule::IncludeRange(n) => write!(f, "destination is in include range {n} (-i)"),
+            Rule::NoMatch => write!(f, "no rule matched"),
+        }
+    }
+}
+
+/// The outcome of [`verdict()`]: what happens and which rule said so.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub action: Action,
+    pub rule: Rule,
+}
+
+/// One outbound TCP connect as the kernel sees it at `connect()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connect {
+    /// Destination as dialled (IPv4-mapped IPv6 is judged as IPv4).
+    pub destination: SocketAddr,
+    /// Real UID of the connecting process.
+    pub uid: u32,
+    /// Real GID of the connecting process.
+    pub gid: u32,
+    /// Address the socket was bound to before `connect()`, if any.
+    pub bound_source: Option<IpAddr>,
+}
+
+/// The verdict for `destination` dialled by a process with `uid`/`gid` from
+/// an unbound socket. See [`verdict_for`].
+pub fn verdict(policy: &Policy, destination: SocketAddr, uid: u32, gid: u32) -> Verdict {
+    verdict_for(
+        policy,
+        &Connect {
+            destination,
+            uid,
+            gid,
+            bound_source: None,
+        },
+    )
+}
+
+/// The verdict for one connect, first match wins, in the order of
+/// istio-iptables' `ISTIO_OUTPUT` chain:
+///
+/// 1. port in `-o` → pass through;
+/// 2. bound to 127.0.0.6 / ::6 → pass through;
+/// 3. for each proxy UID U in order: owner U, local destination other than
+///    127.0.0.1/::1, port not the tunnel port → inbound capture; local
+///    destination and owner not U (rule absent when an include range is
+///    written with a loopback address) → pass through; owner U → pass through;
+/// 4. the same for each proxy GID;
+/// 5. 127.0.0.1 / ::1 → pass through;
+/// 6. in an exclude range → pass through;
+/// 7. port in `-q` → redirect;
+/// 8. include `*`, or in an include range → redirect;
+/// 9. pass through.
+///
+/// "Local" is what iptables' `-o lo` matches: 127.0.0.0/8, ::1 and the
+/// namespace's own addresses.
+pub fn verdict_for(policy: &Policy, c: &Connect) -> Verdict {
+    let dst = canonical(c.destination.ip());
+    let port = c.destination.port();
+    let pass = |rule| Verdict {
+        action: Action::PassThrough,
+        rule,
+    };
+    let redirect = |rule| Verdict {
+        action: Action::Redirect(policy.proxy_port),
+        rule,
+    };
+    let inbound = |rule| Verdict {
+        action: Action::InboundCapture(policy.inbound_capture_port),
+        rule,
+    };
+
+    if policy.exclude_ports.contains(&port) {
+        return pass(Rule::ExcludeOutboundPort(port));
+    }
+    if let Some(src) = c.bound_source.map(canonical) {
+        if src == IpAddr::V4(PASSTHROUGH_SRC4) || src == IpAddr::V6(PASSTHROUGH_SRC6) {
+            return pass(Rule::InboundPassthroughSource);
+        }
+    }
+    let local = dst.is_loopback() || policy.local_addrs.contains(&dst);
+    let host_loopback = is_host_loopback(dst);
+    let lo_return = !policy.include_ranges.has_loopback();
+    let tunnel = port == policy.inbound_tunnel_port;
+    for &u in &policy.proxy_uids {
+        let owner = c.uid == u;
+        if owner && local && !host_loopback && !tunnel {
+            return inbound(Rule::ProxyUidToLocal(u));
+        }
+        if local && lo_return && !owner {
+            return pass(Rule::LocalNotProxyUid(u));
+        }
+        if owner {
+            return pass(Rule::ProxyUid(u));
+        }
+    }
+    for &g in &policy.proxy_gids {
+        let owner = c.gid == g;
+        if owner && local && !host_loopback && !tunnel {
+            return inbound(Rule::ProxyGidToLocal(g));
+        }
+        if local && lo_return && !owner {
+            return pass(Rule::LocalNotProxyGid(g));
+        }
+        if owner {
+            return pass(Rule::ProxyGid(g));
+        }
+    }
+    if host_loopback {
+        return pass(Rule::HostLoopback);
+    }
+    if let Some(n) = policy.exclude_ranges.iter().find(|n| contains(n, dst)) {
+        return pass(Rule::ExcludeRange(*n));
+    }
+    if policy.include_ports.contains(&port) {
+        return redirect(Rule::IncludeOutboundPort(port));
+    }
+    match &policy.include_ranges {
+        IncludeRanges::All => redirect(Rule::IncludeAll),
+        IncludeRanges::List(list) => match list.iter().find(|n| contains(n, dst)) {
+            Some(n) => redirect(Rule::IncludeRange(*n)),
+            None => pass(Rule::NoMatch),
+        },
+    }
+}
+
+fn is_host_loopback(ip: IpAddr) -> bool {
+    ip == IpAddr::V4(Ipv4Addr::LOCALHOST) || ip == IpAddr::V6(Ipv6Addr::LOCALHOST)
+}
+
+/// Family-strict containment: an IPv4 range never matches an IPv6 address.
+fn contains(net: &IpNetwork, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpNetwork::V4(n), IpAddr::V4(a)) => n.contains(a),
+        (IpNetwork::V6(n), IpAddr::V6(a)) => n.contains(a),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+    fn base() -> Policy {
+        Policy {
+            local_addrs: vec!["10.211.0.1".parse().unwrap(), "fd00:211::1".parse().unwrap()],
+            ..Policy::default()
+        }
+    }
+    const APP: u32 = 1000;
+
+    #[test]
+    fn include_all_redirects_to_the_proxy_port() {
+        let v = verdict(&base(), sa("10.211.0.2:80"), APP, APP);
+        assert_eq!(v.action, Action::Redirect(15001));
+        assert_eq!(v.rule, Rule::IncludeAll);
+    }
+
+    #[test]
+    fn empty_include_captures_nothing_by_range() {
+        let p = Policy {
+            include_ranges: IncludeRanges::List(vec![]),
+            ..base()
+        };
+        assert_eq!(verdict(&p, sa("10.211.0.2:80"), APP, APP).rule, Rule::NoMatch);
+    }
+
+    #[test]
+    fn include_list_redirects_only_its_ranges() {
+        let p = Policy {
+            include_ranges: IncludeRanges::List(vec![net("10.211.0.0/24"), net("fd00:211::/64")]),
+            ..base()
+        };
+        assert_eq!(
+            verdict(&p, sa("10.211.0.2:80"), APP, APP).rule,
+            Rule::IncludeRange(net("10.211.0.0/24"))
+        );
+        assert_eq!(
+            verdict(&p, sa("[fd00:211::2]:80"), APP, APP).action,
+            Action::Redirect(15001)
+        );
+        assert_eq!(verdict(&p, sa("10.212.0.2:80"), APP, APP).action, Action::PassThrough);
+    }
+
+    #[test]
+    fn exclude_beats_a_longer_include() {
+        let p = Policy {
+            include_ranges: IncludeRanges::List(vec![net("10.211.0.2/32")]),
+            exclude_ranges: vec![net("10.0.0.0/8")],
+            ..base()
+        };
+        let v = verdict(&p, sa("10.211.0.2:80"), APP, APP);
+        assert_eq!(v.action, Action::PassThrough);
+        assert_eq!(v.rule, Rule::ExcludeRange(net("10.0.0.0/8")));
+    }
+
+    #[test]
+    fn include_port_ignores_include_ranges_but_not_exclude_ranges() {
+        let p = Policy {
+            include_ranges: IncludeRanges::List(vec![]),
+            include_ports: vec![8080],
+            exclude_ranges: vec![net("10.211.0.3/32")],
+            ..base()
+        };
+        assert_eq!(
+            verdict(&p, sa("10.211.0.2:8080"), APP, APP).rule,
+            Rule::IncludeOutboundPort(8080)
+        );
+        assert_eq!(
+            verdict(&p, sa("10.211.0.3:8080"), APP, APP).rule,
+            Rule::ExcludeRange(net("10.211.0.3/32"))
+        );
+        assert_eq!(verdict(&p, sa("10.211.0.2:8081"), APP, APP).rule, Rule::NoMatch);
+    }
+
+    #[test]
+    fn exclude_port_comes_first() {
+        let p = Policy {
+            exclude_ports: vec![5432],
+            include_ports: vec![5432],
+            ..base()
+        };
+        assert_eq!(
+            verdict(&p, sa("10.211.0.2:5432"), APP, APP).rule,
+            Rule::ExcludeOutboundPort(5432)
+        );
+        // Even for the proxy dialling its own pod address.
+        assert_eq!(
+            verdict(&p, sa("10.211.0.1:5432"), 1337, 1337).rule,
+            Rule::ExcludeOutboundPort(5432)
+        );
+    }
+
+    #[test]
+    fn proxy_uid_and_gid_pass_through() {
+        let p = base();
+        assert_eq!(verdict(&p, sa("10.211.0.2:80"), 1337, APP).rule, Rule::ProxyUid(1337));
+        assert_eq!(verdict(&p, sa("10.211.0.2:80"), APP, 1337).rule, Rule::ProxyGid(1337));
+    }
+
+    #[test]
+    fn changing_the_proxy_uid_captures_the_old_one() {
+        let p = Policy {
+            proxy_uids: vec![2000],
+            proxy_gids: vec![2000],
+            ..base()
+        };
+        assert_eq!(
+            verdict(&p, sa("10.211.0.2:80"), 1337, 1337).action,
+            Action::Redirect(15001)
+        );
+        assert_eq!(verdict(&p, sa("10.211.0.2:80"), 2000, 1).rule, Rule::ProxyUid(2000));
+    }
+
+    #[test]
+    fn localhost_and_own_addresses_pass_through() {
+        let p = base();
+        assert_eq!(verdict(&p, sa("127.0.0.1:80"), APP, APP).rule, Rule::LocalNotProxyUid(1337));
+        assert_eq!(verdict(&p, sa("10.211.0.1:80"), APP, APP).rule, Rule::LocalNotProxyUid(1337));
+        assert_eq!(verdict(&p, sa("[::1]:80"), APP, APP).action, Action::PassThrough);
+        // Without proxy IDs the chain reaches the explicit 127.0.0.1 rule.
+        let bare = Policy {
+            proxy_uids: vec![],
+            proxy_gids: vec![],
+            ..base()
+        };
+        assert_eq!(verdict(&bare, sa("127.0.0.1:80"), APP, APP).rule, Rule::HostLoopback);
+        assert_eq!(verdict(&bare, sa("10.211.0.1:80"), APP, APP).rule, Rule::IncludeAll);
+    }
+
+    #[test]
+    fn proxy_dialling_its_own_pod_goes_to_inbound_capture() {
+        let p = base();
+        let v = verdict(&p, sa("10.211.0.1:8080"), 1337, 1337);
+        assert_eq!(v.action, Action::InboundCapture(15006));
+        assert_eq!(v.rule, Rule::ProxyUidToLocal(1337));
+        // ...but not to 127.0.0.1, and not to the tunnel port.
+        assert_eq!(verdict(&p, sa("127.0.0.1:8080"), 1337, 1337).rule, Rule::ProxyUid(1337));
+        assert_eq!(verdict(&p, sa("10.211.0.1:15008"), 1337, 1337).rule, Rule::ProxyUid(1337));
+        // 127.0.0.5 is local and not the host loopback.
+        assert_eq!(
+            verdict(&p, sa("127.0.0.5:80"), 1337, 1337).action,
+            Action::InboundCapture(15006)
+        );
+    }
+
+    #[test]
+    fn inbound_passthrough_source_passes() {
+        let p = base();
+        let c = Connect {
+            destination: sa("10.211.0.1:8080"),
+            uid: 1337,
+            gid: 1337,
+            bound_source: Some("127.0.0.6".parse().unwrap()),
+        };
+        assert_eq!(verdict_for(&p, &c).rule, Rule::InboundPassthroughSource);
+    }
+
+    #[test]
+    fn loopback_include_range_drops_the_local_return_rules() {
+        // istio-iptables' loopback-outbound-iprange case.
+        let p = Policy {
+            include_ranges: IncludeRanges::List(vec![net("127.1.2.3/32")]),
+            ..base()
+        };
+        assert_eq!(
+            verdict(&p, sa("127.1.2.3:80"), APP, APP).rule,
+            Rule::IncludeRange(net("127.1.2.3/32"))
+        );
+        assert_eq!(verdict(&p, sa("127.0.0.1:80"), APP, APP).rule, Rule::HostLoopback);
+    }
+
+    #[test]
+    fn second_proxy_uid_to_local_is_caught_by_the_first_uids_local_rule() {
+        // istio-iptables emits the three rules per UID in turn, so with -u 3,4
+        // the "-o lo ! --uid-owner 3 -j RETURN" rule comes before UID 4's
+        // inbound capture rule.
+        let p = Policy {
+            proxy_uids: vec![3, 4],
+            proxy_gids: vec![],
+            ..base()
+        };
+        assert_eq!(verdict(&p, sa("10.211.0.1:80"), 4, 4).rule, Rule::LocalNotProxyUid(3));
+        assert_eq!(verdict(&p, sa("10.211.0.1:80"), 3, 3).rule, Rule::ProxyUidToLocal(3));
+        assert_eq!(verdict(&p, sa("10.211.0.2:80"), 4, 4).rule, Rule::ProxyUid(4));
+    }
+
+    #[test]
+    fn ipv4_mapped_destination_is_judged_as_ipv4() {
+        let p = Policy {
+            include_ranges: IncludeRanges::List(vec![net("10.211.0.0/24")]),
+            exclude_ranges: vec![net("10.211.0.9/32")],
+            ..base()
+        };
+        assert_eq!(
+            verdict(&p, sa("[::ffff:10.211.0.2]:80"), APP, APP).rule,
+            Rule::IncludeRange(net("10.211.0.0/24"))
+        );
+        assert_eq!(
+            verdict(&p, sa("[::ffff:10.211.0.9]:80"), APP, APP).rule,
+            Rule::ExcludeRange(net("10.211.0.9/32"))
+        );
+        assert_eq!(
+            verdict(&base(), sa("[::ffff:127.0.0.1]:80"), APP, APP).action,
+            Action::PassThrough
+        );
+    }
+
+    #[test]
+    fn ranges_are_family_strict() {
+        let p = Policy {
+            include_ranges: IncludeRanges::List(vec![net("::/0")]),
+            ..base()
+        };
+        assert_eq!(verdict(&p, sa("10.211.0.2:80"), APP, APP).rule, Rule::NoMatch);
+        assert_eq!(
+            verdict(&p, sa("[fd00:211::2]:80"), APP, APP).rule,
+            Rule::IncludeRange(net("::/0"))
+        );
+    }
+}
