@@ -1,0 +1,423 @@
+//! Fixtures for divert's root-only kernel tests and its demo, following the
+//! rules in shared/design.md: every test makes its own network namespaces and
+//! child cgroups and removes them, pass or fail (guards with `Drop`); nothing
+//! is attached to the machine's root cgroup or host namespace; traffic goes
+//! only to loopback and to the addresses of namespaces made here.
+//!
+//! A [`Lab`] is two network namespaces joined by a veth pair:
+//!
+//! ```text
+//!   client (A)  10.211.N.1/24  fd00:211:N::1/64  ── veth ──  peer (B)  10.211.N.2, .3/24  fd00:211:N::2, ::3/64
+//! ```
+//!
+//! with a cgroup subtree `<cgroup2>/divert-test-<pid>-<N>/{workload,proxy,plain}`.
+
+use std::{
+    ffi::OsStr,
+    fs::{self, File},
+    io::{BufRead, BufReader},
+    net::{IpAddr, SocketAddr, TcpStream},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::process::CommandExt,
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use nix::sched::{setns, CloneFlags};
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// Skip (return early with a message) unless running as root: kernel tests
+/// need CAP_BPF, CAP_NET_ADMIN and cgroup writes.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (run `cargo xtask test`)");
+            return;
+        }
+    };
+}
+
+/// Path of a binary built next to the test executable (`target/<profile>/NAME`).
+pub fn sibling_bin(name: &str) -> PathBuf {
+    let env_key = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Some(p) = std::env::var_os(env_key) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// The `divert` binary under test.
+pub fn divert_bin() -> PathBuf {
+    sibling_bin("divert")
+}
+
+/// The test helper binary (proxy, servers, client).
+pub fn testkit_bin() -> PathBuf {
+    sibling_bin("divert-testkit")
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("spawning {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Self> {
+        let _ = run("ip", &["netns", "del", name]);
+        run("ip", &["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NAME ARGS…`
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    pub fn file(&self) -> Result<File> {
+        File::open(self.path()).with_context(|| format!("opening {}", self.path().display()))
+    }
+
+    /// Run `f` on a thread that has entered this namespace (the calling
+    /// thread and the rest of the process stay where they are).
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let file = self.file()?;
+        thread::spawn(move || -> Result<T> {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A cgroup v2 directory this test made, with everything in it killed and
+/// removed on drop (children first).
+#[derive(Debug)]
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn create(path: PathBuf) -> Result<Self> {
+        if path.exists() {
+            let _ = divert::cgroup::remove_cgroup(&path);
+        }
+        fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        Ok(Cgroup { path })
+    }
+
+    pub fn child(&self, name: &str) -> Result<Cgroup> {
+        Cgroup::create(self.path.join(name))
+    }
+
+    pub fn file(&self) -> Result<File> {
+        Ok(divert::cgroup::open(&self.path)?)
+    }
+
+    pub fn procs(&self) -> Result<File> {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join("cgroup.procs"))
+            .context("cgroup.procs")
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Ok(rd) = fs::read_dir(&self.path) {
+            for e in rd.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    let _ = divert::cgroup::remove_cgroup(&e.path());
+                }
+            }
+        }
+        let _ = divert::cgroup::remove_cgroup(&self.path);
+    }
+}
+
+/// Where and as whom a spawned process runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Placement<'a> {
+    pub netns: &'a Netns,
+    pub cgroup: &'a Cgroup,
+    /// Real and effective UID/GID to switch to, if any.
+    pub ids: Option<(u32, u32)>,
+}
+
+/// A `Command` that, between fork and exec, enters the placement's network
+/// namespace and cgroup and then drops to its IDs. The cgroup tree stays
+/// visible (no `ip netns exec`, which remounts /sys).
+pub fn command_in(place: Placement<'_>, program: impl AsRef<OsStr>) -> Result<(Command, Vec<File>)> {
+    let ns = place.netns.file()?;
+    let procs = place.cgroup.procs()?;
+    let (ns_fd, procs_fd) = (ns.as_raw_fd(), procs.as_raw_fd());
+    let ids = place.ids;
+    let mut cmd = Command::new(program);
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |rc: libc::c_int| {
+                if rc < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            check(libc::setns(ns_fd, libc::CLONE_NEWNET))?;
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some((uid, gid)) = ids {
+                check(libc::setgroups(0, std::ptr::null()))?;
+                check(libc::setresgid(gid, gid, gid))?;
+                check(libc::setresuid(uid, uid, uid))?;
+            }
+            Ok(())
+        });
+    }
+    Ok((cmd, vec![ns, procs]))
+}
+
+/// A background process killed and reaped on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Daemon {
+    pub fn spawn(name: &str, mut cmd: Command) -> Result<Self> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {name}"))?;
+        Ok(Daemon {
+            child,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Wait until `addr` accepts TCP connections, trying from inside `ns`.
+pub fn wait_listening(ns: &Netns, addrs: &[SocketAddr], within: Duration) -> Result<()> {
+    let addrs = addrs.to_vec();
+    let ok = ns.enter(move || {
+        let deadline = Instant::now() + within;
+        'outer: loop {
+            for a in &addrs {
+                if TcpStream::connect_timeout(a, Duration::from_millis(200)).is_err() {
+                    if Instant::now() > deadline {
+                        return Err(format!("nothing listens on {a}"));
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                    continue 'outer;
+                }
+            }
+            return Ok(());
+        }
+    })?;
+    ok.map_err(anyhow::Error::msg)
+}
+
+/// Two namespaces joined by a veth pair, and a cgroup subtree, all removed
+/// on drop.
+pub struct Lab {
+    /// Index N of this lab: its addresses are 10.211.N.0/24 and fd00:211:N::/64.
+    pub n: u32,
+    // Field order is drop order: cgroups (killing their processes) first.
+    pub workload: Cgroup,
+    pub proxy: Cgroup,
+    pub plain: Cgroup,
+    pub root: Cgroup,
+    pub client: Netns,
+    pub peer: Netns,
+}
+
+impl Lab {
+    pub fn new() -> Result<Self> {
+        let n = (std::process::id() + NEXT_LAB.fetch_add(1, Ordering::SeqCst)) % 200 + 1;
+        let tag = format!("{}-{n}", std::process::id());
+        let client = Netns::create(&format!("divert-test-{tag}-a"))?;
+        let peer = Netns::create(&format!("divert-test-{tag}-b"))?;
+        let (va, vb) = (format!("dva{n}"), format!("dvb{n}"));
+        client.ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", &peer.name])?;
+        client.ip(&["addr", "add", &format!("10.211.{n}.1/24"), "dev", &va])?;
+        client.ip(&["addr", "add", &format!("fd00:211:{n}::1/64"), "dev", &va, "nodad"])?;
+        client.ip(&["link", "set", &va, "up"])?;
+        peer.ip(&["addr", "add", &format!("10.211.{n}.2/24"), "dev", &vb])?;
+        peer.ip(&["addr", "add", &format!("10.211.{n}.3/24"), "dev", &vb])?;
+        peer.ip(&["addr", "add", &format!("fd00:211:{n}::2/64"), "dev", &vb, "nodad"])?;
+        peer.ip(&["addr", "add", &format!("fd00:211:{n}::3/64"), "dev", &vb, "nodad"])?;
+        peer.ip(&["link", "set", &vb, "up"])?;
+        let cg2 = divert::cgroup::cgroup2_mount()?;
+        let root = Cgroup::create(cg2.join(format!("divert-test-{tag}")))?;
+        let workload = root.child("workload")?;
+        let proxy = root.child("proxy")?;
+        let plain = root.child("plain")?;
+        Ok(Lab {
+            n,
+            workload,
+            proxy,
+            plain,
+            root,
+            client,
+            peer,
+        })
+    }
+
+    /// The peer's first address (10.211.N.2) or one of the others.
+    pub fn v4(&self, host: u8) -> IpAddr {
+        format!("10.211.{}.{host}", self.n).parse().unwrap()
+    }
+
+    pub fn v6(&self, host: u8) -> IpAddr {
+        format!("fd00:211:{}::{host}", self.n).parse().unwrap()
+    }
+
+    /// Placement in the client namespace.
+    pub fn in_client<'a>(&'a self, cgroup: &'a Cgroup, ids: Option<(u32, u32)>) -> Placement<'a> {
+        Placement {
+            netns: &self.client,
+            cgroup,
+            ids,
+        }
+    }
+
+    /// Start the testkit servers (every address, ports 80 8080 5432 15008)
+    /// in the peer and in the client (for local destinations), and the
+    /// testkit proxy on 127.0.0.1/::1 ports 15001 and 15006 in the proxy
+    /// cgroup. Returns once all of them listen.
+    pub fn start_peers(&self) -> Result<Vec<Daemon>> {
+        let kit = testkit_bin();
+        let mut daemons = Vec::new();
+        let ports = ["80", "8080", "5432", "15008"];
+        for (ns, cg, name) in [
+            (&self.peer, &self.plain, "peer server"),
+            (&self.client, &self.plain, "local server"),
+        ] {
+            let (mut cmd, _keep) = command_in(
+                Placement {
+                    netns: ns,
+                    cgroup: cg,
+                    ids: None,
+                },
+                &kit,
+            )?;
+            cmd.arg("server").args(ports);
+            daemons.push(Daemon::spawn(name, cmd)?);
+        }
+        let (mut cmd, _keep) = command_in(self.in_client(&self.proxy, None), &kit)?;
+        cmd.args(["proxy", "127.0.0.1:15001", "[::1]:15001", "127.0.0.1:15006", "[::1]:15006"]);
+        daemons.push(Daemon::spawn("proxy", cmd)?);
+        let mut want: Vec<SocketAddr> = vec![
+            "127.0.0.1:15001".parse()?,
+            "[::1]:15001".parse()?,
+            "127.0.0.1:15006".parse()?,
+            "[::1]:15006".parse()?,
+        ];
+        for p in ports {
+            want.push(SocketAddr::new(self.v4(2), p.parse()?));
+            want.push(SocketAddr::new(self.v6(2), p.parse()?));
+            want.push(SocketAddr::new(self.v4(1), p.parse()?));
+        }
+        wait_listening(&self.client, &want, Duration::from_secs(10))?;
+        Ok(daemons)
+    }
+
+    /// Dial `dst` from the workload cgroup of the client namespace as
+    /// `uid`/`gid` with the testkit client; `mapped` dials an IPv4
+    /// destination as `::ffff:a.b.c.d` through an AF_INET6 socket.
+    /// Returns its one line of output: who answered.
+    pub fn dial(&self, dst: SocketAddr, uid: u32, gid: u32, mapped: bool) -> Result<String> {
+        let (mut cmd, _keep) = command_in(self.in_client(&self.workload, Some((uid, gid))), testkit_bin())?;
+        cmd.arg("client").arg(dst.to_string());
+        if mapped {
+            cmd.arg("--mapped");
+        }
+        let out: Output = cmd.output().context("running the testkit client")?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() {
+            bail!(
+                "client to {dst} as {uid}/{gid} failed: {text} {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(text)
+    }
+
+    /// The client namespace's cookie and addresses.
+    pub fn client_identity(&self) -> Result<(u64, Vec<IpAddr>)> {
+        self.client.enter(|| -> Result<(u64, Vec<IpAddr>)> {
+            Ok((divert::netns::current_cookie()?, divert::netns::local_addresses()?))
+        })?
+    }
+}
+
+/// Read lines from a file until one contains `needle` (or time runs out).
+pub fn wait_for_line(path: &Path, needle: &str, within: Duration) -> Result<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(f) = File::open(path) {
+            for line in BufReader::new(f).lines().map_while(Result::ok) {
+                if line.contains(needle) {
+                    return Ok(line);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no line with {needle:?} in {} after {within:?}", path.display());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}

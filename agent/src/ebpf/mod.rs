@@ -23,6 +23,11 @@ use ipnetwork::IpNetwork;
 
 use crate::policy::{canonical, IncludeRanges, Policy};
 
+/// Attachments are bpf links (Linux 5.7+), which the kernel always runs
+/// beside other programs (`BPF_F_ALLOW_MULTI` semantics); link_create takes
+/// no attach flags, so the mode must be the flag-less one.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
 /// The kernel object built from `ebpf/` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/divert"));
 
@@ -102,8 +107,8 @@ impl Interceptor {
     }
 
     /// Attach the workload programs (connect4/6, sock_ops, getpeername4/6)
-    /// to `cgroup` (an open cgroup v2 directory), allowing other programs
-    /// beside ours (`BPF_F_ALLOW_MULTI`).
+    /// to `cgroup` (an open cgroup v2 directory), beside any other programs
+    /// attached there.
     pub fn attach_workload(&mut self, cgroup: impl AsFd) -> Result<()> {
         let fd = cgroup.as_fd();
         for name in [
@@ -113,11 +118,11 @@ impl Interceptor {
             programs::GETPEERNAME6,
         ] {
             let p: &mut CgroupSockAddr = prog(&mut self.ebpf, name)?;
-            p.attach(fd, CgroupAttachMode::AllowMultiple)
+            p.attach(fd, LINK_MODE)
                 .map_err(|source| Error::Program { program: name, source })?;
         }
         let p: &mut SockOps = prog(&mut self.ebpf, programs::SOCK_OPS)?;
-        p.attach(fd, CgroupAttachMode::AllowMultiple)
+        p.attach(fd, LINK_MODE)
             .map_err(|source| Error::Program {
                 program: programs::SOCK_OPS,
                 source,
@@ -128,7 +133,7 @@ impl Interceptor {
     /// Attach the getsockopt program to the proxy's cgroup.
     pub fn attach_proxy(&mut self, cgroup: impl AsFd) -> Result<()> {
         let p: &mut CgroupSockopt = prog(&mut self.ebpf, programs::GETSOCKOPT)?;
-        p.attach(cgroup.as_fd(), CgroupAttachMode::AllowMultiple)
+        p.attach(cgroup.as_fd(), LINK_MODE)
             .map_err(|source| Error::Program {
                 program: programs::GETSOCKOPT,
                 source,
