@@ -421,3 +421,82 @@ pub fn wait_for_line(path: &Path, needle: &str, within: Duration) -> Result<Stri
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// squid in `intercept` mode on 127.0.0.1:15001 in the lab's client
+/// namespace and proxy cgroup: a real transparent proxy that asks
+/// `SO_ORIGINAL_DST` for every intercepted connection. Runs as the `proxy`
+/// user (Debian's squid), whose UID divert must be told with `-u`.
+pub struct Squid {
+    pub daemon: Daemon,
+    pub dir: tempfile::TempDir,
+    /// squid's access log: one line per request.
+    pub access_log: PathBuf,
+    /// The UID squid's workers run as.
+    pub uid: u32,
+}
+
+impl Squid {
+    pub fn start(lab: &Lab) -> Result<Squid> {
+        let dir = tempfile::Builder::new().prefix("divert-squid-").tempdir()?;
+        // squid drops to the proxy user, which must write its logs here.
+        fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        let d = dir.path().display();
+        let access_log = dir.path().join("access.log");
+        let conf = dir.path().join("squid.conf");
+        fs::write(
+            &conf,
+            format!(
+                "http_port 127.0.0.1:3128\n\
+                 http_port 127.0.0.1:15001 intercept\n\
+                 http_access allow all\n\
+                 cache deny all\n\
+                 access_log stdio:{d}/access.log squid\n\
+                 cache_log {d}/cache.log\n\
+                 cache_store_log none\n\
+                 pid_filename none\n\
+                 coredump_dir {d}\n\
+                 netdb_filename none\n\
+                 cache_effective_user proxy\n\
+                 shutdown_lifetime 0 seconds\n\
+                 "
+            ),
+        )?;
+        let uid = nix::unistd::User::from_name("proxy")?
+            .context("no 'proxy' user: is squid installed (cargo xtask setup)?")?
+            .uid
+            .as_raw();
+        let (mut cmd, _keep) = command_in(lab.in_client(&lab.proxy, None), "squid")?;
+        cmd.args(["-N", "-f"]).arg(&conf);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let daemon = Daemon::spawn("squid", cmd)?;
+        // Probe the forward-proxy port, never the intercept one: squid 5
+        // closes an intercept listener for good after a connection whose
+        // original destination it cannot look up (and a probe from outside
+        // the diverted cgroup has none). Both ports open together.
+        wait_listening(&lab.client, &["127.0.0.1:3128".parse()?], Duration::from_secs(20))
+            .with_context(|| format!("squid did not start; see {}", dir.path().join("cache.log").display()))?;
+        Ok(Squid {
+            daemon,
+            dir,
+            access_log,
+            uid,
+        })
+    }
+}
+
+/// The testkit HTTP server in the lab's peer namespace at `addr`, answering
+/// every request with `body`.
+pub fn start_http(lab: &Lab, addr: SocketAddr, body: &str) -> Result<Daemon> {
+    let (mut cmd, _keep) = command_in(
+        Placement {
+            netns: &lab.peer,
+            cgroup: &lab.plain,
+            ids: None,
+        },
+        testkit_bin(),
+    )?;
+    cmd.args(["http", &addr.to_string(), body]);
+    let d = Daemon::spawn("http server", cmd)?;
+    wait_listening(&lab.client, &[addr], Duration::from_secs(10))?;
+    Ok(d)
+}
