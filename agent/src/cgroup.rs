@@ -11,7 +11,9 @@ use std::{
 /// Something about the cgroup v2 tree is not as divert needs it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no cgroup v2 (cgroup2) mount in /proc/self/mountinfo: divert needs the unified hierarchy")]
+    #[error(
+        "no cgroup v2 (cgroup2) mount in /proc/self/mountinfo: divert needs the unified hierarchy"
+    )]
     NoCgroup2,
     #[error("cannot read /proc/self/mountinfo: {0}")]
     MountInfo(io::Error),
@@ -58,7 +60,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -113,7 +118,10 @@ impl TransientCgroup {
     /// writing process in (what a child does between fork and exec).
     pub fn procs_for_writing(&self) -> Result<File> {
         let p = self.path.join("cgroup.procs");
-        fs::OpenOptions::new().write(true).open(&p).map_err(io_err(&p))
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(io_err(&p))
     }
 
     /// Kill what is left inside, wait (up to 5 s) for it to empty, remove it.
@@ -172,8 +180,14 @@ mod tests {
 32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
 ";
-        assert_eq!(find_cgroup2(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(find_cgroup2("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"), None);
+        assert_eq!(
+            find_cgroup2(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            find_cgroup2("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"),
+            None
+        );
     }
 
     #[test]

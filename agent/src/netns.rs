@@ -8,7 +8,12 @@ use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 /// (`getsockopt(SOL_SOCKET, SO_NETNS_COOKIE)`, Linux 5.14+), the key of
 /// its policy in the kernel maps. Host byte order.
 pub fn current_cookie() -> io::Result<u64> {
-    let sock = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: a valid socket, and a u64 buffer with its length.

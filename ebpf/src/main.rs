@@ -22,7 +22,10 @@
 #![feature(asm_experimental_arch)]
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_addr, bpf_sock_ops, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        bpf_sock, bpf_sock_addr, bpf_sock_ops, BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
     helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{
@@ -90,8 +93,7 @@ const PASSTHROUGH_SRC4: [u8; 4] = [127, 0, 0, 6];
 const PASSTHROUGH_SRC6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
 
 #[map]
-static POLICIES: HashMap<u64, PolicyHeader> =
-    HashMap::with_max_entries(limits::MAX_POLICIES, 0);
+static POLICIES: HashMap<u64, PolicyHeader> = HashMap::with_max_entries(limits::MAX_POLICIES, 0);
 #[map]
 static INCLUDE_V4: LpmTrie<LpmKey4, u8> =
     LpmTrie::with_max_entries(limits::MAX_RANGES, BPF_F_NO_PREALLOC);

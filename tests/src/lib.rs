@@ -192,7 +192,10 @@ pub struct Placement<'a> {
 /// A `Command` that, between fork and exec, enters the placement's network
 /// namespace and cgroup and then drops to its IDs. The cgroup tree stays
 /// visible (no `ip netns exec`, which remounts /sys).
-pub fn command_in(place: Placement<'_>, program: impl AsRef<OsStr>) -> Result<(Command, Vec<File>)> {
+pub fn command_in(
+    place: Placement<'_>,
+    program: impl AsRef<OsStr>,
+) -> Result<(Command, Vec<File>)> {
     let ns = place.netns.file()?;
     let procs = place.cgroup.procs()?;
     let (ns_fd, procs_fd) = (ns.as_raw_fd(), procs.as_raw_fd());
@@ -291,14 +294,37 @@ impl Lab {
         let client = Netns::create(&format!("divert-test-{tag}-a"))?;
         let peer = Netns::create(&format!("divert-test-{tag}-b"))?;
         let (va, vb) = (format!("dva{n}"), format!("dvb{n}"));
-        client.ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", &peer.name])?;
+        client.ip(&[
+            "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", &peer.name,
+        ])?;
         client.ip(&["addr", "add", &format!("10.211.{n}.1/24"), "dev", &va])?;
-        client.ip(&["addr", "add", &format!("fd00:211:{n}::1/64"), "dev", &va, "nodad"])?;
+        client.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:211:{n}::1/64"),
+            "dev",
+            &va,
+            "nodad",
+        ])?;
         client.ip(&["link", "set", &va, "up"])?;
         peer.ip(&["addr", "add", &format!("10.211.{n}.2/24"), "dev", &vb])?;
         peer.ip(&["addr", "add", &format!("10.211.{n}.3/24"), "dev", &vb])?;
-        peer.ip(&["addr", "add", &format!("fd00:211:{n}::2/64"), "dev", &vb, "nodad"])?;
-        peer.ip(&["addr", "add", &format!("fd00:211:{n}::3/64"), "dev", &vb, "nodad"])?;
+        peer.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:211:{n}::2/64"),
+            "dev",
+            &vb,
+            "nodad",
+        ])?;
+        peer.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:211:{n}::3/64"),
+            "dev",
+            &vb,
+            "nodad",
+        ])?;
         peer.ip(&["link", "set", &vb, "up"])?;
         let cg2 = divert::cgroup::cgroup2_mount()?;
         let root = Cgroup::create(cg2.join(format!("divert-test-{tag}")))?;
@@ -358,7 +384,13 @@ impl Lab {
             daemons.push(Daemon::spawn(name, cmd)?);
         }
         let (mut cmd, _keep) = command_in(self.in_client(&self.proxy, None), &kit)?;
-        cmd.args(["proxy", "127.0.0.1:15001", "[::1]:15001", "127.0.0.1:15006", "[::1]:15006"]);
+        cmd.args([
+            "proxy",
+            "127.0.0.1:15001",
+            "[::1]:15001",
+            "127.0.0.1:15006",
+            "[::1]:15006",
+        ]);
         daemons.push(Daemon::spawn("proxy", cmd)?);
         let mut want: Vec<SocketAddr> = vec![
             "127.0.0.1:15001".parse()?,
@@ -380,7 +412,10 @@ impl Lab {
     /// destination as `::ffff:a.b.c.d` through an AF_INET6 socket.
     /// Returns its one line of output: who answered.
     pub fn dial(&self, dst: SocketAddr, uid: u32, gid: u32, mapped: bool) -> Result<String> {
-        let (mut cmd, _keep) = command_in(self.in_client(&self.workload, Some((uid, gid))), testkit_bin())?;
+        let (mut cmd, _keep) = command_in(
+            self.in_client(&self.workload, Some((uid, gid))),
+            testkit_bin(),
+        )?;
         cmd.arg("client").arg(dst.to_string());
         if mapped {
             cmd.arg("--mapped");
@@ -399,7 +434,10 @@ impl Lab {
     /// The client namespace's cookie and addresses.
     pub fn client_identity(&self) -> Result<(u64, Vec<IpAddr>)> {
         self.client.enter(|| -> Result<(u64, Vec<IpAddr>)> {
-            Ok((divert::netns::current_cookie()?, divert::netns::local_addresses()?))
+            Ok((
+                divert::netns::current_cookie()?,
+                divert::netns::local_addresses()?,
+            ))
         })?
     }
 }
@@ -416,7 +454,10 @@ pub fn wait_for_line(path: &Path, needle: &str, within: Duration) -> Result<Stri
             }
         }
         if Instant::now() > deadline {
-            bail!("no line with {needle:?} in {} after {within:?}", path.display());
+            bail!(
+                "no line with {needle:?} in {} after {within:?}",
+                path.display()
+            );
         }
         thread::sleep(Duration::from_millis(50));
     }
@@ -439,7 +480,10 @@ impl Squid {
     pub fn start(lab: &Lab) -> Result<Squid> {
         let dir = tempfile::Builder::new().prefix("divert-squid-").tempdir()?;
         // squid drops to the proxy user, which must write its logs here.
-        fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )?;
         let d = dir.path().display();
         let access_log = dir.path().join("access.log");
         let conf = dir.path().join("squid.conf");
@@ -473,8 +517,17 @@ impl Squid {
         // closes an intercept listener for good after a connection whose
         // original destination it cannot look up (and a probe from outside
         // the diverted cgroup has none). Both ports open together.
-        wait_listening(&lab.client, &["127.0.0.1:3128".parse()?], Duration::from_secs(20))
-            .with_context(|| format!("squid did not start; see {}", dir.path().join("cache.log").display()))?;
+        wait_listening(
+            &lab.client,
+            &["127.0.0.1:3128".parse()?],
+            Duration::from_secs(20),
+        )
+        .with_context(|| {
+            format!(
+                "squid did not start; see {}",
+                dir.path().join("cache.log").display()
+            )
+        })?;
         Ok(Squid {
             daemon,
             dir,

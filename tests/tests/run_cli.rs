@@ -14,7 +14,8 @@ use divert_tests::{command_in, divert_bin, require_root, start_http, wait_for_li
 /// Run `divert run ARGS` in the lab's client namespace (plain cgroup), with
 /// the transient cgroup under the lab's root and the proxy cgroup the lab's.
 fn divert_run(lab: &Lab, args: &[&str], uid: Option<u32>) -> Output {
-    let (mut cmd, _keep) = command_in(lab.in_client(&lab.plain, uid.map(|u| (u, u))), divert_bin()).unwrap();
+    let (mut cmd, _keep) =
+        command_in(lab.in_client(&lab.plain, uid.map(|u| (u, u))), divert_bin()).unwrap();
     cmd.arg("run")
         .arg("--proxy-cgroup")
         .arg(&lab.proxy.path)
@@ -57,7 +58,19 @@ fn curl_through_squid_end_to_end() {
     let uid = squid.uid.to_string();
     let out = divert_run(
         &lab,
-        &["-u", &uid, "-g", &uid, "--stats", "--", "curl", "-sS", "--max-time", "10", &url],
+        &[
+            "-u",
+            &uid,
+            "-g",
+            &uid,
+            "--stats",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &url,
+        ],
         None,
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -73,10 +86,15 @@ fn curl_through_squid_end_to_end() {
     let line = wait_for_line(&squid.access_log, &url, Duration::from_secs(10)).unwrap();
     assert!(line.contains("/200 "), "squid did not serve it: {line}");
     // squid found the destination through SO_ORIGINAL_DST, answered by divert.
-    assert!(line.contains(&format!("ORIGINAL_DST/{}", server.ip())), "{line}");
+    assert!(
+        line.contains(&format!("ORIGINAL_DST/{}", server.ip())),
+        "{line}"
+    );
     // ...and divert counted the redirect.
     assert!(
-        stderr.lines().any(|l| l.contains(&server.ip().to_string()) && l.contains("redirected")),
+        stderr
+            .lines()
+            .any(|l| l.contains(&server.ip().to_string()) && l.contains("redirected")),
         "no redirected counter for {server} in:\n{stderr}"
     );
     assert!(leftover_cgroups(&lab.root.path).is_empty());
@@ -88,7 +106,10 @@ fn bad_input_exits_2_and_leaves_nothing() {
     let lab = Lab::new().unwrap();
     let cases: &[(&[&str], &str)] = &[
         (&["-i", "10.0.0.0/33", "--", "true"], "10.0.0.0/33"),
-        (&["-x", "*", "--", "true"], "--istio-service-exclude-cidr (-x)"),
+        (
+            &["-x", "*", "--", "true"],
+            "--istio-service-exclude-cidr (-x)",
+        ),
         (&["-o", "0", "--", "true"], "\"0\""),
         (&["-q", "80,,81", "--", "true"], "80,,81"),
     ];
@@ -96,12 +117,20 @@ fn bad_input_exits_2_and_leaves_nothing() {
         let out = divert_run(&lab, args, None);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.contains(needle), "{args:?}: {stderr:?} does not name {needle:?}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: {stderr:?} does not name {needle:?}"
+        );
     }
     // A proxy cgroup that does not exist: found after parsing, still nothing applied.
     let (mut cmd, _keep) = command_in(lab.in_client(&lab.plain, None), divert_bin()).unwrap();
     let out = cmd
-        .args(["run", "--proxy-cgroup", "/nonexistent/cgroup", "--cgroup-parent"])
+        .args([
+            "run",
+            "--proxy-cgroup",
+            "/nonexistent/cgroup",
+            "--cgroup-parent",
+        ])
         .arg(&lab.root.path)
         .args(["--", "true"])
         .output()
@@ -114,7 +143,11 @@ fn bad_input_exits_2_and_leaves_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("must run as root"));
 
     assert!(leftover_cgroups(&lab.root.path).is_empty());
-    assert_eq!(attached(&lab.proxy.path), attached(&lab.plain.path), "something stayed attached");
+    assert_eq!(
+        attached(&lab.proxy.path),
+        attached(&lab.plain.path),
+        "something stayed attached"
+    );
 }
 
 #[test]
@@ -150,13 +183,34 @@ fn sigterm_reaches_the_command_and_everything_is_removed() {
         if running {
             break;
         }
-        assert!(Instant::now() < deadline, "divert run never started the command");
+        assert!(
+            Instant::now() < deadline,
+            "divert run never started the command"
+        );
         thread::sleep(Duration::from_millis(20));
     }
-    assert!(attached(&lab.proxy.path).contains("getsockopt"), "{}", attached(&lab.proxy.path));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(
+        attached(&lab.proxy.path).contains("getsockopt"),
+        "{}",
+        attached(&lab.proxy.path)
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(128 + 15), "sleep should die of the forwarded SIGTERM");
-    assert!(leftover_cgroups(&lab.root.path).is_empty(), "transient cgroup left behind");
-    assert!(!attached(&lab.proxy.path).contains("getsockopt"), "getsockopt still attached");
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "sleep should die of the forwarded SIGTERM"
+    );
+    assert!(
+        leftover_cgroups(&lab.root.path).is_empty(),
+        "transient cgroup left behind"
+    );
+    assert!(
+        !attached(&lab.proxy.path).contains("getsockopt"),
+        "getsockopt still attached"
+    );
 }

@@ -1,1 +1,245 @@
-fn main(){}
+//! `cargo xtask setup | test | demo`: the project's own way to get a fresh
+//! machine ready, prove it, and show it.
+//!
+//! `setup` is idempotent and quiet when everything is present: Debian
+//! packages (LLVM 22 for bpf-linker, iptables, bpftool, curl, squid), the
+//! nightly toolchain with `rust-src`, and `bpf-linker` built against LLVM 22.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the build, the tests and the demo need.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iptables",
+    "bpftool",
+    "iproute2",
+    "curl",
+    "squid",
+];
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install every prerequisite (idempotent).
+    Setup,
+    /// Set up, build, and run every test (kernel tests need root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the end-to-end demo (needs root).
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::Test { args } => {
+            setup()?;
+            require_root("cargo xtask test")?;
+            cargo(&["build", "--bins"])?;
+            let mut a = vec!["test"];
+            a.extend(args.iter().map(String::as_str));
+            cargo_test(&a)
+        }
+        Cmd::Demo => {
+            setup()?;
+            require_root("cargo xtask demo")?;
+            cargo(&["build", "--bins"])?;
+            run(Command::new(target_dir().join("debug/divert-demo")))
+        }
+    }
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !nix_is_root() {
+        bail!("{what} needs root: it makes network namespaces and cgroups and loads eBPF programs");
+    }
+    Ok(())
+}
+
+/// Effective UID 0, read from /proc/self/status (xtask has no libc dependency).
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root_dir().join("target"))
+}
+
+fn run(mut cmd: Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args).current_dir(root_dir());
+    run(cmd)
+}
+
+/// `cargo test ARGS`, its output passed through, then one closing line
+/// summing every test binary's `test result:` line: `N passed, M failed`.
+fn cargo_test(args: &[&str]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args)
+        .current_dir(root_dir())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().context("spawning cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut w = part.split_whitespace();
+                if let (Some(n), Some(what)) = (w.next(), w.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("\nall test binaries: {passed} passed, {failed} failed, {ignored} ignored");
+    println!("{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup() -> Result<()> {
+    apt()?;
+    nightly()?;
+    bpf_linker()
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output("dpkg-query", &["-W", "-f=${Status}", p])
+                .map(|s| !s.contains("install ok installed"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_root("installing Debian packages")?;
+    eprintln!("xtask setup: installing {}", missing.join(" "));
+    let mut update = Command::new("apt-get");
+    update.args(["update", "-qq"]);
+    run(update)?;
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    run(install)
+}
+
+fn nightly() -> Result<()> {
+    let installed = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    );
+    match installed {
+        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
+        Some(_) => {
+            eprintln!("xtask setup: adding rust-src to the nightly toolchain");
+            let mut c = Command::new("rustup");
+            c.args(["component", "add", "rust-src", "--toolchain", "nightly"]);
+            run(c)
+        }
+        None => {
+            eprintln!("xtask setup: installing the nightly toolchain with rust-src");
+            let mut c = Command::new("rustup");
+            c.args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]);
+            run(c)
+        }
+    }
+}
+
+fn bpf_linker() -> Result<()> {
+    if output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)"
+    );
+    let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args([
+        "install",
+        "bpf-linker",
+        "--locked",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ])
+    .env("PATH", path);
+    run(c)
+}

@@ -168,9 +168,19 @@ fn run_command(command: &[OsString], cgroup: &TransientCgroup) -> anyhow::Result
 
 /// The counters of `netns`, one line per destination, port and verdict.
 pub fn print_stats(out: &mut impl Write, netns: u64, counters: &[Counter]) {
-    let rows: Vec<&Counter> = counters.iter().filter(|c| c.netns_cookie == netns).collect();
-    let _ = writeln!(out, "divert: connections by destination (netns cookie {netns}):");
-    let _ = writeln!(out, "{:<40} {:>5}  {:<15} {:>11}", "DESTINATION", "PORT", "VERDICT", "CONNECTIONS");
+    let rows: Vec<&Counter> = counters
+        .iter()
+        .filter(|c| c.netns_cookie == netns)
+        .collect();
+    let _ = writeln!(
+        out,
+        "divert: connections by destination (netns cookie {netns}):"
+    );
+    let _ = writeln!(
+        out,
+        "{:<40} {:>5}  {:<15} {:>11}",
+        "DESTINATION", "PORT", "VERDICT", "CONNECTIONS"
+    );
     for c in &rows {
         let _ = writeln!(
             out,

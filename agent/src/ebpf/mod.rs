@@ -10,13 +10,11 @@ use std::{collections::BTreeMap, net::IpAddr, os::fd::AsFd};
 
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps,
-    },
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
     Ebpf, EbpfError,
 };
 use divert_common::{
-    flags, maps, mapped_v4, port_list, programs, AddrKey, CounterKey, LpmKey4, LpmKey6,
+    flags, mapped_v4, maps, port_list, programs, AddrKey, CounterKey, LpmKey4, LpmKey6,
     PolicyHeader, PortKey,
 };
 use ipnetwork::IpNetwork;
@@ -91,7 +89,10 @@ impl Interceptor {
             programs::GETPEERNAME6,
         ] {
             let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?;
-            p.load().map_err(|source| Error::Program { program: name, source })?;
+            p.load().map_err(|source| Error::Program {
+                program: name,
+                source,
+            })?;
         }
         let p: &mut SockOps = prog(&mut ebpf, programs::SOCK_OPS)?;
         p.load().map_err(|source| Error::Program {
@@ -118,15 +119,16 @@ impl Interceptor {
             programs::GETPEERNAME6,
         ] {
             let p: &mut CgroupSockAddr = prog(&mut self.ebpf, name)?;
-            p.attach(fd, LINK_MODE)
-                .map_err(|source| Error::Program { program: name, source })?;
-        }
-        let p: &mut SockOps = prog(&mut self.ebpf, programs::SOCK_OPS)?;
-        p.attach(fd, LINK_MODE)
-            .map_err(|source| Error::Program {
-                program: programs::SOCK_OPS,
+            p.attach(fd, LINK_MODE).map_err(|source| Error::Program {
+                program: name,
                 source,
             })?;
+        }
+        let p: &mut SockOps = prog(&mut self.ebpf, programs::SOCK_OPS)?;
+        p.attach(fd, LINK_MODE).map_err(|source| Error::Program {
+            program: programs::SOCK_OPS,
+            source,
+        })?;
         Ok(())
     }
 
@@ -189,8 +191,8 @@ impl Interceptor {
             .ebpf
             .map(maps::COUNTERS)
             .ok_or(Error::MissingMap(maps::COUNTERS))?;
-        let counters: PerCpuHashMap<&MapData, CounterKey, u64> =
-            PerCpuHashMap::try_from(map).map_err(|source| Error::Map {
+        let counters: PerCpuHashMap<&MapData, CounterKey, u64> = PerCpuHashMap::try_from(map)
+            .map_err(|source| Error::Map {
                 map: maps::COUNTERS,
                 source,
             })?;
@@ -305,8 +307,14 @@ pub fn header(policy: &Policy) -> PolicyHeader {
     let (inc4, inc6) = split_families(policy.include_ranges.cidrs());
     let (exc4, exc6) = split_families(&policy.exclude_ranges);
     for (cond, bit) in [
-        (policy.include_ranges == IncludeRanges::All, flags::INCLUDE_ALL),
-        (policy.include_ranges.has_loopback(), flags::INCLUDE_HAS_LOOPBACK),
+        (
+            policy.include_ranges == IncludeRanges::All,
+            flags::INCLUDE_ALL,
+        ),
+        (
+            policy.include_ranges.has_loopback(),
+            flags::INCLUDE_HAS_LOOPBACK,
+        ),
         (!policy.exclude_ports.is_empty(), flags::HAS_EXCLUDE_PORTS),
         (!policy.include_ports.is_empty(), flags::HAS_INCLUDE_PORTS),
         (!inc4.is_empty(), flags::HAS_INCLUDE_V4),
@@ -372,7 +380,12 @@ fn port_keys(netns: u64, policy: &Policy) -> Vec<PortKey> {
         .exclude_ports
         .iter()
         .map(|&p| key(p, port_list::EXCLUDE))
-        .chain(policy.include_ports.iter().map(|&p| key(p, port_list::INCLUDE)))
+        .chain(
+            policy
+                .include_ports
+                .iter()
+                .map(|&p| key(p, port_list::INCLUDE)),
+        )
         .collect()
 }
 
@@ -398,7 +411,10 @@ where
         program: name,
         source: ProgramError::UnexpectedProgramType,
     })?;
-    p.try_into().map_err(|source| Error::Program { program: name, source })
+    p.try_into().map_err(|source| Error::Program {
+        program: name,
+        source,
+    })
 }
 
 fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
@@ -409,7 +425,10 @@ fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(m).map_err(|source| Error::Map { map: name, source })
 }
 
-fn lpm<'a, K: aya::Pod>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<LpmTrie<&'a mut MapData, K, u8>> {
+fn lpm<'a, K: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<LpmTrie<&'a mut MapData, K, u8>> {
     let m = ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
     LpmTrie::try_from(m).map_err(|source| Error::Map { map: name, source })
 }
@@ -421,7 +440,10 @@ mod tests {
     #[test]
     fn header_flags_follow_the_policy() {
         let p = Policy {
-            include_ranges: IncludeRanges::List(vec!["127.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()]),
+            include_ranges: IncludeRanges::List(vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "fd00::/8".parse().unwrap(),
+            ]),
             exclude_ranges: vec!["10.0.0.0/8".parse().unwrap()],
             include_ports: vec![80],
             proxy_uids: vec![1, 2, 3],

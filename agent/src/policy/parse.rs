@@ -50,7 +50,9 @@ pub enum PolicyError {
     WildcardInList { value: String, origin: Source },
     #[error("invalid port {value:?} in {origin}: ports are whole numbers from 1 to 65535")]
     InvalidPort { value: String, origin: Source },
-    #[error("invalid ID {value:?} in {origin}: UIDs and GIDs are whole numbers from 0 to 4294967295")]
+    #[error(
+        "invalid ID {value:?} in {origin}: UIDs and GIDs are whole numbers from 0 to 4294967295"
+    )]
     InvalidId { value: String, origin: Source },
     #[error("empty element in {origin}: {value:?} (a list is comma-separated with nothing between two commas or at either end)")]
     EmptyElement { value: String, origin: Source },
@@ -73,53 +75,135 @@ pub enum PolicyError {
 #[derive(Args, Clone, Debug, Default)]
 pub struct PolicyArgs {
     /// Outbound proxy port that connects are redirected to.
-    #[arg(short = 'p', long = "envoy-port", env = "ENVOY_PORT", default_value = "15001", value_name = "PORT")]
+    #[arg(
+        short = 'p',
+        long = "envoy-port",
+        env = "ENVOY_PORT",
+        default_value = "15001",
+        value_name = "PORT"
+    )]
     pub proxy_port: String,
 
     /// Inbound capture port: where a proxy-owned connect to the pod's own address goes.
-    #[arg(short = 'z', long = "inbound-capture-port", env = "INBOUND_CAPTURE_PORT", default_value = "15006", value_name = "PORT")]
+    #[arg(
+        short = 'z',
+        long = "inbound-capture-port",
+        env = "INBOUND_CAPTURE_PORT",
+        default_value = "15006",
+        value_name = "PORT"
+    )]
     pub inbound_capture_port: String,
 
     /// Inbound tunnel port (HBONE), never sent to the inbound capture port.
-    #[arg(long = "inbound-tunnel-port", env = "INBOUND_TUNNEL_PORT", default_value = "15008", value_name = "PORT")]
+    #[arg(
+        long = "inbound-tunnel-port",
+        env = "INBOUND_TUNNEL_PORT",
+        default_value = "15008",
+        value_name = "PORT"
+    )]
     pub inbound_tunnel_port: String,
 
     /// Comma-separated UIDs whose connections are never redirected (the proxy's).
-    #[arg(short = 'u', long = "proxy-uid", env = "PROXY_UID", default_value = "1337", value_name = "UIDS")]
+    #[arg(
+        short = 'u',
+        long = "proxy-uid",
+        env = "PROXY_UID",
+        default_value = "1337",
+        value_name = "UIDS"
+    )]
     pub proxy_uids: String,
 
     /// Comma-separated GIDs whose connections are never redirected.
-    #[arg(short = 'g', long = "proxy-gid", env = "PROXY_GID", default_value = "1337", value_name = "GIDS")]
+    #[arg(
+        short = 'g',
+        long = "proxy-gid",
+        env = "PROXY_GID",
+        default_value = "1337",
+        value_name = "GIDS"
+    )]
     pub proxy_gids: String,
 
     /// Include ranges: '*', '' (none), or comma-separated IPv4/IPv6 CIDRs to redirect.
-    #[arg(short = 'i', long = "istio-service-cidr", visible_alias = "include-outbound-ip-ranges", env = "ISTIO_SERVICE_CIDR", default_value = "*", value_name = "CIDRS", allow_hyphen_values = true)]
+    #[arg(
+        short = 'i',
+        long = "istio-service-cidr",
+        visible_alias = "include-outbound-ip-ranges",
+        env = "ISTIO_SERVICE_CIDR",
+        default_value = "*",
+        value_name = "CIDRS",
+        allow_hyphen_values = true
+    )]
     pub include_ranges: String,
 
     /// Exclude ranges: comma-separated CIDRs never redirected; beats every include.
-    #[arg(short = 'x', long = "istio-service-exclude-cidr", visible_alias = "exclude-outbound-ip-ranges", env = "ISTIO_SERVICE_EXCLUDE_CIDR", default_value = "", value_name = "CIDRS")]
+    #[arg(
+        short = 'x',
+        long = "istio-service-exclude-cidr",
+        visible_alias = "exclude-outbound-ip-ranges",
+        env = "ISTIO_SERVICE_EXCLUDE_CIDR",
+        default_value = "",
+        value_name = "CIDRS"
+    )]
     pub exclude_ranges: String,
 
     /// Include outbound ports: redirected whatever the address (but not past -x).
-    #[arg(short = 'q', long = "istio-outbound-ports", visible_alias = "include-outbound-ports", env = "ISTIO_OUTBOUND_PORTS", default_value = "", value_name = "PORTS")]
+    #[arg(
+        short = 'q',
+        long = "istio-outbound-ports",
+        visible_alias = "include-outbound-ports",
+        env = "ISTIO_OUTBOUND_PORTS",
+        default_value = "",
+        value_name = "PORTS"
+    )]
     pub include_ports: String,
 
     /// Exclude outbound ports: never redirected, checked before anything else.
-    #[arg(short = 'o', long = "istio-local-outbound-ports-exclude", visible_alias = "exclude-outbound-ports", env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", default_value = "", value_name = "PORTS")]
+    #[arg(
+        short = 'o',
+        long = "istio-local-outbound-ports-exclude",
+        visible_alias = "exclude-outbound-ports",
+        env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
+        default_value = "",
+        value_name = "PORTS"
+    )]
     pub exclude_ports: String,
 }
 
 /// (field id, flag spelling, environment variable) of each setting.
 const SETTINGS: &[(&str, &str, &str)] = &[
     ("proxy_port", "--envoy-port (-p)", "ENVOY_PORT"),
-    ("inbound_capture_port", "--inbound-capture-port (-z)", "INBOUND_CAPTURE_PORT"),
-    ("inbound_tunnel_port", "--inbound-tunnel-port", "INBOUND_TUNNEL_PORT"),
+    (
+        "inbound_capture_port",
+        "--inbound-capture-port (-z)",
+        "INBOUND_CAPTURE_PORT",
+    ),
+    (
+        "inbound_tunnel_port",
+        "--inbound-tunnel-port",
+        "INBOUND_TUNNEL_PORT",
+    ),
     ("proxy_uids", "--proxy-uid (-u)", "PROXY_UID"),
     ("proxy_gids", "--proxy-gid (-g)", "PROXY_GID"),
-    ("include_ranges", "--istio-service-cidr (-i)", "ISTIO_SERVICE_CIDR"),
-    ("exclude_ranges", "--istio-service-exclude-cidr (-x)", "ISTIO_SERVICE_EXCLUDE_CIDR"),
-    ("include_ports", "--istio-outbound-ports (-q)", "ISTIO_OUTBOUND_PORTS"),
-    ("exclude_ports", "--istio-local-outbound-ports-exclude (-o)", "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"),
+    (
+        "include_ranges",
+        "--istio-service-cidr (-i)",
+        "ISTIO_SERVICE_CIDR",
+    ),
+    (
+        "exclude_ranges",
+        "--istio-service-exclude-cidr (-x)",
+        "ISTIO_SERVICE_EXCLUDE_CIDR",
+    ),
+    (
+        "include_ports",
+        "--istio-outbound-ports (-q)",
+        "ISTIO_OUTBOUND_PORTS",
+    ),
+    (
+        "exclude_ports",
+        "--istio-local-outbound-ports-exclude (-o)",
+        "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
+    ),
 ];
 
 impl PolicyArgs {
@@ -147,8 +231,14 @@ impl PolicyArgs {
         }
         Ok(Policy {
             proxy_port: parse_port(&self.proxy_port, origin("proxy_port"))?,
-            inbound_capture_port: parse_port(&self.inbound_capture_port, origin("inbound_capture_port"))?,
-            inbound_tunnel_port: parse_port(&self.inbound_tunnel_port, origin("inbound_tunnel_port"))?,
+            inbound_capture_port: parse_port(
+                &self.inbound_capture_port,
+                origin("inbound_capture_port"),
+            )?,
+            inbound_tunnel_port: parse_port(
+                &self.inbound_tunnel_port,
+                origin("inbound_tunnel_port"),
+            )?,
             proxy_uids,
             proxy_gids: parse_ids(&self.proxy_gids, origin("proxy_gids"))?,
             include_ranges: parse_include(&self.include_ranges, origin("include_ranges"))?,
@@ -324,7 +414,9 @@ mod tests {
     fn injector_command_line_parses() {
         // What Istio's sidecar injector writes for istio-init.
         let p = locked(|| {
-            parse(&["-p", "15001", "-z", "15006", "-u", "1337", "-i", "*", "-x", "", "-q", "", "-o", ""])
+            parse(&[
+                "-p", "15001", "-z", "15006", "-u", "1337", "-i", "*", "-x", "", "-q", "", "-o", "",
+            ])
         })
         .unwrap();
         assert_eq!(p.include_ranges, IncludeRanges::All);
@@ -349,9 +441,15 @@ mod tests {
         assert_eq!(p.proxy_port, 15111);
         assert_eq!(
             p.include_ranges,
-            IncludeRanges::List(vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()])
+            IncludeRanges::List(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "fd00::/8".parse().unwrap()
+            ])
         );
-        assert_eq!(p.exclude_ranges, vec!["10.1.0.0/16".parse::<IpNetwork>().unwrap()]);
+        assert_eq!(
+            p.exclude_ranges,
+            vec!["10.1.0.0/16".parse::<IpNetwork>().unwrap()]
+        );
         assert_eq!(p.include_ports, vec![8080, 9090]);
         assert_eq!(p.exclude_ports, vec![5432]);
         assert_eq!(p.proxy_uids, vec![1337, 1338]);
@@ -386,13 +484,19 @@ mod tests {
                 origin: Source::Env("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE".into())
             }
         );
-        assert!(err.to_string().contains("environment variable ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"));
+        assert!(err
+            .to_string()
+            .contains("environment variable ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"));
     }
 
     #[test]
     fn bad_values_name_the_value_and_the_setting() {
         let cases: &[(&[&str], &str, &str)] = &[
-            (&["-i", "10.0.0.0/33"], "\"10.0.0.0/33\"", "--istio-service-cidr (-i)"),
+            (
+                &["-i", "10.0.0.0/33"],
+                "\"10.0.0.0/33\"",
+                "--istio-service-cidr (-i)",
+            ),
             (&["-i", "10.0.0.0/8,banana"], "\"banana\"", "-i"),
             (&["-x", "*"], "'*'", "--istio-service-exclude-cidr (-x)"),
             (&["-i", "*,10.0.0.0/8"], "*,10.0.0.0/8", "-i"),
@@ -408,7 +512,9 @@ mod tests {
             (&["-i", "::ffff:10.0.0.0/104"], "IPv4-mapped", "-i"),
         ];
         for (args, want1, want2) in cases {
-            let msg = locked(|| parse(args)).expect_err(&format!("{args:?} must fail")).to_string();
+            let msg = locked(|| parse(args))
+                .expect_err(&format!("{args:?} must fail"))
+                .to_string();
             assert!(msg.contains(want1), "{args:?}: {msg:?} lacks {want1:?}");
             assert!(msg.contains(want2), "{args:?}: {msg:?} lacks {want2:?}");
         }
@@ -418,6 +524,9 @@ mod tests {
     fn empty_include_is_nothing_and_bare_addresses_are_hosts() {
         let p = locked(|| parse(&["-i", "", "-x", "10.211.0.7"])).unwrap();
         assert_eq!(p.include_ranges, IncludeRanges::List(vec![]));
-        assert_eq!(p.exclude_ranges, vec!["10.211.0.7/32".parse::<IpNetwork>().unwrap()]);
+        assert_eq!(
+            p.exclude_ranges,
+            vec!["10.211.0.7/32".parse::<IpNetwork>().unwrap()]
+        );
     }
 }

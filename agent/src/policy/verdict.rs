@@ -74,17 +74,27 @@ pub enum Rule {
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Rule::ExcludeOutboundPort(p) => write!(f, "port {p} is in the exclude outbound ports (-o)"),
-            Rule::InboundPassthroughSource => write!(f, "source is 127.0.0.6/::6 (inbound passthrough)"),
-            Rule::ProxyUidToLocal(u) => write!(f, "proxy UID {u} dialling a local address: inbound capture"),
-            Rule::ProxyGidToLocal(g) => write!(f, "proxy GID {g} dialling a local address: inbound capture"),
+            Rule::ExcludeOutboundPort(p) => {
+                write!(f, "port {p} is in the exclude outbound ports (-o)")
+            }
+            Rule::InboundPassthroughSource => {
+                write!(f, "source is 127.0.0.6/::6 (inbound passthrough)")
+            }
+            Rule::ProxyUidToLocal(u) => {
+                write!(f, "proxy UID {u} dialling a local address: inbound capture")
+            }
+            Rule::ProxyGidToLocal(g) => {
+                write!(f, "proxy GID {g} dialling a local address: inbound capture")
+            }
             Rule::LocalNotProxyUid(u) => write!(f, "local address, owner is not proxy UID {u}"),
             Rule::LocalNotProxyGid(g) => write!(f, "local address, owner is not proxy GID {g}"),
             Rule::ProxyUid(u) => write!(f, "owner is proxy UID {u} (-u)"),
             Rule::ProxyGid(g) => write!(f, "owner is proxy GID {g} (-g)"),
             Rule::HostLoopback => write!(f, "destination is 127.0.0.1 / ::1"),
             Rule::ExcludeRange(n) => write!(f, "destination is in exclude range {n} (-x)"),
-            Rule::IncludeOutboundPort(p) => write!(f, "port {p} is in the include outbound ports (-q)"),
+            Rule::IncludeOutboundPort(p) => {
+                write!(f, "port {p} is in the include outbound ports (-q)")
+            }
             Rule::IncludeAll => write!(f, "include ranges are '*' (-i)"),
             Rule::IncludeRange(n) => write!(f, "destination is in include range {n} (-i)"),
             Rule::NoMatch => write!(f, "no rule matched"),
@@ -239,7 +249,10 @@ mod tests {
     }
     fn base() -> Policy {
         Policy {
-            local_addrs: vec!["10.211.0.1".parse().unwrap(), "fd00:211::1".parse().unwrap()],
+            local_addrs: vec![
+                "10.211.0.1".parse().unwrap(),
+                "fd00:211::1".parse().unwrap(),
+            ],
             ..Policy::default()
         }
     }
@@ -258,7 +271,10 @@ mod tests {
             include_ranges: IncludeRanges::List(vec![]),
             ..base()
         };
-        assert_eq!(verdict(&p, sa("10.211.0.2:80"), APP, APP).rule, Rule::NoMatch);
+        assert_eq!(
+            verdict(&p, sa("10.211.0.2:80"), APP, APP).rule,
+            Rule::NoMatch
+        );
     }
 
     #[test]
@@ -275,7 +291,10 @@ mod tests {
             verdict(&p, sa("[fd00:211::2]:80"), APP, APP).action,
             Action::Redirect(15001)
         );
-        assert_eq!(verdict(&p, sa("10.212.0.2:80"), APP, APP).action, Action::PassThrough);
+        assert_eq!(
+            verdict(&p, sa("10.212.0.2:80"), APP, APP).action,
+            Action::PassThrough
+        );
     }
 
     #[test]
@@ -306,7 +325,10 @@ mod tests {
             verdict(&p, sa("10.211.0.3:8080"), APP, APP).rule,
             Rule::ExcludeRange(net("10.211.0.3/32"))
         );
-        assert_eq!(verdict(&p, sa("10.211.0.2:8081"), APP, APP).rule, Rule::NoMatch);
+        assert_eq!(
+            verdict(&p, sa("10.211.0.2:8081"), APP, APP).rule,
+            Rule::NoMatch
+        );
     }
 
     #[test]
@@ -330,8 +352,14 @@ mod tests {
     #[test]
     fn proxy_uid_and_gid_pass_through() {
         let p = base();
-        assert_eq!(verdict(&p, sa("10.211.0.2:80"), 1337, APP).rule, Rule::ProxyUid(1337));
-        assert_eq!(verdict(&p, sa("10.211.0.2:80"), APP, 1337).rule, Rule::ProxyGid(1337));
+        assert_eq!(
+            verdict(&p, sa("10.211.0.2:80"), 1337, APP).rule,
+            Rule::ProxyUid(1337)
+        );
+        assert_eq!(
+            verdict(&p, sa("10.211.0.2:80"), APP, 1337).rule,
+            Rule::ProxyGid(1337)
+        );
     }
 
     #[test]
@@ -345,23 +373,41 @@ mod tests {
             verdict(&p, sa("10.211.0.2:80"), 1337, 1337).action,
             Action::Redirect(15001)
         );
-        assert_eq!(verdict(&p, sa("10.211.0.2:80"), 2000, 1).rule, Rule::ProxyUid(2000));
+        assert_eq!(
+            verdict(&p, sa("10.211.0.2:80"), 2000, 1).rule,
+            Rule::ProxyUid(2000)
+        );
     }
 
     #[test]
     fn localhost_and_own_addresses_pass_through() {
         let p = base();
-        assert_eq!(verdict(&p, sa("127.0.0.1:80"), APP, APP).rule, Rule::LocalNotProxyUid(1337));
-        assert_eq!(verdict(&p, sa("10.211.0.1:80"), APP, APP).rule, Rule::LocalNotProxyUid(1337));
-        assert_eq!(verdict(&p, sa("[::1]:80"), APP, APP).action, Action::PassThrough);
+        assert_eq!(
+            verdict(&p, sa("127.0.0.1:80"), APP, APP).rule,
+            Rule::LocalNotProxyUid(1337)
+        );
+        assert_eq!(
+            verdict(&p, sa("10.211.0.1:80"), APP, APP).rule,
+            Rule::LocalNotProxyUid(1337)
+        );
+        assert_eq!(
+            verdict(&p, sa("[::1]:80"), APP, APP).action,
+            Action::PassThrough
+        );
         // Without proxy IDs the chain reaches the explicit 127.0.0.1 rule.
         let bare = Policy {
             proxy_uids: vec![],
             proxy_gids: vec![],
             ..base()
         };
-        assert_eq!(verdict(&bare, sa("127.0.0.1:80"), APP, APP).rule, Rule::HostLoopback);
-        assert_eq!(verdict(&bare, sa("10.211.0.1:80"), APP, APP).rule, Rule::IncludeAll);
+        assert_eq!(
+            verdict(&bare, sa("127.0.0.1:80"), APP, APP).rule,
+            Rule::HostLoopback
+        );
+        assert_eq!(
+            verdict(&bare, sa("10.211.0.1:80"), APP, APP).rule,
+            Rule::IncludeAll
+        );
     }
 
     #[test]
@@ -371,8 +417,14 @@ mod tests {
         assert_eq!(v.action, Action::InboundCapture(15006));
         assert_eq!(v.rule, Rule::ProxyUidToLocal(1337));
         // ...but not to 127.0.0.1, and not to the tunnel port.
-        assert_eq!(verdict(&p, sa("127.0.0.1:8080"), 1337, 1337).rule, Rule::ProxyUid(1337));
-        assert_eq!(verdict(&p, sa("10.211.0.1:15008"), 1337, 1337).rule, Rule::ProxyUid(1337));
+        assert_eq!(
+            verdict(&p, sa("127.0.0.1:8080"), 1337, 1337).rule,
+            Rule::ProxyUid(1337)
+        );
+        assert_eq!(
+            verdict(&p, sa("10.211.0.1:15008"), 1337, 1337).rule,
+            Rule::ProxyUid(1337)
+        );
         // 127.0.0.5 is local and not the host loopback.
         assert_eq!(
             verdict(&p, sa("127.0.0.5:80"), 1337, 1337).action,
@@ -403,7 +455,10 @@ mod tests {
             verdict(&p, sa("127.1.2.3:80"), APP, APP).rule,
             Rule::IncludeRange(net("127.1.2.3/32"))
         );
-        assert_eq!(verdict(&p, sa("127.0.0.1:80"), APP, APP).rule, Rule::HostLoopback);
+        assert_eq!(
+            verdict(&p, sa("127.0.0.1:80"), APP, APP).rule,
+            Rule::HostLoopback
+        );
     }
 
     #[test]
@@ -416,9 +471,18 @@ mod tests {
             proxy_gids: vec![],
             ..base()
         };
-        assert_eq!(verdict(&p, sa("10.211.0.1:80"), 4, 4).rule, Rule::LocalNotProxyUid(3));
-        assert_eq!(verdict(&p, sa("10.211.0.1:80"), 3, 3).rule, Rule::ProxyUidToLocal(3));
-        assert_eq!(verdict(&p, sa("10.211.0.2:80"), 4, 4).rule, Rule::ProxyUid(4));
+        assert_eq!(
+            verdict(&p, sa("10.211.0.1:80"), 4, 4).rule,
+            Rule::LocalNotProxyUid(3)
+        );
+        assert_eq!(
+            verdict(&p, sa("10.211.0.1:80"), 3, 3).rule,
+            Rule::ProxyUidToLocal(3)
+        );
+        assert_eq!(
+            verdict(&p, sa("10.211.0.2:80"), 4, 4).rule,
+            Rule::ProxyUid(4)
+        );
     }
 
     #[test]
@@ -448,7 +512,10 @@ mod tests {
             include_ranges: IncludeRanges::List(vec![net("::/0")]),
             ..base()
         };
-        assert_eq!(verdict(&p, sa("10.211.0.2:80"), APP, APP).rule, Rule::NoMatch);
+        assert_eq!(
+            verdict(&p, sa("10.211.0.2:80"), APP, APP).rule,
+            Rule::NoMatch
+        );
         assert_eq!(
             verdict(&p, sa("[fd00:211::2]:80"), APP, APP).rule,
             Rule::IncludeRange(net("::/0"))

@@ -21,7 +21,9 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     mem::{size_of, zeroed},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream},
+    net::{
+        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+    },
     os::fd::{AsRawFd, RawFd},
     process::ExitCode,
     thread,
@@ -39,7 +41,10 @@ fn main() -> ExitCode {
         Some("server") => server(&args[1..]),
         Some("http") => http(&args[1], args[2].clone()),
         Some("proxy") => proxy(&args[1..]),
-        Some("client") => client(&args[1], args.get(2).map(String::as_str) == Some("--mapped")),
+        Some("client") => client(
+            &args[1],
+            args.get(2).map(String::as_str) == Some("--mapped"),
+        ),
         Some("sockopts") => sockopts(&args[1]),
         _ => Err("usage: divert-testkit server|http|proxy|client|sockopts …".into()),
     };
@@ -93,8 +98,14 @@ fn server(ports: &[String]) -> Result<()> {
     let mut ls = Vec::new();
     for p in ports {
         let port: u16 = p.parse()?;
-        ls.push(listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))?);
-        ls.push(listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))?);
+        ls.push(listen(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port,
+        ))?);
+        ls.push(listen(SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            port,
+        ))?);
     }
     serve(ls, |s| match s.local_addr() {
         Ok(a) => format!("server {a}"),
@@ -135,7 +146,10 @@ fn proxy(addrs: &[String]) -> Result<()> {
     }
     serve(ls, |s| {
         let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let orig = match original_dst(s.as_raw_fd(), s.local_addr().map(|a| a.is_ipv6()).unwrap_or(false)) {
+        let orig = match original_dst(
+            s.as_raw_fd(),
+            s.local_addr().map(|a| a.is_ipv6()).unwrap_or(false),
+        ) {
             Ok(a) => a.to_string(),
             Err(e) => format!("none({e})"),
         };
@@ -151,29 +165,57 @@ fn original_dst(fd: RawFd, v6: bool) -> std::io::Result<SocketAddr> {
         if v6 {
             let mut sa: libc::sockaddr_in6 = zeroed();
             let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-            if libc::getsockopt(fd, libc::SOL_IPV6, SO_ORIGINAL_DST, (&mut sa as *mut libc::sockaddr_in6).cast(), &mut len) != 0 {
+            if libc::getsockopt(
+                fd,
+                libc::SOL_IPV6,
+                SO_ORIGINAL_DST,
+                (&mut sa as *mut libc::sockaddr_in6).cast(),
+                &mut len,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
-            Ok(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sa.sin6_port), 0, 0)))
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sa.sin6_port),
+                0,
+                0,
+            )))
         } else {
             let mut sa: libc::sockaddr_in = zeroed();
             let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            if libc::getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) != 0 {
+            if libc::getsockopt(
+                fd,
+                libc::SOL_IP,
+                SO_ORIGINAL_DST,
+                (&mut sa as *mut libc::sockaddr_in).cast(),
+                &mut len,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
-            Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sa.sin_port))))
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sa.sin_port),
+            )))
         }
     }
 }
 
 fn connect(dst: SocketAddr, mapped: bool) -> Result<Socket> {
     let target: SocketAddr = match (dst, mapped) {
-        (SocketAddr::V4(v4), true) => SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0)),
+        (SocketAddr::V4(v4), true) => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
         _ => dst,
     };
-    let s = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+    let s = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     if target.is_ipv6() {
         s.set_only_v6(false)?;
     }
@@ -184,7 +226,10 @@ fn connect(dst: SocketAddr, mapped: bool) -> Result<Socket> {
 
 fn client(dst: &str, mapped: bool) -> Result<()> {
     let s = connect(dst.parse()?, mapped)?;
-    let peer = s.peer_addr()?.as_socket().ok_or("peer is not an IP socket")?;
+    let peer = s
+        .peer_addr()?
+        .as_socket()
+        .ok_or("peer is not an IP socket")?;
     let mut line = String::new();
     BufReader::new(TcpStream::from(s)).read_line(&mut line)?;
     println!("{} peer={peer}", line.trim());
@@ -192,12 +237,21 @@ fn client(dst: &str, mapped: bool) -> Result<()> {
 }
 
 /// Raw getsockopt: `(errno or 0, returned length, bytes)`.
-fn raw_getsockopt(fd: RawFd, level: libc::c_int, name: libc::c_int, buflen: usize) -> (i32, usize, Vec<u8>) {
+fn raw_getsockopt(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    buflen: usize,
+) -> (i32, usize, Vec<u8>) {
     let mut buf = vec![0u8; buflen];
     let mut len = buflen as libc::socklen_t;
     // SAFETY: buf has buflen bytes and len says so.
     let rc = unsafe { libc::getsockopt(fd, level, name, buf.as_mut_ptr().cast(), &mut len) };
-    let errno = if rc == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(-1) };
+    let errno = if rc == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    };
     let n = (len as usize).min(buflen);
     buf.truncate(n);
     (errno, len as usize, buf)
@@ -215,7 +269,11 @@ fn sockopts(dst: &str) -> Result<()> {
     let fd = s.as_raw_fd();
     let report = |label: &str, (errno, len, bytes): (i32, usize, Vec<u8>)| {
         // Failed calls leave the buffer as the caller passed it: show the length only.
-        let shown = if errno == 0 { &bytes[..bytes.len().min(64)] } else { &[][..] };
+        let shown = if errno == 0 {
+            &bytes[..bytes.len().min(64)]
+        } else {
+            &[][..]
+        };
         println!("{label} errno={errno} len={len} bytes={}", hex(shown));
     };
     // TCP_INFO: the first 8 bytes (state, ca_state, retransmits, probes,
@@ -224,23 +282,57 @@ fn sockopts(dst: &str) -> Result<()> {
     report("TCP_INFO", (e, len, b[..8.min(b.len())].to_vec()));
     let (e, len, b) = raw_getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, 8192);
     report("TCP_INFO(8192)", (e, len, b[..8.min(b.len())].to_vec()));
-    report("TCP_NODELAY", raw_getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 4));
-    report("TCP_CONGESTION", raw_getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, 16));
-    report("SO_TYPE", raw_getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, 4));
-    report("SO_DOMAIN", raw_getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, 4));
-    report("SO_ERROR", raw_getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, 4));
-    report("SO_PEERCRED(tcp)", raw_getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, 12));
-    report("SO_ORIGINAL_DST(unknown)", raw_getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, 16));
-    report("SO_ORIGINAL_DST(8192)", raw_getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, 8192));
+    report(
+        "TCP_NODELAY",
+        raw_getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 4),
+    );
+    report(
+        "TCP_CONGESTION",
+        raw_getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, 16),
+    );
+    report(
+        "SO_TYPE",
+        raw_getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, 4),
+    );
+    report(
+        "SO_DOMAIN",
+        raw_getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, 4),
+    );
+    report(
+        "SO_ERROR",
+        raw_getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, 4),
+    );
+    report(
+        "SO_PEERCRED(tcp)",
+        raw_getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, 12),
+    );
+    report(
+        "SO_ORIGINAL_DST(unknown)",
+        raw_getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, 16),
+    );
+    report(
+        "SO_ORIGINAL_DST(8192)",
+        raw_getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, 8192),
+    );
     report("IP_TTL", raw_getsockopt(fd, libc::SOL_IP, libc::IP_TTL, 4));
-    report("bogus option", raw_getsockopt(fd, libc::SOL_SOCKET, 9999, 64));
+    report(
+        "bogus option",
+        raw_getsockopt(fd, libc::SOL_SOCKET, 9999, 64),
+    );
     // A Unix socket pair: SO_PEERCRED names this very process.
     let (a, _b) = std::os::unix::net::UnixStream::pair()?;
     let (e, len, b) = raw_getsockopt(a.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, 12);
-    let same_pid = b.len() >= 4 && u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) == std::process::id();
-    println!("SO_PEERCRED(unix) errno={e} len={len} pid_is_self={same_pid} ids={}", hex(&b[4..b.len().min(12)]));
+    let same_pid =
+        b.len() >= 4 && u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) == std::process::id();
+    println!(
+        "SO_PEERCRED(unix) errno={e} len={len} pid_is_self={same_pid} ids={}",
+        hex(&b[4..b.len().min(12)])
+    );
     // Larger than a page: the program only sees the first PAGE_SIZE bytes.
     let (e, len, b) = raw_getsockopt(a.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERSEC, 16384);
-    println!("SO_PEERSEC(16384) errno={e} len={len} bytes={}", hex(&b[..b.len().min(64)]));
+    println!(
+        "SO_PEERSEC(16384) errno={e} len={len} bytes={}",
+        hex(&b[..b.len().min(64)])
+    );
     Ok(())
 }
