@@ -192,31 +192,28 @@ fn judge(
     let host_lo = dst.is_host_loopback();
     let lo_return = p.flags & flags::INCLUDE_HAS_LOOPBACK == 0;
     let tunnel = port == p.inbound_tunnel_port;
-    // for uid in -u: IN_REDIRECT, "-o lo ! --uid-owner" RETURN, "--uid-owner" RETURN
-    for i in 0..limits::MAX_PROXY_IDS {
-        if i >= p.proxy_uid_count as usize {
-            break;
+    // for uid in -u, then for gid in -g: IN_REDIRECT, "-o lo ! --uid-owner"
+    // RETURN, "--uid-owner" RETURN
+    let owner = |ids: &[u32; limits::MAX_PROXY_IDS], count: u8, id: u32| -> Option<u8> {
+        for (i, &x) in ids.iter().enumerate() {
+            if i >= count as usize {
+                break;
+            }
+            let is_owner = x == id;
+            if is_owner && local && !host_lo && !tunnel {
+                return Some(verdict::INBOUND);
+            }
+            if is_owner || (local && lo_return) {
+                return Some(verdict::PASSTHROUGH);
+            }
         }
-        let owner = p.proxy_uids[i] == uid;
-        if owner && local && !host_lo && !tunnel {
-            return verdict::INBOUND;
-        }
-        if owner || (local && lo_return) {
-            return verdict::PASSTHROUGH;
-        }
+        None
+    };
+    if let Some(v) = owner(&p.proxy_uids, p.proxy_uid_count, uid) {
+        return v;
     }
-    // for gid in -g: the same three rules with --gid-owner
-    for i in 0..limits::MAX_PROXY_IDS {
-        if i >= p.proxy_gid_count as usize {
-            break;
-        }
-        let owner = p.proxy_gids[i] == gid;
-        if owner && local && !host_lo && !tunnel {
-            return verdict::INBOUND;
-        }
-        if owner || (local && lo_return) {
-            return verdict::PASSTHROUGH;
-        }
+    if let Some(v) = owner(&p.proxy_gids, p.proxy_gid_count, gid) {
+        return v;
     }
     // -d 127.0.0.1/32 -j RETURN
     if host_lo {

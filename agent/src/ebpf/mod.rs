@@ -221,43 +221,43 @@ impl Interceptor {
     }
 
     fn write_entries(&mut self, netns: u64, policy: &Policy) -> Result<()> {
-        let (inc4, inc6) = split_families(policy.include_ranges.cidrs());
-        let (exc4, exc6) = split_families(&policy.exclude_ranges);
-        for (name, nets) in [(maps::INCLUDE_V4, &inc4), (maps::EXCLUDE_V4, &exc4)] {
+        let e = Entries::of(netns, policy);
+        for (name, keys) in [
+            (maps::INCLUDE_V4, &e.include4),
+            (maps::EXCLUDE_V4, &e.exclude4),
+        ] {
             let mut trie: LpmTrie<&mut MapData, LpmKey4, u8> = lpm(&mut self.ebpf, name)?;
-            for n in nets {
-                trie.insert(&key4(netns, n), 1, 0)
+            for k in keys {
+                trie.insert(k, 1, 0)
                     .map_err(|source| Error::Map { map: name, source })?;
             }
         }
-        for (name, nets) in [(maps::INCLUDE_V6, &inc6), (maps::EXCLUDE_V6, &exc6)] {
+        for (name, keys) in [
+            (maps::INCLUDE_V6, &e.include6),
+            (maps::EXCLUDE_V6, &e.exclude6),
+        ] {
             let mut trie: LpmTrie<&mut MapData, LpmKey6, u8> = lpm(&mut self.ebpf, name)?;
-            for n in nets {
-                trie.insert(&key6(netns, n), 1, 0)
+            for k in keys {
+                trie.insert(k, 1, 0)
                     .map_err(|source| Error::Map { map: name, source })?;
             }
         }
-        let mut ports: HashMap<&mut MapData, PortKey, u8> = hash_map(&mut self.ebpf, maps::PORTS)?;
-        for key in port_keys(netns, policy) {
-            ports.insert(key, 1, 0).map_err(|source| Error::Map {
-                map: maps::PORTS,
-                source,
-            })?;
-        }
-        let mut local: HashMap<&mut MapData, AddrKey, u8> =
-            hash_map(&mut self.ebpf, maps::LOCAL_ADDRS)?;
-        for key in addr_keys(netns, policy) {
-            local.insert(key, 1, 0).map_err(|source| Error::Map {
-                map: maps::LOCAL_ADDRS,
-                source,
-            })?;
-        }
-        Ok(())
+        insert_all(
+            hash_map(&mut self.ebpf, maps::PORTS)?,
+            maps::PORTS,
+            &e.ports,
+        )?;
+        insert_all(
+            hash_map(&mut self.ebpf, maps::LOCAL_ADDRS)?,
+            maps::LOCAL_ADDRS,
+            &e.addrs,
+        )
     }
 
     /// Remove every entry `policy` wrote for `netns`; entries already gone
-    /// are fine. Returns the first failure after trying them all.
+    /// are fine. Tries them all and returns the first failure.
     fn remove_entries(&mut self, netns: u64, policy: &Policy) -> Result<()> {
+        let e = Entries::of(netns, policy);
         let mut first: Option<Error> = None;
         let mut note = |name: &'static str, r: std::result::Result<(), MapError>| match r {
             Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -265,31 +265,120 @@ impl Interceptor {
                 first.get_or_insert(Error::Map { map: name, source });
             }
         };
-        let (inc4, inc6) = split_families(policy.include_ranges.cidrs());
-        let (exc4, exc6) = split_families(&policy.exclude_ranges);
-        for (name, nets) in [(maps::INCLUDE_V4, &inc4), (maps::EXCLUDE_V4, &exc4)] {
+        for (name, keys) in [
+            (maps::INCLUDE_V4, &e.include4),
+            (maps::EXCLUDE_V4, &e.exclude4),
+        ] {
             let mut trie: LpmTrie<&mut MapData, LpmKey4, u8> = lpm(&mut self.ebpf, name)?;
-            for n in nets {
-                note(name, trie.remove(&key4(netns, n)));
-            }
+            keys.iter().for_each(|k| note(name, trie.remove(k)));
         }
-        for (name, nets) in [(maps::INCLUDE_V6, &inc6), (maps::EXCLUDE_V6, &exc6)] {
+        for (name, keys) in [
+            (maps::INCLUDE_V6, &e.include6),
+            (maps::EXCLUDE_V6, &e.exclude6),
+        ] {
             let mut trie: LpmTrie<&mut MapData, LpmKey6, u8> = lpm(&mut self.ebpf, name)?;
-            for n in nets {
-                note(name, trie.remove(&key6(netns, n)));
-            }
+            keys.iter().for_each(|k| note(name, trie.remove(k)));
         }
         let mut ports: HashMap<&mut MapData, PortKey, u8> = hash_map(&mut self.ebpf, maps::PORTS)?;
-        for key in port_keys(netns, policy) {
-            note(maps::PORTS, ports.remove(&key));
-        }
-        let mut local: HashMap<&mut MapData, AddrKey, u8> =
+        e.ports
+            .iter()
+            .for_each(|k| note(maps::PORTS, ports.remove(k)));
+        let mut addrs: HashMap<&mut MapData, AddrKey, u8> =
             hash_map(&mut self.ebpf, maps::LOCAL_ADDRS)?;
-        for key in addr_keys(netns, policy) {
-            note(maps::LOCAL_ADDRS, local.remove(&key));
-        }
+        e.addrs
+            .iter()
+            .for_each(|k| note(maps::LOCAL_ADDRS, addrs.remove(k)));
         first.map_or(Ok(()), Err)
     }
+}
+
+/// Every map entry (besides the header) that one namespace's policy owns.
+struct Entries {
+    include4: Vec<Key<LpmKey4>>,
+    exclude4: Vec<Key<LpmKey4>>,
+    include6: Vec<Key<LpmKey6>>,
+    exclude6: Vec<Key<LpmKey6>>,
+    ports: Vec<PortKey>,
+    addrs: Vec<AddrKey>,
+}
+
+impl Entries {
+    fn of(netns: u64, policy: &Policy) -> Entries {
+        let v4 = |nets: &[IpNetwork]| -> Vec<Key<LpmKey4>> {
+            nets.iter()
+                .filter_map(|n| match n {
+                    IpNetwork::V4(n) => Some(Key::new(
+                        64 + u32::from(n.prefix()),
+                        LpmKey4 {
+                            netns_cookie: netns,
+                            addr: n.network().octets(),
+                        },
+                    )),
+                    IpNetwork::V6(_) => None,
+                })
+                .collect()
+        };
+        let v6 = |nets: &[IpNetwork]| -> Vec<Key<LpmKey6>> {
+            nets.iter()
+                .filter_map(|n| match n {
+                    IpNetwork::V6(n) => Some(Key::new(
+                        64 + u32::from(n.prefix()),
+                        LpmKey6 {
+                            netns_cookie: netns,
+                            addr: n.network().octets(),
+                        },
+                    )),
+                    IpNetwork::V4(_) => None,
+                })
+                .collect()
+        };
+        let port = |port, list| PortKey {
+            netns_cookie: netns,
+            port,
+            list,
+            _pad: [0; 5],
+        };
+        Entries {
+            include4: v4(policy.include_ranges.cidrs()),
+            exclude4: v4(&policy.exclude_ranges),
+            include6: v6(policy.include_ranges.cidrs()),
+            exclude6: v6(&policy.exclude_ranges),
+            ports: policy
+                .exclude_ports
+                .iter()
+                .map(|&p| port(p, port_list::EXCLUDE))
+                .chain(
+                    policy
+                        .include_ports
+                        .iter()
+                        .map(|&p| port(p, port_list::INCLUDE)),
+                )
+                .collect(),
+            addrs: policy
+                .local_addrs
+                .iter()
+                .map(|a| AddrKey {
+                    netns_cookie: netns,
+                    addr: match canonical(*a) {
+                        IpAddr::V4(v4) => mapped_v4(v4.octets()),
+                        IpAddr::V6(v6) => v6.octets(),
+                    },
+                })
+                .collect(),
+        }
+    }
+}
+
+fn insert_all<K: aya::Pod>(
+    mut map: HashMap<&mut MapData, K, u8>,
+    name: &'static str,
+    keys: &[K],
+) -> Result<()> {
+    for k in keys {
+        map.insert(k, 1, 0)
+            .map_err(|source| Error::Map { map: name, source })?;
+    }
+    Ok(())
 }
 
 /// The kernel's policy header for `policy`.
@@ -304,8 +393,7 @@ pub fn header(policy: &Policy) -> PolicyHeader {
     };
     h.proxy_uids[..policy.proxy_uids.len()].copy_from_slice(&policy.proxy_uids);
     h.proxy_gids[..policy.proxy_gids.len()].copy_from_slice(&policy.proxy_gids);
-    let (inc4, inc6) = split_families(policy.include_ranges.cidrs());
-    let (exc4, exc6) = split_families(&policy.exclude_ranges);
+    let e = Entries::of(0, policy);
     for (cond, bit) in [
         (
             policy.include_ranges == IncludeRanges::All,
@@ -317,10 +405,10 @@ pub fn header(policy: &Policy) -> PolicyHeader {
         ),
         (!policy.exclude_ports.is_empty(), flags::HAS_EXCLUDE_PORTS),
         (!policy.include_ports.is_empty(), flags::HAS_INCLUDE_PORTS),
-        (!inc4.is_empty(), flags::HAS_INCLUDE_V4),
-        (!exc4.is_empty(), flags::HAS_EXCLUDE_V4),
-        (!inc6.is_empty(), flags::HAS_INCLUDE_V6),
-        (!exc6.is_empty(), flags::HAS_EXCLUDE_V6),
+        (!e.include4.is_empty(), flags::HAS_INCLUDE_V4),
+        (!e.exclude4.is_empty(), flags::HAS_EXCLUDE_V4),
+        (!e.include6.is_empty(), flags::HAS_INCLUDE_V6),
+        (!e.exclude6.is_empty(), flags::HAS_EXCLUDE_V6),
         (!policy.local_addrs.is_empty(), flags::HAS_LOCAL_ADDRS),
     ] {
         if cond {
@@ -337,70 +425,6 @@ pub fn verdict_name(code: u8) -> &'static str {
         divert_common::verdict::INBOUND => "inbound_capture",
         _ => "passthrough",
     }
-}
-
-fn split_families(nets: &[IpNetwork]) -> (Vec<IpNetwork>, Vec<IpNetwork>) {
-    nets.iter().partition(|n| n.is_ipv4())
-}
-
-fn key4(netns: u64, n: &IpNetwork) -> Key<LpmKey4> {
-    let IpNetwork::V4(n) = n else {
-        unreachable!("split_families keeps IPv4 here")
-    };
-    Key::new(
-        64 + u32::from(n.prefix()),
-        LpmKey4 {
-            netns_cookie: netns,
-            addr: n.network().octets(),
-        },
-    )
-}
-
-fn key6(netns: u64, n: &IpNetwork) -> Key<LpmKey6> {
-    let IpNetwork::V6(n) = n else {
-        unreachable!("split_families keeps IPv6 here")
-    };
-    Key::new(
-        64 + u32::from(n.prefix()),
-        LpmKey6 {
-            netns_cookie: netns,
-            addr: n.network().octets(),
-        },
-    )
-}
-
-fn port_keys(netns: u64, policy: &Policy) -> Vec<PortKey> {
-    let key = |port, list| PortKey {
-        netns_cookie: netns,
-        port,
-        list,
-        _pad: [0; 5],
-    };
-    policy
-        .exclude_ports
-        .iter()
-        .map(|&p| key(p, port_list::EXCLUDE))
-        .chain(
-            policy
-                .include_ports
-                .iter()
-                .map(|&p| key(p, port_list::INCLUDE)),
-        )
-        .collect()
-}
-
-fn addr_keys(netns: u64, policy: &Policy) -> Vec<AddrKey> {
-    policy
-        .local_addrs
-        .iter()
-        .map(|a| AddrKey {
-            netns_cookie: netns,
-            addr: match canonical(*a) {
-                IpAddr::V4(v4) => mapped_v4(v4.octets()),
-                IpAddr::V6(v6) => v6.octets(),
-            },
-        })
-        .collect()
 }
 
 fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
@@ -465,10 +489,24 @@ mod tests {
 
     #[test]
     fn lpm_keys_mask_host_bits_and_prefix_the_cookie() {
-        let k = key4(7, &"10.211.9.9/16".parse().unwrap());
-        assert_eq!(k.prefix_len(), 80);
-        assert_eq!(k.data().addr, [10, 211, 0, 0]);
-        let k = key6(7, &"fd00:211::1/64".parse().unwrap());
-        assert_eq!(k.prefix_len(), 128);
+        let p = Policy {
+            include_ranges: IncludeRanges::List(vec!["10.211.9.9/16".parse().unwrap()]),
+            exclude_ranges: vec!["fd00:211::1/64".parse().unwrap()],
+            ..Policy::default()
+        };
+        let e = Entries::of(7, &p);
+        assert_eq!(
+            (
+                e.include4.len(),
+                e.exclude4.len(),
+                e.include6.len(),
+                e.exclude6.len()
+            ),
+            (1, 0, 0, 1)
+        );
+        assert_eq!(e.include4[0].prefix_len(), 80);
+        assert_eq!(e.include4[0].data().addr, [10, 211, 0, 0]);
+        assert_eq!({ e.include4[0].data().netns_cookie }, 7);
+        assert_eq!(e.exclude6[0].prefix_len(), 128);
     }
 }

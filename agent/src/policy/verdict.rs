@@ -182,29 +182,47 @@ pub fn verdict_for(policy: &Policy, c: &Connect) -> Verdict {
     let host_loopback = is_host_loopback(dst);
     let lo_return = !policy.include_ranges.has_loopback();
     let tunnel = port == policy.inbound_tunnel_port;
-    for &u in &policy.proxy_uids {
-        let owner = c.uid == u;
-        if owner && local && !host_loopback && !tunnel {
-            return inbound(Rule::ProxyUidToLocal(u));
+    // Per ID, istio-iptables emits three rules in turn: inbound capture,
+    // "-o lo ! --uid-owner" RETURN, "--uid-owner" RETURN (then the same per GID).
+    let owner_rules = |ids: &[u32],
+                       id: u32,
+                       to_local: fn(u32) -> Rule,
+                       local_not_owner: fn(u32) -> Rule,
+                       owner_rule: fn(u32) -> Rule| {
+        for &x in ids {
+            let owner = id == x;
+            if owner && local && !host_loopback && !tunnel {
+                return Some(inbound(to_local(x)));
+            }
+            if local && lo_return && !owner {
+                return Some(pass(local_not_owner(x)));
+            }
+            if owner {
+                return Some(pass(owner_rule(x)));
+            }
         }
-        if local && lo_return && !owner {
-            return pass(Rule::LocalNotProxyUid(u));
-        }
-        if owner {
-            return pass(Rule::ProxyUid(u));
-        }
-    }
-    for &g in &policy.proxy_gids {
-        let owner = c.gid == g;
-        if owner && local && !host_loopback && !tunnel {
-            return inbound(Rule::ProxyGidToLocal(g));
-        }
-        if local && lo_return && !owner {
-            return pass(Rule::LocalNotProxyGid(g));
-        }
-        if owner {
-            return pass(Rule::ProxyGid(g));
-        }
+        None
+    };
+    let by_uid = || {
+        owner_rules(
+            &policy.proxy_uids,
+            c.uid,
+            Rule::ProxyUidToLocal,
+            Rule::LocalNotProxyUid,
+            Rule::ProxyUid,
+        )
+    };
+    let by_gid = || {
+        owner_rules(
+            &policy.proxy_gids,
+            c.gid,
+            Rule::ProxyGidToLocal,
+            Rule::LocalNotProxyGid,
+            Rule::ProxyGid,
+        )
+    };
+    if let Some(v) = by_uid().or_else(by_gid) {
+        return v;
     }
     if host_loopback {
         return pass(Rule::HostLoopback);
