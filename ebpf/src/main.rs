@@ -181,14 +181,17 @@ fn judge(
         return verdict::PASSTHROUGH;
     }
     // "-o lo": the destination is one of the namespace's own addresses.
-    let local = dst.is_loopback()
-        || (p.flags & flags::HAS_LOCAL_ADDRS != 0 && {
-            let key = AddrKey {
-                netns_cookie: netns,
-                addr: dst.mapped(),
-            };
-            unsafe { LOCAL_ADDRS.get(&key) }.is_some()
-        });
+    // Only the owner rules ask, so without proxy IDs skip the lookup.
+    let has_owner_rules = p.proxy_uid_count != 0 || p.proxy_gid_count != 0;
+    let local = has_owner_rules
+        && (dst.is_loopback()
+            || (p.flags & flags::HAS_LOCAL_ADDRS != 0 && {
+                let key = AddrKey {
+                    netns_cookie: netns,
+                    addr: dst.mapped(),
+                };
+                unsafe { LOCAL_ADDRS.get(&key) }.is_some()
+            }));
     let host_lo = dst.is_host_loopback();
     let lo_return = p.flags & flags::INCLUDE_HAS_LOOPBACK == 0;
     let tunnel = port == p.inbound_tunnel_port;

@@ -545,6 +545,19 @@ fn getsockopt_program_leaves_other_options_alone() {
         String::from_utf8(out.stdout).unwrap()
     };
     // The proxy cgroup has divert's getsockopt program; "plain" has none.
+    let shown = |cg: &std::path::Path| {
+        let out = std::process::Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(cg)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        shown(&rig.lab.proxy.path).contains("divert_getsock"),
+        "getsockopt program not attached"
+    );
+    assert!(!shown(&rig.lab.plain.path).contains("divert_getsock"));
     let with = report(&rig.lab.proxy);
     let without = report(&rig.lab.plain);
     assert!(with.lines().count() >= 12, "short report: {with}");

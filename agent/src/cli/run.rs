@@ -129,33 +129,23 @@ fn run_command(command: &[OsString], cgroup: &TransientCgroup) -> anyhow::Result
     let status = rt.block_on(async {
         // Handlers first: a signal from here on reaches CMD, never kills us
         // before we clean up.
-        let mut signals = Vec::new();
-        for kind in [
-            SignalKind::interrupt(),
-            SignalKind::terminate(),
-            SignalKind::hangup(),
-            SignalKind::quit(),
-        ] {
-            signals.push((kind, signal(kind)?));
-        }
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut quit = signal(SignalKind::quit())?;
         let mut child = tokio::process::Command::from(cmd)
             .spawn()
             .with_context(|| format!("cannot start {:?}", command[0]))?;
         let pid = Pid::from_raw(child.id().context("child has no pid")? as i32);
         loop {
-            let [a, b, c, d] = &mut signals[..] else {
-                unreachable!()
-            };
-            let kind = tokio::select! {
+            let sig = tokio::select! {
                 status = child.wait() => return anyhow::Ok(status?),
-                _ = a.1.recv() => a.0,
-                _ = b.1.recv() => b.0,
-                _ = c.1.recv() => c.0,
-                _ = d.1.recv() => d.0,
+                _ = int.recv() => Signal::SIGINT,
+                _ = term.recv() => Signal::SIGTERM,
+                _ = hup.recv() => Signal::SIGHUP,
+                _ = quit.recv() => Signal::SIGQUIT,
             };
-            if let Ok(sig) = Signal::try_from(kind.as_raw_value()) {
-                let _ = kill(pid, sig);
-            }
+            let _ = kill(pid, sig);
         }
     })?;
     drop(procs);

@@ -304,45 +304,19 @@ struct Entries {
 
 impl Entries {
     fn of(netns: u64, policy: &Policy) -> Entries {
-        let v4 = |nets: &[IpNetwork]| -> Vec<Key<LpmKey4>> {
-            nets.iter()
-                .filter_map(|n| match n {
-                    IpNetwork::V4(n) => Some(Key::new(
-                        64 + u32::from(n.prefix()),
-                        LpmKey4 {
-                            netns_cookie: netns,
-                            addr: n.network().octets(),
-                        },
-                    )),
-                    IpNetwork::V6(_) => None,
-                })
-                .collect()
-        };
-        let v6 = |nets: &[IpNetwork]| -> Vec<Key<LpmKey6>> {
-            nets.iter()
-                .filter_map(|n| match n {
-                    IpNetwork::V6(n) => Some(Key::new(
-                        64 + u32::from(n.prefix()),
-                        LpmKey6 {
-                            netns_cookie: netns,
-                            addr: n.network().octets(),
-                        },
-                    )),
-                    IpNetwork::V4(_) => None,
-                })
-                .collect()
-        };
         let port = |port, list| PortKey {
             netns_cookie: netns,
             port,
             list,
             _pad: [0; 5],
         };
+        let (include4, include6) = lpm_keys(netns, policy.include_ranges.cidrs());
+        let (exclude4, exclude6) = lpm_keys(netns, &policy.exclude_ranges);
         Entries {
-            include4: v4(policy.include_ranges.cidrs()),
-            exclude4: v4(&policy.exclude_ranges),
-            include6: v6(policy.include_ranges.cidrs()),
-            exclude6: v6(&policy.exclude_ranges),
+            include4,
+            exclude4,
+            include6,
+            exclude6,
             ports: policy
                 .exclude_ports
                 .iter()
@@ -367,6 +341,32 @@ impl Entries {
                 .collect(),
         }
     }
+}
+
+/// LPM keys of `nets` for `netns`, by family: prefix length 64 (the cookie)
+/// plus the CIDR's, address masked to the network.
+fn lpm_keys(netns: u64, nets: &[IpNetwork]) -> (Vec<Key<LpmKey4>>, Vec<Key<LpmKey6>>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for n in nets {
+        let prefix_len = 64 + u32::from(n.prefix());
+        match n {
+            IpNetwork::V4(n) => v4.push(Key::new(
+                prefix_len,
+                LpmKey4 {
+                    netns_cookie: netns,
+                    addr: n.network().octets(),
+                },
+            )),
+            IpNetwork::V6(n) => v6.push(Key::new(
+                prefix_len,
+                LpmKey6 {
+                    netns_cookie: netns,
+                    addr: n.network().octets(),
+                },
+            )),
+        }
+    }
+    (v4, v6)
 }
 
 fn insert_all<K: aya::Pod>(
