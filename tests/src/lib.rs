@@ -31,6 +31,9 @@ use std::{
 use anyhow::{bail, Context, Result};
 use nix::sched::{setns, CloneFlags};
 
+pub mod cases;
+pub mod rig;
+
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 /// Skip (return early with a message) unless running as root: kernel tests
