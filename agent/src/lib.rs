@@ -3,6 +3,8 @@
 //! * [`policy`]: the Istio policy model and [`policy::verdict()`], the
 //!   reference every backend agrees with.
 //! * [`ebpf`]: loading, attaching and filling the kernel programs and maps.
+//! * [`iptables`]: the same policy as istio-iptables' NAT rules, for pods
+//!   where eBPF is not allowed.
 //! * [`cgroup`], [`netns`]: the kernel objects a policy is attached to.
 //! * [`cli`]: one module per subcommand of the `divert` binary.
 //!
@@ -12,5 +14,6 @@
 pub mod cgroup;
 pub mod cli;
 pub mod ebpf;
+pub mod iptables;
 pub mod netns;
 pub mod policy;

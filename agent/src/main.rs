@@ -17,6 +17,9 @@ struct Cli {
 enum Command {
     /// Run a command with its outbound TCP diverted to the local proxy.
     Run(cli::run::RunArgs),
+    /// Configure interception for this network namespace, as the init
+    /// container of a meshed pod (a drop-in for istio-iptables).
+    Init(cli::init::InitArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,12 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             let sub = matches.subcommand_matches("run").expect("run was matched");
             cli::run::main(args, sub)
+        }
+        Command::Init(args) => {
+            let sub = matches
+                .subcommand_matches("init")
+                .expect("init was matched");
+            cli::init::main(args, sub)
         }
     }
 }

@@ -52,3 +52,67 @@ pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
     }
     Ok(out)
 }
+
+/// `::6`, the source address of Envoy's inbound passthrough cluster.
+pub const INBOUND_PASSTHROUGH_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// The kernel's `struct in6_ifreq` (linux/ipv6.h), the argument of
+/// SIOCSIFADDR/SIOCDIFADDR on an AF_INET6 socket.
+#[repr(C)]
+struct In6Ifreq {
+    addr: libc::in6_addr,
+    prefixlen: u32,
+    ifindex: libc::c_int,
+}
+
+fn lo_v6_ioctl(request: libc::c_ulong) -> io::Result<()> {
+    let sock = socket(
+        AddressFamily::Inet6,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let ifindex = nix::net::if_::if_nametoindex("lo")?;
+    let req = In6Ifreq {
+        addr: libc::in6_addr {
+            s6_addr: INBOUND_PASSTHROUGH_V6.octets(),
+        },
+        prefixlen: 128,
+        ifindex: ifindex as libc::c_int,
+    };
+    // SAFETY: a valid socket and a properly laid out in6_ifreq that lives
+    // across the call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request as _, &req as *const In6Ifreq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Add `::6/128` to `lo` in the calling thread's namespace, as
+/// istio-iptables does when it writes IPv6 rules (`ip -6 addr add ::6/128
+/// dev lo`). Returns whether it was added (`false`: it was already there).
+pub fn add_inbound_passthrough_v6() -> io::Result<bool> {
+    match lo_v6_ioctl(libc::SIOCSIFADDR as libc::c_ulong) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Remove `::6/128` from `lo`; absent (or IPv6 disabled) is not an error.
+pub fn remove_inbound_passthrough_v6() -> io::Result<()> {
+    match lo_v6_ioctl(libc::SIOCDIFADDR as libc::c_ulong) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EADDRNOTAVAIL) | Some(libc::ENODEV) | Some(libc::EAFNOSUPPORT)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -12,8 +12,13 @@ mod verdict;
 use std::net::IpAddr;
 
 pub use ipnetwork::IpNetwork;
-pub use parse::{PolicyArgs, PolicyError, Source};
+pub use parse::{CaptureArgs, PolicyArgs, PolicyError, Source};
 pub use verdict::{verdict, verdict_for, Action, Connect, Rule, Verdict};
+
+/// Environment variables are process-wide: unit tests that parse flags
+/// (which read them) take turns with the tests that set them.
+#[cfg(test)]
+pub(crate) static TEST_ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Default outbound proxy port (`-p`, Envoy's outbound listener).
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
@@ -52,6 +57,43 @@ impl IncludeRanges {
     }
 }
 
+/// How inbound connections reach the inbound capture port (`-m`,
+/// `sidecar.istio.io/interceptionMode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InterceptionMode {
+    /// NAT `REDIRECT` (Istio's default).
+    #[default]
+    Redirect,
+    /// `TPROXY` in the mangle table, keeping the client's source address.
+    Tproxy,
+}
+
+/// Which inbound destination ports are captured (`-b`,
+/// `traffic.sidecar.istio.io/includeInboundPorts`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum InboundPorts {
+    /// `""`: no inbound capture (the istio-iptables default).
+    #[default]
+    None,
+    /// `*`: every port except the exclude list (`-d`).
+    All,
+    /// These ports only.
+    List(Vec<u16>),
+}
+
+/// Inbound capture: connections *into* the namespace sent to the inbound
+/// capture port. Only the iptables backend applies it (it lives in the
+/// netfilter PREROUTING hook, which connect-time eBPF programs do not see).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Inbound {
+    /// `-m`, `REDIRECT` or `TPROXY`.
+    pub mode: InterceptionMode,
+    /// `-b`.
+    pub ports: InboundPorts,
+    /// `-d`, `excludeInboundPorts`: exempt from `-b '*'` (ignored with a port list, as istio-iptables ignores it).
+    pub exclude_ports: Vec<u16>,
+}
+
 /// One network namespace's interception policy, validated.
 ///
 /// Ports are host byte order; UIDs and GIDs are as the kernel reports the
@@ -79,6 +121,16 @@ pub struct Policy {
     /// The namespace's own addresses (what iptables' `-o lo` matches besides
     /// loopback), canonical: no IPv4-mapped IPv6.
     pub local_addrs: Vec<IpAddr>,
+    /// Inbound capture (`-m`, `-b`, `-d`); iptables backend only.
+    pub inbound: Inbound,
+    /// Interfaces whose inbound traffic is treated as outbound (`-k`,
+    /// `--kube-virt-interfaces`, `traffic.sidecar.istio.io/kubevirtInterfaces`);
+    /// iptables backend only.
+    pub kube_virt_interfaces: Vec<String>,
+    /// Interfaces never intercepted in either direction (`-c`,
+    /// `--istio-exclude-interfaces`, `traffic.sidecar.istio.io/excludeInterfaces`);
+    /// iptables backend only.
+    pub exclude_interfaces: Vec<String>,
 }
 
 impl Default for Policy {
@@ -95,6 +147,9 @@ impl Default for Policy {
             include_ports: Vec::new(),
             exclude_ports: Vec::new(),
             local_addrs: Vec::new(),
+            inbound: Inbound::default(),
+            kube_virt_interfaces: Vec::new(),
+            exclude_interfaces: Vec::new(),
         }
     }
 }

@@ -11,7 +11,7 @@ use std::{fmt, str::FromStr};
 use clap::{parser::ValueSource, ArgMatches, Args};
 use ipnetwork::IpNetwork;
 
-use super::{IncludeRanges, Policy, MAX_PROXY_IDS};
+use super::{Inbound, InboundPorts, IncludeRanges, InterceptionMode, Policy, MAX_PROXY_IDS};
 
 /// Where a setting's value came from, for error messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,12 +66,21 @@ pub enum PolicyError {
     },
     #[error("{origin} is empty: at least one proxy UID is needed, or the proxy's own connections loop back into it")]
     NoProxyUid { origin: Source },
+    #[error(
+        "invalid interception mode {value:?} in {origin}: istio-iptables knows REDIRECT and TPROXY"
+    )]
+    InvalidMode { value: String, origin: Source },
+    #[error("invalid interface name {value:?} in {origin}: 1 to 15 characters, no '/', ':' or white space ('+' only at the end, as iptables' wildcard)")]
+    InvalidInterface { value: String, origin: Source },
+    #[error("{origin} is set, but divert does not capture DNS yet: remove it (or keep istio-iptables for this pod) rather than run with DNS silently uncaptured")]
+    DnsCaptureUnsupported { origin: Source },
 }
 
 /// The policy flags shared by every subcommand that configures interception.
 ///
 /// Defaults are istio-iptables' except `-i`, which is `*` (capture
-/// everything), the value Istio's injector always passes.
+/// everything), the value Istio's injector always passes; `divert init`
+/// restores istio-iptables' own default, `""`.
 #[derive(Args, Clone, Debug, Default)]
 pub struct PolicyArgs {
     /// Outbound proxy port that connects are redirected to.
@@ -204,6 +213,33 @@ const SETTINGS: &[(&str, &str, &str)] = &[
         "--istio-local-outbound-ports-exclude (-o)",
         "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
     ),
+    (
+        "interception_mode",
+        "--istio-inbound-interception-mode (-m)",
+        "ISTIO_INBOUND_INTERCEPTION_MODE",
+    ),
+    (
+        "inbound_ports",
+        "--istio-inbound-ports (-b)",
+        "ISTIO_INBOUND_PORTS",
+    ),
+    (
+        "inbound_exclude_ports",
+        "--istio-local-exclude-ports (-d)",
+        "ISTIO_LOCAL_EXCLUDE_PORTS",
+    ),
+    (
+        "kube_virt_interfaces",
+        "--kube-virt-interfaces (-k)",
+        "KUBE_VIRT_INTERFACES",
+    ),
+    (
+        "exclude_interfaces",
+        "--istio-exclude-interfaces (-c)",
+        "ISTIO_EXCLUDE_INTERFACES",
+    ),
+    ("redirect_dns", "--redirect-dns", "ISTIO_META_DNS_CAPTURE"),
+    ("capture_all_dns", "--capture-all-dns", "--capture-all-dns"),
 ];
 
 impl PolicyArgs {
@@ -212,17 +248,7 @@ impl PolicyArgs {
     /// from, used to say whether a bad value came from a flag or the
     /// environment; without them every value is attributed to its flag.
     pub fn to_policy(&self, matches: Option<&ArgMatches>) -> Result<Policy, PolicyError> {
-        let origin = |id: &str| -> Source {
-            let (_, flag, env) = SETTINGS
-                .iter()
-                .find(|(i, _, _)| *i == id)
-                .expect("every policy setting is listed in SETTINGS");
-            match matches.and_then(|m| m.value_source(id)) {
-                Some(ValueSource::EnvVariable) => Source::Env(env.to_string()),
-                Some(ValueSource::DefaultValue) => Source::Default(flag.to_string()),
-                _ => Source::Flag(flag.to_string()),
-            }
-        };
+        let origin = |id: &str| origin_of(id, matches);
         let proxy_uids = parse_ids(&self.proxy_uids, origin("proxy_uids"))?;
         if proxy_uids.is_empty() {
             return Err(PolicyError::NoProxyUid {
@@ -245,9 +271,165 @@ impl PolicyArgs {
             exclude_ranges: parse_exclude(&self.exclude_ranges, origin("exclude_ranges"))?,
             include_ports: parse_ports(&self.include_ports, origin("include_ports"))?,
             exclude_ports: parse_ports(&self.exclude_ports, origin("exclude_ports"))?,
-            local_addrs: Vec::new(),
+            ..Policy::default()
         })
     }
+}
+
+/// istio-iptables' flags that shape capture beyond the outbound verdict:
+/// inbound capture, interfaces, DNS. Used by `divert init`, whose iptables
+/// backend applies them; spellings and environment variables as
+/// istio-iptables'.
+#[derive(Args, Clone, Debug, Default)]
+pub struct CaptureArgs {
+    /// Inbound interception mode: REDIRECT or TPROXY (TPROXY is refused by
+    /// the iptables backend for now).
+    #[arg(
+        short = 'm',
+        long = "istio-inbound-interception-mode",
+        env = "ISTIO_INBOUND_INTERCEPTION_MODE",
+        default_value = "REDIRECT",
+        value_name = "MODE"
+    )]
+    pub interception_mode: String,
+
+    /// Inbound ports sent to the inbound capture port: '*', '' (none), or a
+    /// comma-separated list.
+    #[arg(
+        short = 'b',
+        long = "istio-inbound-ports",
+        visible_alias = "include-inbound-ports",
+        env = "ISTIO_INBOUND_PORTS",
+        default_value = "",
+        value_name = "PORTS"
+    )]
+    pub inbound_ports: String,
+
+    /// Inbound ports never captured; applies only with -b '*'.
+    #[arg(
+        short = 'd',
+        long = "istio-local-exclude-ports",
+        visible_alias = "exclude-inbound-ports",
+        env = "ISTIO_LOCAL_EXCLUDE_PORTS",
+        default_value = "",
+        value_name = "PORTS"
+    )]
+    pub inbound_exclude_ports: String,
+
+    /// Interfaces (comma-separated) whose inbound traffic is treated as outbound (KubeVirt VMs).
+    #[arg(
+        short = 'k',
+        long = "kube-virt-interfaces",
+        env = "KUBE_VIRT_INTERFACES",
+        default_value = "",
+        value_name = "IFACES"
+    )]
+    pub kube_virt_interfaces: String,
+
+    /// Interfaces (comma-separated) never intercepted, in either direction.
+    #[arg(
+        short = 'c',
+        long = "istio-exclude-interfaces",
+        visible_alias = "exclude-interfaces",
+        env = "ISTIO_EXCLUDE_INTERFACES",
+        default_value = "",
+        value_name = "IFACES"
+    )]
+    pub exclude_interfaces: String,
+
+    /// Capture DNS to the agent's port 15053 (not supported yet: refused).
+    #[arg(long = "redirect-dns", env = "ISTIO_META_DNS_CAPTURE")]
+    pub redirect_dns: bool,
+
+    /// Capture DNS to every server (not supported yet: refused).
+    #[arg(long = "capture-all-dns")]
+    pub capture_all_dns: bool,
+}
+
+impl CaptureArgs {
+    /// Validate and add these settings to `policy` (which is not touched on
+    /// error). `matches` as for [`PolicyArgs::to_policy`].
+    pub fn apply_to(
+        &self,
+        policy: &mut Policy,
+        matches: Option<&ArgMatches>,
+    ) -> Result<(), PolicyError> {
+        let origin = |id: &str| origin_of(id, matches);
+        for (set, id) in [
+            (self.redirect_dns, "redirect_dns"),
+            (self.capture_all_dns, "capture_all_dns"),
+        ] {
+            if set {
+                return Err(PolicyError::DnsCaptureUnsupported { origin: origin(id) });
+            }
+        }
+        let mode = match self.interception_mode.as_str() {
+            "REDIRECT" => InterceptionMode::Redirect,
+            "TPROXY" => InterceptionMode::Tproxy,
+            other => {
+                return Err(PolicyError::InvalidMode {
+                    value: other.to_string(),
+                    origin: origin("interception_mode"),
+                })
+            }
+        };
+        let ports = match self.inbound_ports.as_str() {
+            "" => InboundPorts::None,
+            "*" => InboundPorts::All,
+            list => InboundPorts::List(parse_ports(list, origin("inbound_ports"))?),
+        };
+        let inbound = Inbound {
+            mode,
+            ports,
+            exclude_ports: parse_ports(
+                &self.inbound_exclude_ports,
+                origin("inbound_exclude_ports"),
+            )?,
+        };
+        let kube_virt =
+            parse_interfaces(&self.kube_virt_interfaces, origin("kube_virt_interfaces"))?;
+        let exclude = parse_interfaces(&self.exclude_interfaces, origin("exclude_interfaces"))?;
+        policy.inbound = inbound;
+        policy.kube_virt_interfaces = kube_virt;
+        policy.exclude_interfaces = exclude;
+        Ok(())
+    }
+}
+
+/// Where the value of setting `id` came from.
+fn origin_of(id: &str, matches: Option<&ArgMatches>) -> Source {
+    let (_, flag, env) = SETTINGS
+        .iter()
+        .find(|(i, _, _)| *i == id)
+        .expect("every setting is listed in SETTINGS");
+    match matches.and_then(|m| m.value_source(id)) {
+        Some(ValueSource::EnvVariable) => Source::Env(env.to_string()),
+        Some(ValueSource::DefaultValue) => Source::Default(flag.to_string()),
+        _ => Source::Flag(flag.to_string()),
+    }
+}
+
+/// An interface list, in the order given, as iptables' `-i`/`-o` take names
+/// (IFNAMSIZ: at most 15 bytes; a trailing `+` matches a prefix).
+fn parse_interfaces(value: &str, origin: Source) -> Result<Vec<String>, PolicyError> {
+    let mut out: Vec<String> = Vec::new();
+    for item in split(value, &origin)? {
+        let body = item.strip_suffix('+').unwrap_or(item);
+        let ok = item.len() <= 15
+            && !body.is_empty()
+            && !body.contains(['/', ':', '+', '!'])
+            && body.chars().all(|c| c.is_ascii_graphic());
+        if !ok {
+            return Err(PolicyError::InvalidInterface {
+                value: item.to_string(),
+                origin,
+            });
+        }
+        if !out.iter().any(|i| i == item) {
+            out.push(item.to_string());
+        }
+    }
+    Ok(out)
 }
 
 /// Split a comma list: `""` is empty; an empty element or white space is an error.
@@ -380,16 +562,12 @@ fn parse_exclude(value: &str, origin: Source) -> Result<Vec<IpNetwork>, PolicyEr
 mod tests {
     use super::*;
     use clap::{CommandFactory, FromArgMatches, Parser};
-    use std::sync::Mutex;
 
     #[derive(Parser, Debug)]
     struct Cli {
         #[command(flatten)]
         policy: PolicyArgs,
     }
-
-    /// Environment variables are process-wide: tests that parse take turns.
-    static ENV: Mutex<()> = Mutex::new(());
 
     fn parse(args: &[&str]) -> Result<Policy, PolicyError> {
         let m = Cli::command()
@@ -400,7 +578,9 @@ mod tests {
     }
 
     fn locked<T>(f: impl FnOnce() -> T) -> T {
-        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = crate::policy::TEST_ENV
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         f()
     }
 

@@ -1,0 +1,192 @@
+//! `divert init [istio-iptables flags]`: the init container of a meshed pod,
+//! a drop-in for `istio-iptables`. It configures interception for the
+//! network namespace it runs in.
+//!
+//! Backends: `iptables` writes the rules istio-iptables writes (see
+//! [`crate::iptables`]). The eBPF backend, which registers the pod with the
+//! node daemon, comes with `divert daemon`.
+
+use std::{net::IpAddr, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{ArgMatches, Args, ValueEnum};
+
+use crate::{
+    iptables::{self, Family, Iptables, RuleSet},
+    netns,
+    policy::{CaptureArgs, Policy, PolicyArgs},
+};
+
+/// How interception is put in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// NAT rules in the pod's namespace, as istio-iptables writes them.
+    Iptables,
+}
+
+/// Arguments of `divert init`: istio-iptables' flags and environment
+/// variables with its spellings and defaults (`-i` defaults to `""` here,
+/// as in istio-iptables), plus divert's own.
+#[derive(Args, Debug, Clone)]
+#[command(mut_arg("include_ranges", |a| a.default_value("")))]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+
+    /// Interception backend.
+    #[arg(long, value_enum, default_value = "iptables")]
+    pub backend: Backend,
+
+    /// Print the rules that would be written (iptables-restore input per
+    /// address family) and change nothing.
+    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN")]
+    pub dry_run: bool,
+
+    /// Remove what divert init writes for these flags from this namespace,
+    /// and nothing else; write nothing.
+    #[arg(
+        long = "cleanup",
+        visible_alias = "cleanup-only",
+        conflicts_with = "dry_run"
+    )]
+    pub cleanup: bool,
+
+    /// istio's logging flag, which the injector passes
+    /// (`--log_output_level=default:info`): accepted and ignored; divert's
+    /// log level is DIVERT_LOG.
+    #[arg(long = "log_output_level", hide = true, value_name = "LEVELS")]
+    pub log_output_level: Option<String>,
+}
+
+impl InitArgs {
+    /// The validated policy these arguments describe (no local addresses).
+    pub fn to_policy(&self, matches: Option<&ArgMatches>) -> anyhow::Result<Policy> {
+        let mut policy = self.policy.to_policy(matches)?;
+        self.capture.apply_to(&mut policy, matches)?;
+        Ok(policy)
+    }
+}
+
+/// The address families to configure: IPv4 always; IPv6 when the
+/// namespace has an IPv6 address other than loopback and link-local (what
+/// istio-iptables' `EnableIPv6` stands for in a pod).
+pub fn families(local: &[IpAddr]) -> Vec<Family> {
+    let v6 = local.iter().any(|a| match a {
+        IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+        IpAddr::V4(_) => false,
+    });
+    if v6 {
+        vec![Family::V4, Family::V6]
+    } else {
+        vec![Family::V4]
+    }
+}
+
+/// Run `divert init`; 0 when interception is in place (or, with
+/// `--cleanup`, removed; with `--dry-run`, printed), 2 otherwise with
+/// nothing changed.
+pub fn main(args: &InitArgs, matches: &ArgMatches) -> ExitCode {
+    match run(args, matches) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => super::fail("init", &e),
+    }
+}
+
+fn run(args: &InitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
+    let policy = args.to_policy(Some(matches))?;
+    let local = netns::local_addresses().context("listing this namespace's addresses")?;
+    let mut wanted = families(&local);
+    if args.cleanup {
+        // Remove from both families, whatever the addresses are now.
+        wanted = vec![Family::V4, Family::V6];
+    }
+    let mut sets: Vec<RuleSet> = Vec::new();
+    for f in &wanted {
+        sets.push(iptables::render(&policy, *f)?);
+    }
+    if args.dry_run {
+        for set in &sets {
+            println!(
+                "# {} ({}-restore --noflush)",
+                set.family,
+                set.family.command()
+            );
+            print!("{}", set.restore_text());
+        }
+        return Ok(());
+    }
+    let mut with_bins: Vec<(Iptables, RuleSet)> = Vec::new();
+    for set in sets {
+        match iptables::detect(set.family) {
+            Ok(ipt) => with_bins.push((ipt, set)),
+            // Cleanup of a family whose tools are missing has nothing to remove.
+            Err(_) if args.cleanup && set.family == Family::V6 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if args.cleanup {
+        let removed = iptables::cleanup(&with_bins)?;
+        if wanted.contains(&Family::V6) {
+            netns::remove_inbound_passthrough_v6().context("removing ::6/128 from lo")?;
+        }
+        for ((ipt, set), r) in with_bins.iter().zip(removed) {
+            eprintln!(
+                "divert init: {} {} with {}",
+                if r {
+                    "removed the"
+                } else {
+                    "nothing to remove in the"
+                },
+                set.family,
+                ipt.command
+            );
+        }
+        return Ok(());
+    }
+    // istio-iptables adds ::6 on lo for the inbound passthrough cluster to
+    // bind to (IPv4 has 127.0.0.6 in 127/8 already).
+    let added = wanted.contains(&Family::V6)
+        && netns::add_inbound_passthrough_v6().context("adding ::6/128 to lo")?;
+    if let Err(e) = iptables::apply(&with_bins) {
+        if added {
+            let _ = netns::remove_inbound_passthrough_v6();
+        }
+        return Err(e);
+    }
+    for (ipt, set) in &with_bins {
+        eprintln!(
+            "divert init: iptables backend: {} {} rules in place with {} (proxy port {}, inbound capture port {})",
+            set.rules.len(),
+            set.family,
+            ipt.command,
+            policy.proxy_port,
+            policy.inbound_capture_port
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_needs_an_address_beyond_loopback_and_link_local() {
+        let ips = |v: &[&str]| {
+            v.iter()
+                .map(|s| s.parse().unwrap())
+                .collect::<Vec<IpAddr>>()
+        };
+        assert_eq!(
+            families(&ips(&["127.0.0.1", "::1", "fe80::1", "10.0.0.1"])),
+            vec![Family::V4]
+        );
+        assert_eq!(
+            families(&ips(&["10.0.0.1", "fd00::1"])),
+            vec![Family::V4, Family::V6]
+        );
+    }
+}

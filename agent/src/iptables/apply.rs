@@ -1,0 +1,397 @@
+//! Applying a [`RuleSet`] to the calling thread's network namespace.
+//!
+//! * **Which iptables**: [`detect`] picks the binaries as istio-iptables
+//!   does (`tools/istio-iptables/pkg/dependencies`, `DetectIptablesVersion`):
+//!   `FORCE_IPTABLES_BINARY=legacy|nft` if set; otherwise the legacy
+//!   binaries when legacy rules already exist in this namespace; otherwise
+//!   the nft binaries; otherwise plain `iptables`.
+//! * **Atomic**: one `iptables-restore --noflush` transaction per address
+//!   family touching only the nat table. Chains are declared with
+//!   `:CHAIN - [0:0]`, which creates them or empties them, so a transaction
+//!   also replaces an earlier run's rules: running twice leaves the same
+//!   table as running once. If the IPv6 transaction fails after the IPv4
+//!   one succeeded, the IPv4 nat table is restored from the snapshot taken
+//!   before, so a namespace is either fully configured or as it was.
+//! * **Exactly ours**: what belongs to divert is the four [`CHAINS`], every
+//!   rule in a built-in chain that jumps to one of them, and the interface
+//!   rules (`-i/-o IF -j RETURN`) the same flags render, one for one.
+//!   [`cleanup`] removes those and nothing else.
+
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::{Family, RuleSet, CHAINS};
+
+/// The iptables binaries chosen for one address family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Iptables {
+    pub family: Family,
+    /// The base command, e.g. `iptables-nft` or `ip6tables-legacy`; `-save`
+    /// and `-restore` are appended for the other two.
+    pub command: String,
+    /// Whether this is the legacy (x_tables) variant, which takes the
+    /// xtables lock (`-w`).
+    pub legacy: bool,
+}
+
+impl Iptables {
+    fn save_cmd(&self) -> String {
+        format!("{}-save", self.command)
+    }
+
+    fn restore_cmd(&self) -> String {
+        format!("{}-restore", self.command)
+    }
+
+    /// `<command>-save -t nat`: the nat table as iptables-restore input.
+    pub fn save_nat(&self) -> Result<String> {
+        let out = Command::new(self.save_cmd())
+            .args(["-t", "nat"])
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", self.save_cmd()))?;
+        if !out.status.success() {
+            bail!(
+                "{} -t nat failed ({}): {}",
+                self.save_cmd(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Feed `input` to `<command>-restore`, with `--noflush` unless
+    /// `replace` (which replaces every table the input names).
+    pub fn restore(&self, input: &str, replace: bool) -> Result<()> {
+        let mut cmd = Command::new(self.restore_cmd());
+        if !replace {
+            cmd.arg("--noflush");
+        }
+        if self.legacy {
+            cmd.arg("--wait");
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", self.restore_cmd()))?;
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(input.as_bytes())
+            .with_context(|| format!("writing to {}", self.restore_cmd()))?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "{} rejected the rules ({}): {}\n--- input ---\n{}",
+                self.restore_cmd(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                input.trim_end()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Whether `<cmd>-save` runs here, and whether it shows any rule.
+fn probe(cmd: &str) -> Option<bool> {
+    let out = Command::new(format!("{cmd}-save"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("-A ")),
+    )
+}
+
+/// Choose the iptables binaries for `family` in this namespace (see the
+/// module docs). Errors when none works, or `FORCE_IPTABLES_BINARY` names
+/// something other than `legacy` or `nft`.
+pub fn detect(family: Family) -> Result<Iptables> {
+    let base = family.command();
+    let make = |command: String, legacy: bool| Iptables {
+        family,
+        command,
+        legacy,
+    };
+    let legacy = format!("{base}-legacy");
+    let nft = format!("{base}-nft");
+    if let Ok(force) = std::env::var("FORCE_IPTABLES_BINARY") {
+        return match force.as_str() {
+            "legacy" => probe(&legacy)
+                .map(|_| make(legacy.clone(), true))
+                .with_context(|| format!("FORCE_IPTABLES_BINARY=legacy, but {legacy}-save does not run")),
+            "nft" => probe(&nft)
+                .map(|_| make(nft.clone(), false))
+                .with_context(|| format!("FORCE_IPTABLES_BINARY=nft, but {nft}-save does not run")),
+            other => bail!(
+                "FORCE_IPTABLES_BINARY={other:?} (environment): the supported values are \"legacy\" and \"nft\""
+            ),
+        };
+    }
+    if probe(&legacy) == Some(true) {
+        return Ok(make(legacy, true));
+    }
+    if probe(&nft).is_some() {
+        return Ok(make(nft, false));
+    }
+    if probe(base).is_some() {
+        let version = Command::new(base)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        return Ok(make(base.to_string(), !version.contains("nf_tables")));
+    }
+    bail!(
+        "no working {base}: neither {legacy}-save, {nft}-save nor {base}-save runs (install iptables in the image)"
+    )
+}
+
+/// The lines of the `*nat` section of iptables-save output.
+fn nat_lines(save: &str) -> Vec<&str> {
+    let mut in_nat = false;
+    let mut out = Vec::new();
+    for line in save.lines() {
+        let line = line.trim_end();
+        if let Some(table) = line.strip_prefix('*') {
+            in_nat = table.trim() == "nat";
+        } else if line == "COMMIT" {
+            in_nat = false;
+        } else if in_nat && !line.starts_with('#') {
+            out.push(line);
+        }
+    }
+    out
+}
+
+/// Our chains that exist in `save`.
+fn existing_chains(save: &str) -> Vec<&'static str> {
+    let lines = nat_lines(save);
+    CHAINS
+        .iter()
+        .copied()
+        .filter(|c| {
+            lines
+                .iter()
+                .any(|l| l.strip_prefix(':').and_then(|r| r.split(' ').next()) == Some(c))
+        })
+        .collect()
+}
+
+/// `-D` lines for the rules of ours that `save` holds in built-in chains:
+/// every jump to one of [`CHAINS`], and each interface rule `set` renders,
+/// as many times as it renders it.
+fn deletions(save: &str, set: &RuleSet) -> Vec<String> {
+    let mut wanted: Vec<String> = set
+        .rules
+        .iter()
+        .filter(|r| r.in_builtin_chain() && !r.target().is_some_and(|t| CHAINS.contains(&t)))
+        .map(|r| r.saved_form())
+        .collect();
+    let mut out = Vec::new();
+    for line in nat_lines(save) {
+        let Some(rest) = line.strip_prefix("-A ") else {
+            continue;
+        };
+        let chain = rest.split(' ').next().unwrap_or_default();
+        if CHAINS.contains(&chain) {
+            continue;
+        }
+        let words: Vec<&str> = rest.split(' ').collect();
+        let jumps_to_ours = words
+            .windows(2)
+            .any(|w| w[0] == "-j" && CHAINS.contains(&w[1]));
+        if jumps_to_ours {
+            out.push(format!("-D {rest}"));
+        } else if let Some(i) = wanted.iter().position(|w| w == line) {
+            wanted.remove(i);
+            out.push(format!("-D {rest}"));
+        }
+    }
+    out
+}
+
+/// The transaction that makes the nat table hold `set`, whatever an
+/// earlier run left: declare (create or empty) our chains, delete our
+/// rules in built-in chains, write the rules.
+pub fn apply_transaction(save: &str, set: &RuleSet) -> String {
+    let mut s = String::from("*nat\n");
+    for c in CHAINS {
+        s.push_str(&format!(":{c} - [0:0]\n"));
+    }
+    for d in deletions(save, set) {
+        s.push_str(&d);
+        s.push('\n');
+    }
+    for r in &set.rules {
+        s.push_str(&r.line());
+        s.push('\n');
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// The transaction that removes ours from the nat table, or `None` when
+/// nothing of ours is there.
+pub fn cleanup_transaction(save: &str, set: &RuleSet) -> Option<String> {
+    let dels = deletions(save, set);
+    let chains = existing_chains(save);
+    if dels.is_empty() && chains.is_empty() {
+        return None;
+    }
+    let mut s = String::from("*nat\n");
+    for d in dels {
+        s.push_str(&d);
+        s.push('\n');
+    }
+    // Empty every chain before deleting any: they jump to each other.
+    for c in &chains {
+        s.push_str(&format!("-F {c}\n"));
+    }
+    for c in &chains {
+        s.push_str(&format!("-X {c}\n"));
+    }
+    s.push_str("COMMIT\n");
+    Some(s)
+}
+
+/// Install `sets` (one per address family, each with its binaries), all or
+/// nothing: on a failure, families already written get their nat table back
+/// as it was.
+pub fn apply(sets: &[(Iptables, RuleSet)]) -> Result<()> {
+    let mut done: Vec<(&Iptables, String)> = Vec::new();
+    for (ipt, set) in sets {
+        let result = ipt.save_nat().and_then(|before| {
+            ipt.restore(&apply_transaction(&before, set), false)
+                .map(|()| before)
+        });
+        match result {
+            Ok(before) => done.push((ipt, before)),
+            Err(e) => {
+                for (prev, before) in done.iter().rev() {
+                    if let Err(re) = prev.restore(&snapshot_input(before), true) {
+                        tracing::error!(family = %prev.family, error = %format!("{re:#}"), "rollback failed");
+                    }
+                }
+                return Err(e.context(format!("applying the {} rules", set.family)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Remove ours from each family's nat table (what `set` renders tells
+/// which interface rules are ours). Returns, per family, whether there was
+/// anything to remove.
+pub fn cleanup(sets: &[(Iptables, RuleSet)]) -> Result<Vec<bool>> {
+    let mut removed = Vec::new();
+    for (ipt, set) in sets {
+        let before = ipt.save_nat()?;
+        match cleanup_transaction(&before, set) {
+            Some(tx) => {
+                ipt.restore(&tx, false)
+                    .with_context(|| format!("removing the {} rules", set.family))?;
+                removed.push(true);
+            }
+            None => removed.push(false),
+        }
+    }
+    Ok(removed)
+}
+
+/// An iptables-save snapshot as input that puts the nat table back exactly
+/// (empty when the table did not exist: an empty nat table).
+fn snapshot_input(before: &str) -> String {
+    if nat_lines(before).is_empty() {
+        "*nat\nCOMMIT\n".to_string()
+    } else {
+        before.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{iptables::render, policy::Policy};
+
+    const SAVED: &str = "# Generated by iptables-save v1.8.9 (nf_tables)
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:ISTIO_INBOUND - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_REDIRECT - [0:0]
+:USER_CHAIN - [0:0]
+-A PREROUTING -i eth1 -j ISTIO_REDIRECT
+-A PREROUTING -i eth1 -j RETURN
+-A PREROUTING -i eth9 -j RETURN
+-A OUTPUT -d 192.0.2.1/32 -j USER_CHAIN
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+-A USER_CHAIN -j RETURN
+COMMIT
+";
+
+    fn kube_virt_eth1() -> RuleSet {
+        let p = Policy {
+            kube_virt_interfaces: vec!["eth1".into()],
+            ..Policy::default()
+        };
+        render(&p, Family::V4).unwrap()
+    }
+
+    #[test]
+    fn deletes_our_jumps_and_rendered_interface_rules_only() {
+        let d = deletions(SAVED, &kube_virt_eth1());
+        assert_eq!(
+            d,
+            vec![
+                "-D PREROUTING -i eth1 -j ISTIO_REDIRECT",
+                "-D PREROUTING -i eth1 -j RETURN",
+                "-D OUTPUT -j ISTIO_OUTPUT",
+            ]
+        );
+    }
+
+    #[test]
+    fn cleanup_empties_before_deleting_and_leaves_user_chains() {
+        let tx = cleanup_transaction(SAVED, &kube_virt_eth1()).unwrap();
+        let f = tx.find("-F ISTIO_INBOUND").unwrap();
+        let x = tx.find("-X ").unwrap();
+        assert!(f < x, "{tx}");
+        assert!(!tx.contains("USER_CHAIN"), "{tx}");
+        assert!(!tx.contains("eth9"), "{tx}");
+        assert_eq!(cleanup_transaction("", &kube_virt_eth1()), None);
+    }
+
+    #[test]
+    fn apply_declares_every_chain_and_replaces_old_jumps() {
+        let tx = apply_transaction(SAVED, &kube_virt_eth1());
+        for c in CHAINS {
+            assert!(tx.contains(&format!(":{c} - [0:0]\n")), "{tx}");
+        }
+        assert!(!tx.contains("-N "), "{tx}");
+        let del = tx.find("-D OUTPUT -j ISTIO_OUTPUT").unwrap();
+        let add = tx.find("-A OUTPUT -j ISTIO_OUTPUT").unwrap();
+        assert!(del < add, "{tx}");
+    }
+}

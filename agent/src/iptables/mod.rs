@@ -1,0 +1,436 @@
+//! The iptables backend: a [`Policy`] rendered as istio-iptables renders it,
+//! and applied to the calling thread's network namespace with
+//! iptables-restore.
+//!
+//! [`render`] follows istio-iptables' `tools/istio-iptables/pkg/capture/run.go`
+//! (`Run`, REDIRECT mode, DNS capture off, no owner-group filter) rule for
+//! rule, in its order and its spelling, into the nat table's four chains
+//! `ISTIO_INBOUND`, `ISTIO_REDIRECT`, `ISTIO_IN_REDIRECT` and `ISTIO_OUTPUT`
+//! plus the jumps and interface rules in the built-in `PREROUTING` and
+//! `OUTPUT` chains. [`RuleSet::restore_text`] prints them the way
+//! istio-iptables' rule builder does (`BuildV4Restore`), so `--dry-run`
+//! output can be compared line for line with istio-iptables' own test
+//! goldens (`tests/testdata/istio-iptables/`).
+//!
+//! [`apply`] installs a rule set in one iptables-restore transaction per
+//! address family; see there for idempotence, cleanup and rollback.
+
+mod apply;
+
+pub use apply::{apply, cleanup, detect, Iptables};
+
+use std::fmt::Write as _;
+
+use crate::policy::{InboundPorts, InterceptionMode, IpNetwork, Policy};
+
+/// Chains this backend owns in the nat table, in istio-iptables' names.
+/// Nothing else is ever created, flushed or deleted.
+pub const CHAINS: [&str; 4] = [
+    ISTIO_INBOUND,
+    ISTIO_REDIRECT,
+    ISTIO_IN_REDIRECT,
+    ISTIO_OUTPUT,
+];
+
+/// Inbound connections: entered from `PREROUTING` when `-b` is set.
+pub const ISTIO_INBOUND: &str = "ISTIO_INBOUND";
+/// `REDIRECT --to-ports <-p>`: the outbound proxy.
+pub const ISTIO_REDIRECT: &str = "ISTIO_REDIRECT";
+/// `REDIRECT --to-ports <-z>`: the inbound capture port.
+pub const ISTIO_IN_REDIRECT: &str = "ISTIO_IN_REDIRECT";
+/// The outbound decision, entered from `OUTPUT` for every packet.
+pub const ISTIO_OUTPUT: &str = "ISTIO_OUTPUT";
+
+/// The most ports one `-m multiport --dports` match takes (the kernel's
+/// `XT_MULTI_PORTS`); longer lists are split over several rules.
+pub const MULTIPORT_MAX: usize = 15;
+
+/// IPv4 (iptables) or IPv6 (ip6tables).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The host loopback address as iptables writes it (istio-iptables'
+    /// `HostIPv4LoopbackCidr` default and `::1/128`).
+    pub fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.1/32",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    /// The inbound-passthrough source address Envoy binds to reach the app
+    /// (`127.0.0.6`, `::6`): its connections are never redirected.
+    pub fn inbound_passthrough_source(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.6/32",
+            Family::V6 => "::6/128",
+        }
+    }
+
+    /// `iptables` or `ip6tables`: the command family's base name.
+    pub fn command(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn owns(self, net: &IpNetwork) -> bool {
+        matches!(
+            (self, net),
+            (Family::V4, IpNetwork::V4(_)) | (Family::V6, IpNetwork::V6(_))
+        )
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+/// A policy setting this backend does not implement: refused whole rather
+/// than half-applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RenderError {
+    #[error("inbound interception mode TPROXY (-m TPROXY) is not supported by divert's iptables backend yet; use -m REDIRECT")]
+    Tproxy,
+}
+
+/// One rule of the nat table, as an `-A` (append) or `-I … 1` (insert at the
+/// top) line of iptables-restore input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// The chain the rule lives in.
+    pub chain: &'static str,
+    /// `true` for istio-iptables' `-I <chain> 1` (only in `PREROUTING`).
+    pub insert_first: bool,
+    /// Matches and target, e.g. `["-p", "tcp", "-j", "ISTIO_REDIRECT"]`.
+    pub spec: Vec<String>,
+}
+
+impl Rule {
+    fn append(chain: &'static str, spec: &[&str]) -> Rule {
+        Rule {
+            chain,
+            insert_first: false,
+            spec: spec.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn insert(chain: &'static str, spec: &[&str]) -> Rule {
+        Rule {
+            insert_first: true,
+            ..Rule::append(chain, spec)
+        }
+    }
+
+    /// The iptables-restore line: `-A CHAIN SPEC…` or `-I CHAIN 1 SPEC…`.
+    pub fn line(&self) -> String {
+        let head = if self.insert_first {
+            format!("-I {} 1", self.chain)
+        } else {
+            format!("-A {}", self.chain)
+        };
+        std::iter::once(head)
+            .chain(self.spec.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The rule as iptables-save prints it back when the spelling is already
+    /// canonical (the interface rules in built-in chains): `-A CHAIN SPEC…`.
+    pub fn saved_form(&self) -> String {
+        Rule {
+            insert_first: false,
+            ..self.clone()
+        }
+        .line()
+    }
+
+    /// The jump target (`-j X`), if any.
+    pub fn target(&self) -> Option<&str> {
+        let j = self.spec.iter().position(|s| s == "-j")?;
+        self.spec.get(j + 1).map(String::as_str)
+    }
+
+    /// Whether the rule lives in a built-in chain (`PREROUTING`, `OUTPUT`).
+    pub fn in_builtin_chain(&self) -> bool {
+        !CHAINS.contains(&self.chain)
+    }
+}
+
+/// The nat-table rules of one address family, in istio-iptables' order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSet {
+    pub family: Family,
+    pub rules: Vec<Rule>,
+}
+
+impl RuleSet {
+    /// The chains to create, in istio-iptables' order: chains in order of
+    /// their first rule, then chains only jumped to.
+    pub fn chains(&self) -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = Vec::new();
+        for r in &self.rules {
+            if !r.in_builtin_chain() && !out.contains(&r.chain) {
+                out.push(r.chain);
+            }
+        }
+        for r in &self.rules {
+            if let Some(t) = r.target() {
+                if let Some(c) = CHAINS.iter().find(|c| **c == t) {
+                    if !out.contains(c) {
+                        out.push(c);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// iptables-restore input in istio-iptables' spelling: `* nat`, one `-N`
+    /// per chain, the rules, `COMMIT`. Meant for `--noflush` on a namespace
+    /// without the chains (what `--dry-run` prints; [`apply`] writes a
+    /// variant that also replaces an earlier run's rules).
+    pub fn restore_text(&self) -> String {
+        let mut s = String::from("* nat\n");
+        for c in self.chains() {
+            let _ = writeln!(s, "-N {c}");
+        }
+        for r in &self.rules {
+            let _ = writeln!(s, "{}", r.line());
+        }
+        s.push_str("COMMIT\n");
+        s
+    }
+}
+
+/// Port matches for a list, as istio-iptables writes them: `--dport P` for
+/// one port, `-m multiport --dports P,Q,…` for several (at most
+/// [`MULTIPORT_MAX`] a rule; a last chunk of one port uses `--dport`).
+fn port_matches(ports: &[u16]) -> Vec<Vec<String>> {
+    ports
+        .chunks(MULTIPORT_MAX)
+        .map(|chunk| match chunk {
+            [one] => vec!["--dport".into(), one.to_string()],
+            many => {
+                let list: Vec<String> = many.iter().map(u16::to_string).collect();
+                vec![
+                    "-m".into(),
+                    "multiport".into(),
+                    "--dports".into(),
+                    list.join(","),
+                ]
+            }
+        })
+        .collect()
+}
+
+/// The rules istio-iptables writes into the nat table for `policy` and one
+/// address family, in its order (run.go `Run`):
+///
+/// 1. `-c` interfaces: `PREROUTING -i X -j RETURN`, `OUTPUT -o X -j RETURN`;
+/// 2. `-k` interfaces: `-I PREROUTING 1 -i X -j RETURN`;
+/// 3. `ISTIO_INBOUND` returns the tunnel port; `ISTIO_REDIRECT` and
+///    `ISTIO_IN_REDIRECT` redirect to `-p` and `-z`;
+/// 4. `-b`: `PREROUTING -p tcp -j ISTIO_INBOUND` and the inbound ports
+///    (with `*`, `-d` first);
+/// 5. `OUTPUT -j ISTIO_OUTPUT`, then in `ISTIO_OUTPUT`: `-o` ports (tcp and
+///    udp), the inbound-passthrough source, per proxy UID then per GID the
+///    three owner rules (the middle one dropped when an include range is a
+///    loopback address), the host loopback, `-x`, `-q`, and `-i` (`*`, or
+///    one rule per range of this family; with `-k`, matching
+///    `PREROUTING` jumps inserted at the top).
+///
+/// Errors: [`RenderError`] for settings the backend refuses (TPROXY).
+pub fn render(policy: &Policy, family: Family) -> Result<RuleSet, RenderError> {
+    if policy.inbound.mode == InterceptionMode::Tproxy {
+        return Err(RenderError::Tproxy);
+    }
+    let mut rules: Vec<Rule> = Vec::new();
+    let tunnel = policy.inbound_tunnel_port.to_string();
+    let lo = family.loopback();
+
+    for ifc in &policy.exclude_interfaces {
+        rules.push(Rule::append("PREROUTING", &["-i", ifc, "-j", "RETURN"]));
+        rules.push(Rule::append("OUTPUT", &["-o", ifc, "-j", "RETURN"]));
+    }
+    for ifc in &policy.kube_virt_interfaces {
+        rules.push(Rule::insert("PREROUTING", &["-i", ifc, "-j", "RETURN"]));
+    }
+    rules.push(Rule::append(
+        ISTIO_INBOUND,
+        &["-p", "tcp", "--dport", &tunnel, "-j", "RETURN"],
+    ));
+    rules.push(Rule::append(
+        ISTIO_REDIRECT,
+        &[
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &policy.proxy_port.to_string(),
+        ],
+    ));
+    rules.push(Rule::append(
+        ISTIO_IN_REDIRECT,
+        &[
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &policy.inbound_capture_port.to_string(),
+        ],
+    ));
+
+    if policy.inbound.ports != InboundPorts::None {
+        rules.push(Rule::append(
+            "PREROUTING",
+            &["-p", "tcp", "-j", ISTIO_INBOUND],
+        ));
+        match &policy.inbound.ports {
+            InboundPorts::All => {
+                for m in port_matches(&policy.inbound.exclude_ports) {
+                    let mut spec = vec!["-p", "tcp"];
+                    spec.extend(m.iter().map(String::as_str));
+                    spec.extend(["-j", "RETURN"]);
+                    rules.push(Rule::append(ISTIO_INBOUND, &spec));
+                }
+                rules.push(Rule::append(
+                    ISTIO_INBOUND,
+                    &["-p", "tcp", "-j", ISTIO_IN_REDIRECT],
+                ));
+            }
+            InboundPorts::List(ports) => {
+                for p in ports {
+                    rules.push(Rule::append(
+                        ISTIO_INBOUND,
+                        &[
+                            "-p",
+                            "tcp",
+                            "--dport",
+                            &p.to_string(),
+                            "-j",
+                            ISTIO_IN_REDIRECT,
+                        ],
+                    ));
+                }
+            }
+            InboundPorts::None => unreachable!("checked above"),
+        }
+    }
+
+    rules.push(Rule::append("OUTPUT", &["-j", ISTIO_OUTPUT]));
+    for m in port_matches(&policy.exclude_ports) {
+        for proto in ["tcp", "udp"] {
+            let mut spec = vec!["-p", proto];
+            spec.extend(m.iter().map(String::as_str));
+            spec.extend(["-j", "RETURN"]);
+            rules.push(Rule::append(ISTIO_OUTPUT, &spec));
+        }
+    }
+    rules.push(Rule::append(
+        ISTIO_OUTPUT,
+        &[
+            "-o",
+            "lo",
+            "-s",
+            family.inbound_passthrough_source(),
+            "-j",
+            "RETURN",
+        ],
+    ));
+    let loopback_included = policy.include_ranges.has_loopback();
+    for (ids, owner) in [
+        (&policy.proxy_uids, "--uid-owner"),
+        (&policy.proxy_gids, "--gid-owner"),
+    ] {
+        for id in ids {
+            let id = id.to_string();
+            rules.push(Rule::append(
+                ISTIO_OUTPUT,
+                &[
+                    "-o",
+                    "lo",
+                    "!",
+                    "-d",
+                    lo,
+                    "-p",
+                    "tcp",
+                    "!",
+                    "--dport",
+                    &tunnel,
+                    "-m",
+                    "owner",
+                    owner,
+                    &id,
+                    "-j",
+                    ISTIO_IN_REDIRECT,
+                ],
+            ));
+            if !loopback_included {
+                rules.push(Rule::append(
+                    ISTIO_OUTPUT,
+                    &["-o", "lo", "-m", "owner", "!", owner, &id, "-j", "RETURN"],
+                ));
+            }
+            rules.push(Rule::append(
+                ISTIO_OUTPUT,
+                &["-m", "owner", owner, &id, "-j", "RETURN"],
+            ));
+        }
+    }
+    rules.push(Rule::append(ISTIO_OUTPUT, &["-d", lo, "-j", "RETURN"]));
+    for net in policy.exclude_ranges.iter().filter(|n| family.owns(n)) {
+        rules.push(Rule::append(
+            ISTIO_OUTPUT,
+            &["-d", &net.to_string(), "-j", "RETURN"],
+        ));
+    }
+    for p in &policy.include_ports {
+        rules.push(Rule::append(
+            ISTIO_OUTPUT,
+            &["-p", "tcp", "--dport", &p.to_string(), "-j", ISTIO_REDIRECT],
+        ));
+    }
+    match &policy.include_ranges {
+        crate::policy::IncludeRanges::All => {
+            rules.push(Rule::append(ISTIO_OUTPUT, &["-j", ISTIO_REDIRECT]));
+            for ifc in &policy.kube_virt_interfaces {
+                rules.push(Rule::insert(
+                    "PREROUTING",
+                    &["-i", ifc, "-j", ISTIO_REDIRECT],
+                ));
+            }
+        }
+        crate::policy::IncludeRanges::List(nets) => {
+            for net in nets.iter().filter(|n| family.owns(n)) {
+                let net = net.to_string();
+                for ifc in &policy.kube_virt_interfaces {
+                    rules.push(Rule::insert(
+                        "PREROUTING",
+                        &["-i", ifc, "-d", &net, "-j", ISTIO_REDIRECT],
+                    ));
+                }
+                rules.push(Rule::append(
+                    ISTIO_OUTPUT,
+                    &["-d", &net, "-j", ISTIO_REDIRECT],
+                ));
+            }
+        }
+    }
+    Ok(RuleSet { family, rules })
+}
+
+#[cfg(test)]
+mod tests;

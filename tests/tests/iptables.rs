@@ -1,0 +1,417 @@
+//! The iptables backend against real iptables (root only; each test makes
+//! its own network namespaces):
+//!
+//! * golden: for each istio-iptables test case in
+//!   `tests/testdata/istio-iptables/`, the expected rules and `divert init`
+//!   are applied to twin namespaces holding the same unrelated user rules;
+//!   their `iptables-save` must match, a second `divert init` must change
+//!   nothing, and `--cleanup` must give back the namespace as it was;
+//! * equivalence: the eBPF backend and the iptables backend give the same
+//!   answer (listener, SO_ORIGINAL_DST, getpeername) to the connect matrix
+//!   and to random cases;
+//! * inbound capture with `-b '*'` and `-b 8080`;
+//! * bad input changes nothing.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use divert::policy::verdict;
+use divert_tests::{
+    cases::{expected, istio_matrix, seed_and_count, Generator},
+    command_in, divert_bin, require_root,
+    rig::{EbpfRig, IptablesRig},
+    testkit_bin, Daemon, Netns, Placement,
+};
+use rand::{rngs::StdRng, SeedableRng};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fam {
+    V4,
+    V6,
+}
+
+impl Fam {
+    fn tool(self) -> &'static str {
+        match self {
+            Fam::V4 => "iptables",
+            Fam::V6 => "ip6tables",
+        }
+    }
+}
+
+fn in_ns(ns: &Netns, program: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name, program]);
+    c
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The nat table as iptables-save prints it, without comments and counters.
+fn save(ns: &Netns, f: Fam) -> String {
+    let out = in_ns(ns, &format!("{}-save", f.tool()))
+        .args(["-t", "nat"])
+        .output()
+        .unwrap();
+    ok(out, "iptables-save")
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| match l.rfind(" [") {
+            Some(i) if l.starts_with(':') => l[..i].to_string(),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn restore(ns: &Netns, f: Fam, text: &str) {
+    use std::io::Write;
+    let mut child = in_ns(ns, &format!("{}-restore", f.tool()))
+        .arg("--noflush")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    ok(
+        child.wait_with_output().unwrap(),
+        &format!("{}-restore of:\n{text}", f.tool()),
+    );
+}
+
+fn init(ns: &Netns, args: &[String]) -> Output {
+    let bin = divert_bin();
+    in_ns(ns, bin.to_str().unwrap())
+        .arg("init")
+        .args(args)
+        .env_remove("FORCE_IPTABLES_BINARY")
+        .output()
+        .unwrap()
+}
+
+/// Rules a namespace already had: divert must keep them and keep out of them.
+fn user_rules(f: Fam) -> String {
+    let (dst, ifc) = match f {
+        Fam::V4 => ("192.0.2.1/32", "eth9"),
+        Fam::V6 => ("2001:db8::1/128", "eth9"),
+    };
+    format!(
+        "*nat\n:USER_CHAIN - [0:0]\n-A PREROUTING -i {ifc} -j RETURN\n-A OUTPUT -d {dst} -j USER_CHAIN\n-A USER_CHAIN -j RETURN\nCOMMIT\n"
+    )
+}
+
+struct Golden {
+    name: String,
+    flags: Vec<String>,
+    ipv6: bool,
+    v4: String,
+    v6: String,
+}
+
+fn goldens() -> Vec<Golden> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/istio-iptables");
+    let mut out = Vec::new();
+    for e in fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().and_then(|x| x.to_str()) != Some("golden") {
+            continue;
+        }
+        let text = fs::read_to_string(&path).unwrap();
+        let mut g = Golden {
+            name: path.file_stem().unwrap().to_string_lossy().into_owned(),
+            flags: vec![],
+            ipv6: false,
+            v4: String::new(),
+            v6: String::new(),
+        };
+        let mut cur = 0;
+        for line in text.lines() {
+            if let Some(f) = line.strip_prefix("flags:") {
+                g.flags = f.split_whitespace().map(String::from).collect();
+            } else if let Some(v) = line.strip_prefix("ipv6:") {
+                g.ipv6 = v.trim() == "yes";
+            } else if line == "--- iptables" {
+                cur = 4;
+            } else if line == "--- ip6tables" {
+                cur = 6;
+            } else if cur == 4 {
+                g.v4 += &format!("{line}\n");
+            } else if cur == 6 {
+                g.v6 += &format!("{line}\n");
+            }
+        }
+        out.push(g);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn twin(tag: &str, ipv6: bool) -> Netns {
+    let ns = Netns::create(&format!("divert-ipt-{}-{tag}", std::process::id())).unwrap();
+    if ipv6 {
+        // What makes divert init (and istio-iptables' EnableIPv6) write IPv6 rules.
+        ns.ip(&["link", "add", "v6a", "type", "veth", "peer", "name", "v6b"])
+            .unwrap();
+        ns.ip(&["addr", "add", "fd00:99::1/64", "dev", "v6a", "nodad"])
+            .unwrap();
+        ns.ip(&["link", "set", "v6a", "up"]).unwrap();
+    }
+    for f in [Fam::V4, Fam::V6] {
+        restore(&ns, f, &user_rules(f));
+    }
+    ns
+}
+
+#[test]
+fn istio_goldens_applied_match_and_cleanup_restores() {
+    require_root!();
+    let goldens = goldens();
+    assert!(goldens.len() >= 15, "only {} golden files", goldens.len());
+    let mut failures = Vec::new();
+    for (i, g) in goldens.iter().enumerate() {
+        let theirs = twin(&format!("{i}e"), g.ipv6);
+        let ours = twin(&format!("{i}d"), g.ipv6);
+        let before: Vec<String> = [Fam::V4, Fam::V6].map(|f| save(&ours, f)).to_vec();
+        restore(&theirs, Fam::V4, &g.v4);
+        if g.ipv6 {
+            restore(&theirs, Fam::V6, &g.v6);
+        }
+        let out = init(&ours, &g.flags);
+        if !out.status.success() {
+            failures.push(format!(
+                "{}: divert init {:?} failed: {}",
+                g.name,
+                g.flags,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+            continue;
+        }
+        let want: Vec<String> = [Fam::V4, Fam::V6].map(|f| save(&theirs, f)).to_vec();
+        let got: Vec<String> = [Fam::V4, Fam::V6].map(|f| save(&ours, f)).to_vec();
+        if got != want {
+            failures.push(format!(
+                "{}: iptables-save differs\n--- istio-iptables' rules\n{}\n{}\n--- divert init {:?}\n{}\n{}",
+                g.name, want[0], want[1], g.flags, got[0], got[1]
+            ));
+            continue;
+        }
+        ok(init(&ours, &g.flags), "second divert init");
+        let again: Vec<String> = [Fam::V4, Fam::V6].map(|f| save(&ours, f)).to_vec();
+        if again != want {
+            failures.push(format!(
+                "{}: a second divert init changed the table:\n{}\n{}",
+                g.name, again[0], again[1]
+            ));
+        }
+        let mut cleanup = vec!["--cleanup".to_string()];
+        cleanup.extend(g.flags.iter().cloned());
+        ok(init(&ours, &cleanup), "divert init --cleanup");
+        let after: Vec<String> = [Fam::V4, Fam::V6].map(|f| save(&ours, f)).to_vec();
+        if after != before {
+            failures.push(format!(
+                "{}: --cleanup did not restore the table\n--- before\n{}\n{}\n--- after\n{}\n{}",
+                g.name, before[0], before[1], after[0], after[1]
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} case(s) failed:\n{}",
+        failures.len(),
+        goldens.len(),
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn dry_run_prints_the_golden_rules_and_changes_nothing() {
+    require_root!();
+    let g = goldens()
+        .into_iter()
+        .find(|g| g.name == "ipv6-ipnets")
+        .unwrap();
+    let ns = twin("dry", true);
+    let before = [Fam::V4, Fam::V6].map(|f| save(&ns, f));
+    let mut args = vec!["--dry-run".to_string()];
+    args.extend(g.flags.iter().cloned());
+    let out = ok(init(&ns, &args), "divert init --dry-run");
+    let body: String = out
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(body, format!("{}{}", g.v4, g.v6));
+    assert_eq!([Fam::V4, Fam::V6].map(|f| save(&ns, f)), before);
+}
+
+#[test]
+fn bad_input_exits_2_and_changes_nothing() {
+    require_root!();
+    let ns = twin("bad", true);
+    ok(init(&ns, &["-i".into(), "10.0.0.0/8".into()]), "good init");
+    let before = [Fam::V4, Fam::V6].map(|f| save(&ns, f));
+    for (args, says) in [
+        (vec!["-i", "10.0.0.0/33"], "10.0.0.0/33"),
+        (vec!["-b", "80,http"], "--istio-inbound-ports (-b)"),
+        (vec!["-c", "a/b"], "--istio-exclude-interfaces (-c)"),
+        (vec!["-m", "TPROXY"], "TPROXY"),
+        (vec!["-m", "tproxy"], "interception mode"),
+        (vec!["--redirect-dns"], "--redirect-dns"),
+        (vec!["-u", ""], "--proxy-uid (-u)"),
+    ] {
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        let out = init(&ns, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(says),
+            "{args:?}: {err:?} does not name {says:?}"
+        );
+        assert_eq!(
+            [Fam::V4, Fam::V6].map(|f| save(&ns, f)),
+            before,
+            "{args:?} changed the rules"
+        );
+    }
+}
+
+#[test]
+fn ebpf_and_iptables_give_the_same_answers() {
+    require_root!();
+    let mut ebpf = EbpfRig::start();
+    let mut ipt = IptablesRig::start();
+    let mut failures = Vec::new();
+    let matrix = istio_matrix(&ebpf.lab)
+        .into_iter()
+        .zip(istio_matrix(&ipt.lab));
+    let mut n = 0;
+    for (e, i) in matrix {
+        assert_eq!(e.name, i.name);
+        ebpf.set(e.policy.clone());
+        ipt.set(i.policy.clone());
+        let got_e = ebpf.dial(e.dst, e.uid, e.gid, e.mapped);
+        let got_i = ipt.dial(i.dst, i.uid, i.gid, i.mapped);
+        let (want_e, want_i) = (
+            expected(e.want, e.dst, e.mapped),
+            expected(i.want, i.dst, i.mapped),
+        );
+        if got_e != want_e || got_i != want_i {
+            failures.push(format!(
+                "{}:\n  ebpf     {got_e}\n  iptables {got_i}\n  want     {want_i}",
+                e.name
+            ));
+        }
+        n += 1;
+    }
+    // Random policies, the same for both labs (up to the lab's addresses).
+    let (seed, cases) = seed_and_count(80);
+    let (ge, gi) = (Generator::new(&ebpf.lab), Generator::new(&ipt.lab));
+    let (mut re, mut ri) = (StdRng::seed_from_u64(seed), StdRng::seed_from_u64(seed));
+    for case in 0..cases {
+        let pe = ebpf.set(ge.policy(&mut re));
+        let pi = ipt.set(gi.policy(&mut ri));
+        for _ in 0..3 {
+            let (de, ue, gde, me) = ge.dial(&mut re);
+            let (di, ui, gdi, mi) = gi.dial(&mut ri);
+            let ve = verdict(&pe, de, ue, gde);
+            let vi = verdict(&pi, di, ui, gdi);
+            let kind =
+                |r: &divert::policy::Rule| format!("{r:?}").split('(').next().unwrap().to_string();
+            assert_eq!(kind(&ve.rule), kind(&vi.rule), "the generators diverged");
+            let got_e = ebpf.dial(de, ue, gde, me);
+            let got_i = ipt.dial(di, ui, gdi, mi);
+            let (want_e, want_i) = (expected(ve.action, de, me), expected(vi.action, di, mi));
+            if got_e != want_e || got_i != want_i {
+                failures.push(format!(
+                    "random case {case} (seed {seed}): {di} as {ui}/{gdi} mapped={mi} rule={:?}\n  policy {pi:?}\n  ebpf     {got_e}\n  iptables {got_i}\n  want     {want_i}",
+                    vi.rule
+                ));
+            }
+            n += 1;
+        }
+    }
+    eprintln!("equivalence: {n} dials compared under both backends");
+    assert!(
+        failures.is_empty(),
+        "{} disagreement(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Dial `dst` from the peer namespace (into the client namespace).
+fn dial_in(rig: &IptablesRig, dst: SocketAddr) -> String {
+    let (mut cmd, _keep) = command_in(
+        Placement {
+            netns: &rig.lab.peer,
+            cgroup: &rig.lab.plain,
+            ids: None,
+        },
+        testkit_bin(),
+    )
+    .unwrap();
+    let out = cmd.arg("client").arg(dst.to_string()).output().unwrap();
+    ok(out, &format!("client to {dst}")).trim().to_string()
+}
+
+#[test]
+fn inbound_capture_with_b_star_and_b_list() {
+    require_root!();
+    let rig = IptablesRig::start();
+    let own = rig.lab.v4(1);
+    // Envoy's inbound listener listens on every address; REDIRECT in
+    // PREROUTING sends to the address the packet came in on.
+    let (mut cmd, _keep) =
+        command_in(rig.lab.in_client(&rig.lab.proxy, None), testkit_bin()).unwrap();
+    cmd.args(["proxy", &format!("{own}:15006")]);
+    let _inbound = Daemon::spawn("inbound proxy", cmd).unwrap();
+    divert_tests::wait_listening(
+        &rig.lab.client,
+        &[SocketAddr::new(own, 15006)],
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
+    let at = |p: u16| SocketAddr::new(own, p);
+    let captured = |p: u16| format!("proxy {own}:15006 orig={} peer={}", at(p), at(p));
+    let direct = |p: u16| format!("server {} peer={}", at(p), at(p));
+    let set = |flags: &[&str]| {
+        let args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        ok(init(&rig.lab.client, &args), "divert init");
+    };
+
+    set(&["-b", "*", "-d", "5432"]);
+    assert_eq!(dial_in(&rig, at(80)), captured(80));
+    assert_eq!(dial_in(&rig, at(8080)), captured(8080));
+    assert_eq!(dial_in(&rig, at(5432)), direct(5432), "-d excludes");
+    assert_eq!(
+        dial_in(&rig, at(15008)),
+        direct(15008),
+        "the tunnel port is never captured"
+    );
+
+    set(&["-b", "8080"]);
+    assert_eq!(dial_in(&rig, at(8080)), captured(8080));
+    assert_eq!(dial_in(&rig, at(80)), direct(80));
+
+    set(&["--cleanup", "-b", "8080"]);
+    assert_eq!(dial_in(&rig, at(8080)), direct(8080));
+}
