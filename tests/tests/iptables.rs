@@ -415,3 +415,50 @@ fn inbound_capture_with_b_star_and_b_list() {
     set(&["--cleanup", "-b", "8080"]);
     assert_eq!(dial_in(&rig, at(8080)), direct(8080));
 }
+
+#[test]
+fn uses_the_iptables_variant_the_namespace_already_uses() {
+    require_root!();
+    let ns = Netns::create(&format!("divert-ipt-{}-variant", std::process::id())).unwrap();
+    let nat_of = |tool: &str| {
+        ok(
+            in_ns(&ns, &format!("{tool}-save"))
+                .args(["-t", "nat"])
+                .output()
+                .unwrap(),
+            tool,
+        )
+    };
+    let init_with = |force: Option<&str>, args: &[&str]| {
+        let bin = divert_bin();
+        let mut c = in_ns(&ns, bin.to_str().unwrap());
+        c.arg("init").args(args).env_remove("FORCE_IPTABLES_BINARY");
+        if let Some(v) = force {
+            c.env("FORCE_IPTABLES_BINARY", v);
+        }
+        c.output().unwrap()
+    };
+    // A namespace whose rules are legacy (x_tables): divert writes there too.
+    ok(
+        in_ns(&ns, "iptables-legacy")
+            .args(["-A", "INPUT", "-s", "192.0.2.9/32", "-j", "ACCEPT"])
+            .output()
+            .unwrap(),
+        "iptables-legacy -A",
+    );
+    let out = init_with(None, &["-i", "*"]);
+    let said = ok(out.clone(), "divert init") + &String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("iptables-legacy"), "{said}");
+    assert!(nat_of("iptables-legacy").contains("-A ISTIO_OUTPUT -j ISTIO_REDIRECT"));
+    assert!(!nat_of("iptables-nft").contains("ISTIO_OUTPUT"));
+    ok(init_with(None, &["--cleanup", "-i", "*"]), "cleanup");
+    assert!(!nat_of("iptables-legacy").contains("ISTIO"));
+
+    // FORCE_IPTABLES_BINARY wins, as in istio-iptables.
+    ok(init_with(Some("nft"), &["-i", "*"]), "forced nft");
+    assert!(nat_of("iptables-nft").contains("-A ISTIO_OUTPUT -j ISTIO_REDIRECT"));
+    assert!(!nat_of("iptables-legacy").contains("ISTIO"));
+    let bad = init_with(Some("ebtables"), &["-i", "*"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("FORCE_IPTABLES_BINARY=\"ebtables\""));
+}
