@@ -101,21 +101,24 @@ impl Iptables {
     }
 }
 
-/// Whether `<cmd>-save` runs here, and whether it shows any rule.
-fn probe(cmd: &str) -> Option<bool> {
-    let out = Command::new(format!("{cmd}-save"))
+/// Whether `<cmd>-save` runs here (`Err` with why not), and whether it
+/// shows any rule.
+fn probe(cmd: &str) -> std::result::Result<bool, String> {
+    let save = format!("{cmd}-save");
+    let out = Command::new(&save)
         .stdin(Stdio::null())
-        .stderr(Stdio::null())
         .output()
-        .ok()?;
+        .map_err(|e| format!("{save}: {e}"))?;
     if !out.status.success() {
-        return None;
+        return Err(format!(
+            "{save}: {} ({})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        ));
     }
-    Some(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .any(|l| l.starts_with("-A ")),
-    )
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("-A ")))
 }
 
 /// Choose the iptables binaries for `family` in this namespace (see the
@@ -134,22 +137,24 @@ pub fn detect(family: Family) -> Result<Iptables> {
         return match force.as_str() {
             "legacy" => probe(&legacy)
                 .map(|_| make(legacy.clone(), true))
-                .with_context(|| format!("FORCE_IPTABLES_BINARY=legacy, but {legacy}-save does not run")),
+                .map_err(|e| anyhow::anyhow!("FORCE_IPTABLES_BINARY=legacy (environment), but {e}")),
             "nft" => probe(&nft)
                 .map(|_| make(nft.clone(), false))
-                .with_context(|| format!("FORCE_IPTABLES_BINARY=nft, but {nft}-save does not run")),
+                .map_err(|e| anyhow::anyhow!("FORCE_IPTABLES_BINARY=nft (environment), but {e}")),
             other => bail!(
                 "FORCE_IPTABLES_BINARY={other:?} (environment): the supported values are \"legacy\" and \"nft\""
             ),
         };
     }
-    if probe(&legacy) == Some(true) {
+    if probe(&legacy) == Ok(true) {
         return Ok(make(legacy, true));
     }
-    if probe(&nft).is_some() {
-        return Ok(make(nft, false));
-    }
-    if probe(base).is_some() {
+    let nft_err = match probe(&nft) {
+        Ok(_) => return Ok(make(nft, false)),
+        Err(e) => e,
+    };
+    let plain = probe(base);
+    if plain.is_ok() {
         let version = Command::new(base)
             .arg("--version")
             .output()
@@ -158,7 +163,8 @@ pub fn detect(family: Family) -> Result<Iptables> {
         return Ok(make(base.to_string(), !version.contains("nf_tables")));
     }
     bail!(
-        "no working {base}: neither {legacy}-save, {nft}-save nor {base}-save runs (install iptables in the image)"
+        "no working {base} (divert init needs iptables in the image and CAP_NET_ADMIN): {nft_err}; {}",
+        plain.unwrap_err()
     )
 }
 
