@@ -389,6 +389,70 @@ COMMIT
         assert_eq!(cleanup_transaction("", &kube_virt_eth1()), None);
     }
 
+    /// Stand-in iptables binaries in a temporary directory: `-save` prints
+    /// `saved`, `-restore` logs its arguments and input to `<name>.log` and
+    /// exits with `restore_status`.
+    fn fake(
+        dir: &std::path::Path,
+        name: &str,
+        family: Family,
+        saved: &str,
+        restore_status: i32,
+    ) -> Iptables {
+        use std::os::unix::fs::PermissionsExt;
+        let base = dir.join(name);
+        let log = dir.join(format!("{name}.log"));
+        let scripts = [
+            ("save", format!("#!/bin/sh\ncat <<'EOF'\n{saved}EOF\n")),
+            (
+                "restore",
+                format!(
+                    "#!/bin/sh\necho \"ARGS $*\" >> '{}'\ncat >> '{}'\nexit {restore_status}\n",
+                    log.display(),
+                    log.display()
+                ),
+            ),
+        ];
+        for (suffix, body) in scripts {
+            let path = dir.join(format!("{name}-{suffix}"));
+            std::fs::write(&path, body).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Iptables {
+            family,
+            command: base.to_string_lossy().into_owned(),
+            legacy: false,
+        }
+    }
+
+    #[test]
+    fn a_failed_family_puts_the_families_before_it_back() {
+        let dir = std::env::temp_dir().join(format!("divert-apply-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = Policy::default();
+        let v4 = fake(&dir, "ipt4", Family::V4, SAVED, 0);
+        let v6 = fake(&dir, "ipt6", Family::V6, "", 1);
+        let err = apply(&[
+            (v4, render(&p, Family::V4).unwrap()),
+            (v6, render(&p, Family::V6).unwrap()),
+        ])
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("IPv6"), "{err:#}");
+        let log4 = std::fs::read_to_string(dir.join("ipt4.log")).unwrap();
+        let calls: Vec<&str> = log4.lines().filter(|l| l.starts_with("ARGS")).collect();
+        // The transaction, then the snapshot in full (no --noflush: the nat
+        // table is replaced by what it was).
+        assert_eq!(calls, vec!["ARGS --noflush", "ARGS "], "{log4}");
+        let snapshot_at = log4.rfind("ARGS \n").unwrap() + "ARGS \n".len();
+        assert_eq!(
+            &log4[snapshot_at..],
+            SAVED,
+            "the rollback input is the snapshot"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn apply_declares_every_chain_and_replaces_old_jumps() {
         let tx = apply_transaction(SAVED, &kube_virt_eth1());
