@@ -32,6 +32,7 @@ use anyhow::{bail, Context, Result};
 use nix::sched::{setns, CloneFlags};
 
 pub mod cases;
+pub mod goldens;
 pub mod rig;
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);

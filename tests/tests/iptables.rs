@@ -1,6 +1,8 @@
 //! The iptables backend against real iptables (root only; each test makes
 //! its own network namespaces):
 //!
+//! * golden text (no root): each case renders character for character as
+//!   istio-iptables writes it;
 //! * golden: for each istio-iptables test case in
 //!   `tests/testdata/istio-iptables/`, the expected rules and `divert init`
 //!   are applied to twin namespaces holding the same unrelated user rules;
@@ -13,16 +15,19 @@
 //! * bad input changes nothing.
 
 use std::{
-    fs,
     net::SocketAddr,
-    path::PathBuf,
     process::{Command, Output},
 };
 
-use divert::policy::verdict;
+use divert::{
+    iptables::{render, Family},
+    policy::verdict,
+};
 use divert_tests::{
     cases::{expected, istio_matrix, seed_and_count, Generator},
-    command_in, divert_bin, require_root,
+    command_in, divert_bin,
+    goldens::{goldens, policy_for},
+    require_root,
     rig::{EbpfRig, IptablesRig},
     testkit_bin, Daemon, Netns, Placement,
 };
@@ -119,52 +124,6 @@ fn user_rules(f: Fam) -> String {
     )
 }
 
-struct Golden {
-    name: String,
-    flags: Vec<String>,
-    ipv6: bool,
-    v4: String,
-    v6: String,
-}
-
-fn goldens() -> Vec<Golden> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/istio-iptables");
-    let mut out = Vec::new();
-    for e in fs::read_dir(&dir).unwrap() {
-        let path = e.unwrap().path();
-        if path.extension().and_then(|x| x.to_str()) != Some("golden") {
-            continue;
-        }
-        let text = fs::read_to_string(&path).unwrap();
-        let mut g = Golden {
-            name: path.file_stem().unwrap().to_string_lossy().into_owned(),
-            flags: vec![],
-            ipv6: false,
-            v4: String::new(),
-            v6: String::new(),
-        };
-        let mut cur = 0;
-        for line in text.lines() {
-            if let Some(f) = line.strip_prefix("flags:") {
-                g.flags = f.split_whitespace().map(String::from).collect();
-            } else if let Some(v) = line.strip_prefix("ipv6:") {
-                g.ipv6 = v.trim() == "yes";
-            } else if line == "--- iptables" {
-                cur = 4;
-            } else if line == "--- ip6tables" {
-                cur = 6;
-            } else if cur == 4 {
-                g.v4 += &format!("{line}\n");
-            } else if cur == 6 {
-                g.v6 += &format!("{line}\n");
-            }
-        }
-        out.push(g);
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
-}
-
 fn twin(tag: &str, ipv6: bool) -> Netns {
     let ns = Netns::create(&format!("divert-ipt-{}-{tag}", std::process::id())).unwrap();
     if ipv6 {
@@ -179,6 +138,29 @@ fn twin(tag: &str, ipv6: bool) -> Netns {
         restore(&ns, f, &user_rules(f));
     }
     ns
+}
+
+#[test]
+fn every_istio_case_renders_as_istio_iptables_writes_it() {
+    let goldens = goldens();
+    assert!(goldens.len() >= 15, "only {} golden files", goldens.len());
+    let mut failures = Vec::new();
+    for g in &goldens {
+        let p = policy_for(&g.flags).unwrap_or_else(|e| panic!("{}: {e:#}", g.name));
+        let mut fams = vec![(Family::V4, &g.v4)];
+        if g.ipv6 {
+            fams.push((Family::V6, &g.v6));
+        } else {
+            assert!(g.v6.is_empty(), "{}: ipv6 line and blocks disagree", g.name);
+        }
+        for (f, want) in fams {
+            let got = render(&p, f).unwrap().restore_text();
+            if &got != want {
+                failures.push(format!("{} ({f}):\n--- want\n{want}--- got\n{got}", g.name));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]

@@ -10,7 +10,8 @@
 //! `OUTPUT` chains. [`RuleSet::restore_text`] prints them the way
 //! istio-iptables' rule builder does (`BuildV4Restore`), so `--dry-run`
 //! output can be compared line for line with istio-iptables' own test
-//! goldens (`tests/testdata/istio-iptables/`).
+//! goldens (`tests/testdata/istio-iptables/`,
+//! compared in `tests/tests/iptables.rs`).
 //!
 //! [`apply`] installs a rule set in one iptables-restore transaction per
 //! address family; see there for idempotence, cleanup and rollback.

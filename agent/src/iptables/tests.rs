@@ -1,8 +1,6 @@
-//! Rendering against istio-iptables' own test cases
-//! (`tests/testdata/istio-iptables/*.golden`): same flags, same rules, same
-//! order, same spelling.
-
-use std::{fs, path::PathBuf};
+//! Rendering details and `divert init`'s flags. The comparison with
+//! istio-iptables' own test cases lives with their data, in
+//! `tests/tests/iptables.rs`.
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 
@@ -13,57 +11,6 @@ use crate::cli::init::InitArgs;
 struct Cli {
     #[command(flatten)]
     init: InitArgs,
-}
-
-/// One golden file: its flags, whether the namespace has IPv6, and the
-/// expected iptables-restore input per family.
-struct Golden {
-    name: String,
-    flags: Vec<String>,
-    ipv6: bool,
-    v4: String,
-    v6: Option<String>,
-}
-
-fn goldens() -> Vec<Golden> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/testdata/istio-iptables");
-    let mut out = Vec::new();
-    for entry in fs::read_dir(&dir).expect("testdata dir") {
-        let path = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("golden") {
-            continue;
-        }
-        let text = fs::read_to_string(&path).unwrap();
-        let mut flags = Vec::new();
-        let mut ipv6 = false;
-        let (mut v4, mut v6, mut cur) = (String::new(), String::new(), 0);
-        for line in text.lines() {
-            if let Some(f) = line.strip_prefix("flags:") {
-                flags = f.split_whitespace().map(String::from).collect();
-            } else if let Some(v) = line.strip_prefix("ipv6:") {
-                ipv6 = v.trim() == "yes";
-            } else if line == "--- iptables" {
-                cur = 4;
-            } else if line == "--- ip6tables" {
-                cur = 6;
-            } else if cur == 4 {
-                v4 += line;
-                v4.push('\n');
-            } else if cur == 6 {
-                v6 += line;
-                v6.push('\n');
-            }
-        }
-        out.push(Golden {
-            name: path.file_stem().unwrap().to_string_lossy().into_owned(),
-            flags,
-            ipv6,
-            v4,
-            v6: (!v6.is_empty()).then_some(v6),
-        });
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
 }
 
 fn policy_for(flags: &[String]) -> Policy {
@@ -77,39 +24,6 @@ fn policy_for(flags: &[String]) -> Policy {
         .unwrap_or_else(|e| panic!("{flags:?}: {e}"));
     let cli = Cli::from_arg_matches(&m).unwrap();
     cli.init.to_policy(Some(&m)).unwrap()
-}
-
-#[test]
-fn every_istio_case_renders_as_istio_iptables_writes_it() {
-    let goldens = goldens();
-    assert!(goldens.len() >= 15, "only {} golden files", goldens.len());
-    let mut failures = Vec::new();
-    for g in &goldens {
-        let p = policy_for(&g.flags);
-        let got4 = render(&p, Family::V4).unwrap().restore_text();
-        if got4 != g.v4 {
-            failures.push(format!(
-                "{} (IPv4):\n--- want\n{}--- got\n{}",
-                g.name, g.v4, got4
-            ));
-        }
-        assert_eq!(
-            g.ipv6,
-            g.v6.is_some(),
-            "{}: ipv6 line and blocks disagree",
-            g.name
-        );
-        if let Some(want6) = &g.v6 {
-            let got6 = render(&p, Family::V6).unwrap().restore_text();
-            if &got6 != want6 {
-                failures.push(format!(
-                    "{} (IPv6):\n--- want\n{}--- got\n{}",
-                    g.name, want6, got6
-                ));
-            }
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]

@@ -1,0 +1,73 @@
+//! istio-iptables' expected rules per test case
+//! (`tests/testdata/istio-iptables/*.golden`), and the policy `divert init`
+//! makes of each case's flags.
+
+use std::{fs, path::PathBuf};
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+use divert::{cli::init::InitArgs, policy::Policy};
+
+/// One golden file: its flags, whether the namespace has IPv6, and the
+/// iptables-restore input istio-iptables writes per family (`v6` empty
+/// without IPv6).
+pub struct Golden {
+    pub name: String,
+    pub flags: Vec<String>,
+    pub ipv6: bool,
+    pub v4: String,
+    pub v6: String,
+}
+
+/// Every golden file, by name.
+pub fn goldens() -> Vec<Golden> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/istio-iptables");
+    let mut out = Vec::new();
+    for e in fs::read_dir(&dir).expect("testdata/istio-iptables") {
+        let path = e.unwrap().path();
+        if path.extension().and_then(|x| x.to_str()) != Some("golden") {
+            continue;
+        }
+        let text = fs::read_to_string(&path).unwrap();
+        let mut g = Golden {
+            name: path.file_stem().unwrap().to_string_lossy().into_owned(),
+            flags: vec![],
+            ipv6: false,
+            v4: String::new(),
+            v6: String::new(),
+        };
+        let mut cur = 0;
+        for line in text.lines() {
+            if let Some(f) = line.strip_prefix("flags:") {
+                g.flags = f.split_whitespace().map(String::from).collect();
+            } else if let Some(v) = line.strip_prefix("ipv6:") {
+                g.ipv6 = v.trim() == "yes";
+            } else if line == "--- iptables" {
+                cur = 4;
+            } else if line == "--- ip6tables" {
+                cur = 6;
+            } else if cur == 4 {
+                g.v4 += &format!("{line}\n");
+            } else if cur == 6 {
+                g.v6 += &format!("{line}\n");
+            }
+        }
+        out.push(g);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+#[derive(Parser, Debug)]
+struct Cli {
+    #[command(flatten)]
+    init: InitArgs,
+}
+
+/// The policy `divert init FLAGS…` builds (flags, environment, defaults).
+pub fn policy_for(flags: &[String]) -> anyhow::Result<Policy> {
+    let m = Cli::command().try_get_matches_from(
+        std::iter::once("divert-init".to_string()).chain(flags.iter().cloned()),
+    )?;
+    let cli = Cli::from_arg_matches(&m)?;
+    cli.init.to_policy(Some(&m))
+}
