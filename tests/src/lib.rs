@@ -31,6 +31,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use nix::sched::{setns, CloneFlags};
 
+pub mod bench;
 pub mod cases;
 pub mod goldens;
 pub mod rig;

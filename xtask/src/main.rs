@@ -1,9 +1,10 @@
-//! `cargo xtask setup | test | demo`: the project's own way to get a fresh
-//! machine ready, prove it, and show it.
+//! `cargo xtask setup | test | bench | demo`: the project's own way to get a
+//! fresh machine ready, prove it, measure it, and show it.
 //!
 //! `setup` is idempotent and quiet when everything is present: Debian
 //! packages (LLVM 22 for bpf-linker, iptables, bpftool, curl, squid), the
 //! nightly toolchain with `rust-src`, and `bpf-linker` built against LLVM 22.
+//! `fonts-dejavu-core` is there for the benchmark's chart.
 
 use std::{
     path::{Path, PathBuf},
@@ -24,6 +25,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "squid",
+    "fonts-dejavu-core",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -45,6 +47,14 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Set up, build (release), and benchmark divert's eBPF redirect against
+    /// its iptables rules and no interception (needs root). Writes
+    /// target/bench/{results.json,run.json,summary.txt,connect-latency.png}.
+    Bench {
+        /// A few minutes on two cores: 1 and 10,000 ranges, fewer samples.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Set up, build, and run the end-to-end demo (needs root).
     Demo,
 }
@@ -59,6 +69,17 @@ fn main() -> Result<()> {
             let mut a = vec!["test"];
             a.extend(args.iter().map(String::as_str));
             cargo_test(&a)
+        }
+        Cmd::Bench { quick } => {
+            setup()?;
+            require_root("cargo xtask bench")?;
+            cargo(&["build", "--release", "--bins"])?;
+            let mut c = Command::new(target_dir().join("release/divert-bench"));
+            c.arg("--out").arg(target_dir().join("bench"));
+            if quick {
+                c.arg("--quick");
+            }
+            run(c)
         }
         Cmd::Demo => {
             setup()?;
