@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, net::IpAddr, os::fd::AsFd};
 
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap},
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
     Ebpf, EbpfError,
 };
@@ -20,6 +20,8 @@ use divert_common::{
 use ipnetwork::IpNetwork;
 
 use crate::policy::{canonical, IncludeRanges, Policy};
+
+pub mod pinned;
 
 /// Attachments are bpf links (Linux 5.7+), which the kernel always runs
 /// beside other programs (`BPF_F_ALLOW_MULTI` semantics); link_create takes
@@ -54,6 +56,8 @@ pub enum Error {
         #[source]
         source: ProgramError,
     },
+    #[error("this instance was adopted from bpffs pins; its programs are attached already")]
+    Adopted,
     #[error("netns {0:#x} is already registered in this instance")]
     AlreadyRegistered(u64),
 }
@@ -162,9 +166,29 @@ pub fn map_memory() -> std::io::Result<Vec<MapMemory>> {
     Ok(out)
 }
 
-/// One loaded instance of the programs and maps.
+/// Every map of the object, by name.
+pub const MAP_NAMES: [&str; 10] = [
+    maps::POLICIES,
+    maps::INCLUDE_V4,
+    maps::EXCLUDE_V4,
+    maps::INCLUDE_V6,
+    maps::EXCLUDE_V6,
+    maps::PORTS,
+    maps::LOCAL_ADDRS,
+    maps::ORIG_BY_COOKIE,
+    maps::ORIG_BY_TUPLE,
+    maps::COUNTERS,
+];
+
+/// One instance of the programs and maps: loaded by this process
+/// ([`Interceptor::load`]), or adopted from bpffs pins left by an earlier
+/// `divert daemon` ([`pinned::open`]).
 pub struct Interceptor {
-    ebpf: Ebpf,
+    /// The programs, when this process loaded them; `None` for an adopted
+    /// instance, whose programs live on through their pins and links.
+    ebpf: Option<Ebpf>,
+    /// Every map of [`MAP_NAMES`].
+    maps: BTreeMap<&'static str, Map>,
 }
 
 impl Interceptor {
@@ -200,7 +224,18 @@ impl Interceptor {
             program: programs::GETSOCKOPT,
             source,
         })?;
-        Ok(Interceptor { ebpf })
+        let mut maps = BTreeMap::new();
+        for name in MAP_NAMES {
+            maps.insert(name, ebpf.take_map(name).ok_or(Error::MissingMap(name))?);
+        }
+        Ok(Interceptor {
+            ebpf: Some(ebpf),
+            maps,
+        })
+    }
+
+    fn ebpf(&mut self) -> Result<&mut Ebpf> {
+        self.ebpf.as_mut().ok_or(Error::Adopted)
     }
 
     /// Attach the workload programs (connect4/6, sock_ops, getpeername4/6)
@@ -208,19 +243,20 @@ impl Interceptor {
     /// attached there.
     pub fn attach_workload(&mut self, cgroup: impl AsFd) -> Result<()> {
         let fd = cgroup.as_fd();
+        let ebpf = self.ebpf()?;
         for name in [
             programs::CONNECT4,
             programs::CONNECT6,
             programs::GETPEERNAME4,
             programs::GETPEERNAME6,
         ] {
-            let p: &mut CgroupSockAddr = prog(&mut self.ebpf, name)?;
+            let p: &mut CgroupSockAddr = prog(ebpf, name)?;
             p.attach(fd, LINK_MODE).map_err(|source| Error::Program {
                 program: name,
                 source,
             })?;
         }
-        let p: &mut SockOps = prog(&mut self.ebpf, programs::SOCK_OPS)?;
+        let p: &mut SockOps = prog(ebpf, programs::SOCK_OPS)?;
         p.attach(fd, LINK_MODE).map_err(|source| Error::Program {
             program: programs::SOCK_OPS,
             source,
@@ -230,7 +266,7 @@ impl Interceptor {
 
     /// Attach the getsockopt program to the proxy's cgroup.
     pub fn attach_proxy(&mut self, cgroup: impl AsFd) -> Result<()> {
-        let p: &mut CgroupSockopt = prog(&mut self.ebpf, programs::GETSOCKOPT)?;
+        let p: &mut CgroupSockopt = prog(self.ebpf()?, programs::GETSOCKOPT)?;
         p.attach(cgroup.as_fd(), LINK_MODE)
             .map_err(|source| Error::Program {
                 program: programs::GETSOCKOPT,
@@ -280,12 +316,89 @@ impl Interceptor {
         self.remove_entries(netns_cookie, policy)
     }
 
+    /// Whether `netns_cookie` has a policy in this instance.
+    pub fn is_registered(&mut self, netns_cookie: u64) -> Result<bool> {
+        match self.policies()?.get(&netns_cookie, 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(Error::Map {
+                map: maps::POLICIES,
+                source,
+            }),
+        }
+    }
+
+    /// Remove everything `netns_cookie` owns without knowing the policy it
+    /// was registered with: the header first (the namespace is unmeshed at
+    /// once), then every trie, port and address entry whose key carries the
+    /// cookie, found by walking the maps (O(entries), for the daemon after
+    /// a restart and for garbage collection). Returns whether a policy was
+    /// registered.
+    pub fn unregister_netns(&mut self, netns_cookie: u64) -> Result<bool> {
+        let was = match self.policies()?.remove(&netns_cookie) {
+            Ok(()) => true,
+            Err(MapError::KeyNotFound) => false,
+            Err(source) => {
+                return Err(Error::Map {
+                    map: maps::POLICIES,
+                    source,
+                })
+            }
+        };
+        let gone = |r: std::result::Result<(), MapError>, map| match r {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(Error::Map { map, source }),
+        };
+        for name in [maps::INCLUDE_V4, maps::EXCLUDE_V4] {
+            let mut t: LpmTrie<&mut MapData, LpmKey4, u8> = lpm(&mut self.maps, name)?;
+            let keys: Vec<_> = t
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| ({ k.data().netns_cookie }) == netns_cookie)
+                .collect();
+            for k in &keys {
+                gone(t.remove(k), name)?;
+            }
+        }
+        for name in [maps::INCLUDE_V6, maps::EXCLUDE_V6] {
+            let mut t: LpmTrie<&mut MapData, LpmKey6, u8> = lpm(&mut self.maps, name)?;
+            let keys: Vec<_> = t
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| ({ k.data().netns_cookie }) == netns_cookie)
+                .collect();
+            for k in &keys {
+                gone(t.remove(k), name)?;
+            }
+        }
+        let mut ports: HashMap<&mut MapData, PortKey, u8> = hash_map(&mut self.maps, maps::PORTS)?;
+        let keys: Vec<PortKey> = ports
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for k in &keys {
+            gone(ports.remove(k), maps::PORTS)?;
+        }
+        let mut addrs: HashMap<&mut MapData, AddrKey, u8> =
+            hash_map(&mut self.maps, maps::LOCAL_ADDRS)?;
+        let keys: Vec<AddrKey> = addrs
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for k in &keys {
+            gone(addrs.remove(k), maps::LOCAL_ADDRS)?;
+        }
+        Ok(was)
+    }
+
     /// Per-destination counters, summed over CPUs, sorted by namespace,
     /// destination, port and verdict.
     pub fn counters(&self) -> Result<Vec<Counter>> {
         let map = self
-            .ebpf
-            .map(maps::COUNTERS)
+            .maps
+            .get(maps::COUNTERS)
             .ok_or(Error::MissingMap(maps::COUNTERS))?;
         let counters: PerCpuHashMap<&MapData, CounterKey, u64> = PerCpuHashMap::try_from(map)
             .map_err(|source| Error::Map {
@@ -315,10 +428,14 @@ impl Interceptor {
     /// Each program's run count and total run time, as the kernel accounts
     /// them while a [`RunTimeStats`] guard is held (`bpf_prog_info.run_cnt`
     /// and `run_time_ns`; both stay 0 while no guard or
-    /// `kernel.bpf_stats_enabled` is on). Sorted by program name.
+    /// `kernel.bpf_stats_enabled` is on). Sorted by program name. Empty for
+    /// an adopted instance (its programs are not held by this process).
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
         let mut out = Vec::new();
-        for (name, program) in self.ebpf.programs() {
+        let Some(ebpf) = &self.ebpf else {
+            return Ok(out);
+        };
+        for (name, program) in ebpf.programs() {
             let info = program.info().map_err(|source| Error::Stats {
                 program: name.to_string(),
                 source,
@@ -334,7 +451,7 @@ impl Interceptor {
     }
 
     fn policies(&mut self) -> Result<HashMap<&mut MapData, u64, PolicyHeader>> {
-        hash_map(&mut self.ebpf, maps::POLICIES)
+        hash_map(&mut self.maps, maps::POLICIES)
     }
 
     fn write_entries(&mut self, netns: u64, policy: &Policy) -> Result<()> {
@@ -343,7 +460,7 @@ impl Interceptor {
             (maps::INCLUDE_V4, &e.include4),
             (maps::EXCLUDE_V4, &e.exclude4),
         ] {
-            let mut trie: LpmTrie<&mut MapData, LpmKey4, u8> = lpm(&mut self.ebpf, name)?;
+            let mut trie: LpmTrie<&mut MapData, LpmKey4, u8> = lpm(&mut self.maps, name)?;
             for k in keys {
                 trie.insert(k, 1, 0)
                     .map_err(|source| Error::Map { map: name, source })?;
@@ -353,19 +470,19 @@ impl Interceptor {
             (maps::INCLUDE_V6, &e.include6),
             (maps::EXCLUDE_V6, &e.exclude6),
         ] {
-            let mut trie: LpmTrie<&mut MapData, LpmKey6, u8> = lpm(&mut self.ebpf, name)?;
+            let mut trie: LpmTrie<&mut MapData, LpmKey6, u8> = lpm(&mut self.maps, name)?;
             for k in keys {
                 trie.insert(k, 1, 0)
                     .map_err(|source| Error::Map { map: name, source })?;
             }
         }
         insert_all(
-            hash_map(&mut self.ebpf, maps::PORTS)?,
+            hash_map(&mut self.maps, maps::PORTS)?,
             maps::PORTS,
             &e.ports,
         )?;
         insert_all(
-            hash_map(&mut self.ebpf, maps::LOCAL_ADDRS)?,
+            hash_map(&mut self.maps, maps::LOCAL_ADDRS)?,
             maps::LOCAL_ADDRS,
             &e.addrs,
         )
@@ -386,22 +503,22 @@ impl Interceptor {
             (maps::INCLUDE_V4, &e.include4),
             (maps::EXCLUDE_V4, &e.exclude4),
         ] {
-            let mut trie: LpmTrie<&mut MapData, LpmKey4, u8> = lpm(&mut self.ebpf, name)?;
+            let mut trie: LpmTrie<&mut MapData, LpmKey4, u8> = lpm(&mut self.maps, name)?;
             keys.iter().for_each(|k| note(name, trie.remove(k)));
         }
         for (name, keys) in [
             (maps::INCLUDE_V6, &e.include6),
             (maps::EXCLUDE_V6, &e.exclude6),
         ] {
-            let mut trie: LpmTrie<&mut MapData, LpmKey6, u8> = lpm(&mut self.ebpf, name)?;
+            let mut trie: LpmTrie<&mut MapData, LpmKey6, u8> = lpm(&mut self.maps, name)?;
             keys.iter().for_each(|k| note(name, trie.remove(k)));
         }
-        let mut ports: HashMap<&mut MapData, PortKey, u8> = hash_map(&mut self.ebpf, maps::PORTS)?;
+        let mut ports: HashMap<&mut MapData, PortKey, u8> = hash_map(&mut self.maps, maps::PORTS)?;
         e.ports
             .iter()
             .for_each(|k| note(maps::PORTS, ports.remove(k)));
         let mut addrs: HashMap<&mut MapData, AddrKey, u8> =
-            hash_map(&mut self.ebpf, maps::LOCAL_ADDRS)?;
+            hash_map(&mut self.maps, maps::LOCAL_ADDRS)?;
         e.addrs
             .iter()
             .for_each(|k| note(maps::LOCAL_ADDRS, addrs.remove(k)));
@@ -558,19 +675,21 @@ where
     })
 }
 
+type Maps = BTreeMap<&'static str, Map>;
+
 fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
-    ebpf: &'a mut Ebpf,
+    maps: &'a mut Maps,
     name: &'static str,
 ) -> Result<HashMap<&'a mut MapData, K, V>> {
-    let m = ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
+    let m = maps.get_mut(name).ok_or(Error::MissingMap(name))?;
     HashMap::try_from(m).map_err(|source| Error::Map { map: name, source })
 }
 
 fn lpm<'a, K: aya::Pod>(
-    ebpf: &'a mut Ebpf,
+    maps: &'a mut Maps,
     name: &'static str,
 ) -> Result<LpmTrie<&'a mut MapData, K, u8>> {
-    let m = ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
+    let m = maps.get_mut(name).ok_or(Error::MissingMap(name))?;
     LpmTrie::try_from(m).map_err(|source| Error::Map { map: name, source })
 }
 

@@ -32,7 +32,7 @@ pub const DEFAULT_PROXY_ID: u32 = 1337;
 pub const MAX_PROXY_IDS: usize = divert_common::limits::MAX_PROXY_IDS;
 
 /// Which destinations the include ranges (`-i`, `includeOutboundIPRanges`) capture.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum IncludeRanges {
     /// `*`: every destination that nothing earlier passes through.
     All,
@@ -59,7 +59,7 @@ impl IncludeRanges {
 
 /// How inbound connections reach the inbound capture port (`-m`,
 /// `sidecar.istio.io/interceptionMode`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum InterceptionMode {
     /// NAT `REDIRECT` (Istio's default).
     #[default]
@@ -70,7 +70,7 @@ pub enum InterceptionMode {
 
 /// Which inbound destination ports are captured (`-b`,
 /// `traffic.sidecar.istio.io/includeInboundPorts`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum InboundPorts {
     /// `""`: no inbound capture (the istio-iptables default).
     #[default]
@@ -84,7 +84,7 @@ pub enum InboundPorts {
 /// Inbound capture: connections *into* the namespace sent to the inbound
 /// capture port. Only the iptables backend applies it (it lives in the
 /// netfilter PREROUTING hook, which connect-time eBPF programs do not see).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Inbound {
     /// `-m`, `REDIRECT` or `TPROXY`.
     pub mode: InterceptionMode,
@@ -98,7 +98,7 @@ pub struct Inbound {
 ///
 /// Ports are host byte order; UIDs and GIDs are as the kernel reports the
 /// connecting process's real IDs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Policy {
     /// Outbound proxy port (`-p`, `--envoy-port`), default 15001.
     pub proxy_port: u16,
