@@ -13,6 +13,7 @@
 
 pub mod cgroup;
 pub mod cli;
+pub mod daemon;
 pub mod ebpf;
 pub mod iptables;
 pub mod netns;

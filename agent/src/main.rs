@@ -20,6 +20,9 @@ enum Command {
     /// Configure interception for this network namespace, as the init
     /// container of a meshed pod (a drop-in for istio-iptables).
     Init(cli::init::InitArgs),
+    /// The node agent: own the pinned programs at the cgroup root and serve
+    /// the pods' registrations.
+    Daemon(cli::daemon::DaemonArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,5 +46,6 @@ fn main() -> ExitCode {
                 .expect("init was matched");
             cli::init::main(args, sub)
         }
+        Command::Daemon(args) => cli::daemon::main(args),
     }
 }

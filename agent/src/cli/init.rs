@@ -2,9 +2,11 @@
 //! a drop-in for `istio-iptables`. It configures interception for the
 //! network namespace it runs in.
 //!
-//! Backends: `iptables` writes the rules istio-iptables writes (see
-//! [`crate::iptables`]). The eBPF backend, which registers the pod with the
-//! node daemon, comes with `divert daemon`.
+//! Backends: `ebpf` registers the namespace's policy with the node daemon
+//! (`divert daemon`) over its Unix socket; `iptables` writes the rules
+//! istio-iptables writes (see [`crate::iptables`]); `auto` (the default)
+//! uses the daemon when its socket answers and iptables otherwise, and says
+//! which.
 
 use std::{net::IpAddr, process::ExitCode};
 
@@ -20,6 +22,10 @@ use crate::{
 /// How interception is put in place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
+    /// The node daemon when its socket answers, iptables otherwise.
+    Auto,
+    /// Register with the node daemon (`divert daemon`): eBPF programs.
+    Ebpf,
     /// NAT rules in the pod's namespace, as istio-iptables writes them.
     Iptables,
 }
@@ -37,8 +43,12 @@ pub struct InitArgs {
     pub capture: CaptureArgs,
 
     /// Interception backend.
-    #[arg(long, value_enum, default_value = "iptables")]
+    #[arg(long, value_enum, default_value = "auto", env = "DIVERT_BACKEND")]
     pub backend: Backend,
+
+    /// The node daemon's registration socket (ebpf and auto backends).
+    #[arg(long, value_name = "PATH", default_value = crate::daemon::proto::DEFAULT_SOCKET, env = "DIVERT_DAEMON_SOCKET")]
+    pub daemon_socket: std::path::PathBuf,
 
     /// Print the rules that would be written (iptables-restore input per
     /// address family) and change nothing.
@@ -97,6 +107,92 @@ pub fn main(args: &InitArgs, matches: &ArgMatches) -> ExitCode {
 
 fn run(args: &InitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     let policy = args.to_policy(Some(matches))?;
+    match args.backend {
+        Backend::Ebpf => return ebpf(args, &policy),
+        Backend::Iptables => {}
+        Backend::Auto => {
+            if args.daemon_socket.exists() {
+                eprintln!(
+                    "divert init: auto: the daemon socket {} exists: using the ebpf backend",
+                    args.daemon_socket.display()
+                );
+                return ebpf(args, &policy);
+            }
+            eprintln!(
+                "divert init: auto: no daemon socket at {}: using the iptables backend",
+                args.daemon_socket.display()
+            );
+        }
+    }
+    iptables_backend(args, &policy)
+}
+
+/// What the eBPF backend does not apply, for the warning: inbound capture,
+/// `-k` and `-c` are iptables-only (PREROUTING rules).
+pub fn not_applied_under_ebpf(policy: &Policy) -> Vec<String> {
+    let mut v = Vec::new();
+    if policy.inbound.ports != crate::policy::InboundPorts::None {
+        v.push("inbound capture (-b/-d)".to_string());
+    }
+    if !policy.kube_virt_interfaces.is_empty() {
+        v.push(format!("-k {}", policy.kube_virt_interfaces.join(",")));
+    }
+    if !policy.exclude_interfaces.is_empty() {
+        v.push(format!("-c {}", policy.exclude_interfaces.join(",")));
+    }
+    v
+}
+
+fn ebpf(args: &InitArgs, policy: &Policy) -> anyhow::Result<()> {
+    use crate::daemon::proto::{self, Op};
+    let op = if args.cleanup {
+        Op::Unregister
+    } else {
+        Op::Register {
+            policy: Box::new(policy.clone()),
+        }
+    };
+    if args.dry_run {
+        println!(
+            "{}",
+            serde_json::to_string(&proto::Request {
+                version: proto::VERSION,
+                op
+            })?
+        );
+        return Ok(());
+    }
+    let skipped = not_applied_under_ebpf(policy);
+    if !skipped.is_empty() && !args.cleanup {
+        eprintln!(
+            "divert init: warning: the ebpf backend diverts outbound TCP only; not applied: {}",
+            skipped.join("; ")
+        );
+    }
+    let r = proto::call(&args.daemon_socket, op)?;
+    if !r.ok {
+        anyhow::bail!(
+            "the divert daemon refused: {}",
+            r.error.unwrap_or_else(|| "no reason given".into())
+        );
+    }
+    let cookie = r.netns_cookie.unwrap_or_default();
+    if args.cleanup {
+        eprintln!("divert init: ebpf backend: netns {cookie} unregistered");
+    } else if r.registered {
+        eprintln!(
+            "divert init: ebpf backend: netns {cookie} registered with the daemon at {} (proxy port {})",
+            args.daemon_socket.display(),
+            policy.proxy_port
+        );
+    } else {
+        anyhow::bail!("the divert daemon answered ok but netns {cookie} is not registered");
+    }
+    Ok(())
+}
+
+fn iptables_backend(args: &InitArgs, policy: &Policy) -> anyhow::Result<()> {
+    let policy = policy.clone();
     let local = netns::local_addresses().context("listing this namespace's addresses")?;
     let mut wanted = families(&local);
     if args.cleanup {

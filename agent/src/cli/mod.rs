@@ -1,5 +1,6 @@
 //! The `divert` binary's subcommands, one module each.
 
+pub mod daemon;
 pub mod init;
 pub mod run;
 

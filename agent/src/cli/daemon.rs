@@ -1,0 +1,88 @@
+//! `divert daemon`: the node agent. Loads the programs once, attaches them
+//! at the cgroup root and pins everything under `--bpffs-dir` (a restart
+//! adopts the pins; see [`crate::ebpf::pinned`]), then serves registrations
+//! on `--socket` (see [`crate::daemon`]).
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::{
+    daemon::{self, proto, Registry},
+    ebpf::pinned::{self, Opened},
+};
+
+/// Default bpffs directory of the pinned instance.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/divert";
+
+/// Arguments of `divert daemon`.
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// cgroup v2 directory the programs are attached at; every process below
+    /// it whose network namespace is registered is diverted. Default: the
+    /// cgroup v2 mount (from /proc/self/mountinfo).
+    #[arg(long, value_name = "PATH", env = "DIVERT_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// bpffs directory for the pinned programs, links and maps (bpffs is
+    /// mounted there if it is not).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_BPFFS_DIR, env = "DIVERT_BPFFS_DIR")]
+    pub bpffs_dir: PathBuf,
+
+    /// Registration socket for the pods' `divert init`.
+    #[arg(long, value_name = "PATH", default_value = proto::DEFAULT_SOCKET, env = "DIVERT_DAEMON_SOCKET")]
+    pub socket: PathBuf,
+
+    /// Detach and unpin everything under --bpffs-dir, then exit.
+    #[arg(long)]
+    pub uninstall: bool,
+}
+
+pub fn main(args: &DaemonArgs) -> ExitCode {
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => super::fail("daemon", &e),
+    }
+}
+
+fn run(args: &DaemonArgs) -> anyhow::Result<()> {
+    if args.uninstall {
+        let found = pinned::uninstall(&args.bpffs_dir)?;
+        let _ = std::fs::remove_file(&args.socket);
+        eprintln!(
+            "divert daemon: {} {}",
+            if found {
+                "detached and unpinned everything under"
+            } else {
+                "nothing pinned under"
+            },
+            args.bpffs_dir.display()
+        );
+        return Ok(());
+    }
+    let cgroup_root = match &args.cgroup_root {
+        Some(p) => p.clone(),
+        None => crate::cgroup::cgroup2_mount().context("finding the cgroup v2 mount")?,
+    };
+    let (interceptor, opened) = pinned::open(&args.bpffs_dir, &cgroup_root)?;
+    match opened {
+        Opened::Installed => eprintln!(
+            "divert daemon: attached at {} and pinned under {}",
+            cgroup_root.display(),
+            args.bpffs_dir.display()
+        ),
+        Opened::Adopted { relinked } => eprintln!(
+            "divert daemon: adopted the pinned instance under {} (attached at {}; {relinked} links made again)",
+            args.bpffs_dir.display(),
+            cgroup_root.display()
+        ),
+    }
+    let registry = Arc::new(Registry::new(interceptor)?);
+    let listener = daemon::bind(&args.socket)?;
+    eprintln!(
+        "divert daemon: serving registrations on {}",
+        args.socket.display()
+    );
+    daemon::serve(listener, registry)
+}

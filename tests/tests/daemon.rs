@@ -1,0 +1,292 @@
+//! `divert daemon` with a test cgroup root (the lab's own cgroup) and a
+//! test bpffs (a private mount in a temporary directory) and `divert init
+//! --backend ebpf` from the lab's client namespace: registration, survival
+//! across `kill -9` and restart with one attachment per program, refusal of
+//! the host namespace and of requests that name a namespace, unregister,
+//! and uninstall.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use divert::{ebpf::pinned, policy::Action};
+use divert_tests::{cases::expected, command_in, divert_bin, require_root, Daemon, Lab};
+
+/// A temporary directory the daemon mounts bpffs on; on drop, everything
+/// pinned there is removed and the mount is lazily unmounted.
+struct Bpffs {
+    dir: tempfile::TempDir,
+}
+
+impl Bpffs {
+    fn new() -> Bpffs {
+        Bpffs {
+            dir: tempfile::Builder::new()
+                .prefix("divert-bpffs-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("bpf")
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = pinned::uninstall(&self.path());
+        let _ = nix::mount::umount2(&self.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+struct Setup {
+    lab: Lab,
+    bpffs: Bpffs,
+    socket: PathBuf,
+    _peers: Vec<Daemon>,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let lab = Lab::new().expect("lab");
+        let peers = lab.start_peers().expect("peers");
+        let bpffs = Bpffs::new();
+        let socket = bpffs.dir.path().join("divert.sock");
+        Setup {
+            lab,
+            bpffs,
+            socket,
+            _peers: peers,
+        }
+    }
+
+    /// Start `divert daemon` (host namespace, attached at the lab's cgroup
+    /// root) and wait for its socket.
+    fn daemon(&self) -> Daemon {
+        let _ = std::fs::remove_file(&self.socket);
+        let mut cmd = Command::new(divert_bin());
+        cmd.arg("daemon")
+            .arg("--cgroup-root")
+            .arg(&self.lab.root.path)
+            .arg("--bpffs-dir")
+            .arg(self.bpffs.path())
+            .arg("--socket")
+            .arg(&self.socket);
+        let mut d = Daemon::spawn("divert daemon", cmd).expect("spawn the daemon");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("divert daemon exited: {status}");
+            }
+            assert!(Instant::now() < deadline, "no daemon socket after 20 s");
+            thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// `divert init ARGS…` from the lab's client namespace.
+    fn init(&self, args: &[&str]) -> std::process::Output {
+        let (mut cmd, _keep) =
+            command_in(self.lab.in_client(&self.lab.plain, None), divert_bin()).unwrap();
+        cmd.args(["init", "--backend", "ebpf", "--daemon-socket"])
+            .arg(&self.socket)
+            .args(args);
+        cmd.output().expect("divert init")
+    }
+
+    fn dial(&self) -> (SocketAddr, String) {
+        let dst = SocketAddr::new(self.lab.v4(2), 80);
+        (dst, self.lab.dial(dst, 1000, 1000, false).expect("dial"))
+    }
+
+    fn assert_redirected(&self, when: &str) {
+        let (dst, got) = self.dial();
+        assert_eq!(got, expected(Action::Redirect(15001), dst, false), "{when}");
+    }
+
+    fn assert_attached_once(&self, when: &str) {
+        let counts = pinned::attachment_counts(&self.lab.root.path).unwrap();
+        assert!(counts.iter().all(|&(_, n)| n == 1), "{when}: {counts:?}");
+    }
+}
+
+/// The Istio injector's istio-iptables command line.
+const INJECTOR: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn init_registers_and_interception_survives_kill_and_restart() {
+    require_root!();
+    let s = Setup::new();
+    let mut daemon = s.daemon();
+    s.assert_attached_once("after the first start");
+
+    let out = s.init(INJECTOR);
+    assert!(out.status.success(), "init: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("registered with the daemon"), "{err}");
+    assert!(err.contains("not applied: inbound capture"), "{err}");
+    s.assert_redirected("after init");
+
+    // kill -9: the pinned links keep the programs attached, the pinned maps
+    // keep the policy.
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    s.assert_redirected("with the daemon killed");
+    s.assert_attached_once("with the daemon killed");
+
+    let _daemon = s.daemon();
+    s.assert_attached_once("after the restart");
+    s.assert_redirected("after the restart");
+    // The adopted instance still takes requests: unregister, then the
+    // connection goes where it was dialled.
+    let out = s.init(&["--cleanup", "-i", "*"]);
+    assert!(
+        out.status.success(),
+        "init --cleanup: {}",
+        text(&out.stderr)
+    );
+    let (dst, got) = s.dial();
+    assert_eq!(got, expected(Action::PassThrough, dst, false));
+}
+
+#[test]
+fn only_the_callers_own_pod_namespace_can_be_registered() {
+    require_root!();
+    let s = Setup::new();
+    let _daemon = s.daemon();
+    assert!(s.init(INJECTOR).status.success());
+
+    // From the host namespace: refused, exit status 2, nothing changes.
+    let out = Command::new(divert_bin())
+        .args(["init", "--backend", "ebpf", "--daemon-socket"])
+        .arg(&s.socket)
+        .args(["-i", "*"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("node's own network namespace"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // From the peer namespace, a request naming the client's namespace:
+    // refused; the client stays registered.
+    let (cookie, _) = s.lab.client_identity().unwrap();
+    let socket = s.socket.clone();
+    let answer = s
+        .lab
+        .peer
+        .enter(move || {
+            let stream = UnixStream::connect(&socket).unwrap();
+            writeln!(
+                &stream,
+                r#"{{"version":1,"op":"unregister","netns_cookie":{cookie}}}"#
+            )
+            .unwrap();
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).unwrap();
+            line
+        })
+        .unwrap();
+    assert!(answer.contains(r#""ok":false"#), "{answer}");
+    assert!(answer.contains("not part of the protocol"), "{answer}");
+    s.assert_redirected("after another namespace's attempt");
+}
+
+#[test]
+fn uninstall_detaches_and_unpins_everything() {
+    require_root!();
+    let s = Setup::new();
+    let mut daemon = s.daemon();
+    assert!(s.init(INJECTOR).status.success());
+    s.assert_redirected("before uninstall");
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let out = Command::new(divert_bin())
+        .args(["daemon", "--uninstall", "--bpffs-dir"])
+        .arg(s.bpffs.path())
+        .arg("--socket")
+        .arg(&s.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let counts = pinned::attachment_counts(&s.lab.root.path).unwrap();
+    assert!(counts.iter().all(|&(_, n)| n == 0), "{counts:?}");
+    // (A bpffs root also holds the kernel's own maps.debug and progs.debug.)
+    for d in ["maps", "progs", "links"] {
+        assert!(
+            !s.bpffs.path().join(d).exists(),
+            "{d} left under the bpffs dir"
+        );
+    }
+    let (dst, got) = s.dial();
+    assert_eq!(got, expected(Action::PassThrough, dst, false));
+}
+
+#[test]
+fn a_pinned_map_of_another_shape_is_reported_not_reused() {
+    require_root!();
+    let s = Setup::new();
+    let mut daemon = s.daemon();
+    assert!(s.init(INJECTOR).status.success());
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    // Another build's PORTS map: same name, other key and value sizes.
+    let pin = s.bpffs.path().join("maps/PORTS");
+    std::fs::remove_file(&pin).unwrap();
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type", "hash", "key", "4", "value", "4", "entries", "16", "name", "PORTS",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool: {}", text(&out.stderr));
+    let out = Command::new(divert_bin())
+        .arg("daemon")
+        .arg("--cgroup-root")
+        .arg(&s.lab.root.path)
+        .arg("--bpffs-dir")
+        .arg(s.bpffs.path())
+        .arg("--socket")
+        .arg(&s.socket)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("the pinned map PORTS"), "{err}");
+    assert!(err.contains("is not this divert's"), "{err}");
+    // Nothing was touched: the pods registered before stay diverted.
+    s.assert_attached_once("after the refused start");
+    s.assert_redirected("after the refused start");
+}
