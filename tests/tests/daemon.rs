@@ -73,6 +73,7 @@ impl Setup {
         let _ = std::fs::remove_file(&self.socket);
         let mut cmd = Command::new(divert_bin());
         cmd.arg("daemon")
+            .args(["--gc-interval", "0.5"])
             .arg("--cgroup-root")
             .arg(&self.lab.root.path)
             .arg("--bpffs-dir")
@@ -289,4 +290,72 @@ fn a_pinned_map_of_another_shape_is_reported_not_reused() {
     // Nothing was touched: the pods registered before stay diverted.
     s.assert_attached_once("after the refused start");
     s.assert_redirected("after the refused start");
+}
+
+#[test]
+fn a_deleted_namespace_loses_its_policy_and_the_others_keep_theirs() {
+    require_root!();
+    let s = Setup::new();
+    let _daemon = s.daemon();
+    assert!(s.init(INJECTOR).status.success());
+    let (client, _) = s.lab.client_identity().unwrap();
+    let gone =
+        divert_tests::Netns::create(&format!("divert-test-{}-gc", std::process::id())).unwrap();
+    let gone_cookie = gone.enter(divert::netns::current_cookie).unwrap().unwrap();
+    let (mut cmd, _keep) = command_in(
+        divert_tests::Placement {
+            netns: &gone,
+            cgroup: &s.lab.plain,
+            ids: None,
+        },
+        divert_bin(),
+    )
+    .unwrap();
+    cmd.args(["init", "--backend", "ebpf", "--daemon-socket"])
+        .arg(&s.socket)
+        .args(["-i", "*"]);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let registered = || {
+        pinned::open_maps(&s.bpffs.path())
+            .unwrap()
+            .registered_cookies()
+            .unwrap()
+    };
+    assert!(registered().contains(&gone_cookie));
+    drop(gone);
+    // The daemon sweeps every 0.5 s: the policy goes within one interval
+    // plus a sweep. Allow far more on a loaded machine; a policy that never
+    // goes fails here.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while registered().contains(&gone_cookie) {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted namespace's policy stayed"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(registered(), vec![client]);
+    s.assert_redirected("after the sweep");
+}
+
+#[test]
+fn a_full_policy_map_fails_the_registration() {
+    require_root!();
+    let s = Setup::new();
+    let _daemon = s.daemon();
+    // Fill every slot of POLICIES with made-up namespaces.
+    let mut maps = pinned::open_maps(&s.bpffs.path()).unwrap();
+    for i in 0..divert_common::limits::MAX_POLICIES as u64 {
+        maps.register(1 << 62 | i, &divert::policy::Policy::default())
+            .unwrap();
+    }
+    let out = s.init(INJECTOR);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("POLICIES is full"), "{err}");
+    // Never a silent pass-through: init fails (so the pod does not start)
+    // and nothing of the policy is left in the maps.
+    let (client, _) = s.lab.client_identity().unwrap();
+    assert!(!maps.registered_cookies().unwrap().contains(&client));
 }

@@ -34,6 +34,11 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "PATH", default_value = proto::DEFAULT_SOCKET, env = "DIVERT_DAEMON_SOCKET")]
     pub socket: PathBuf,
 
+    /// Seconds between garbage-collection sweeps: the policy of a deleted
+    /// network namespace is removed within this long (plus one sweep).
+    #[arg(long, value_name = "SECONDS", default_value_t = daemon::gc::DEFAULT_INTERVAL.as_secs_f64(), env = "DIVERT_GC_INTERVAL")]
+    pub gc_interval: f64,
+
     /// Detach and unpin everything under --bpffs-dir, then exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -78,7 +83,16 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
             cgroup_root.display()
         ),
     }
+    if !(args.gc_interval > 0.0 && args.gc_interval.is_finite()) {
+        anyhow::bail!(
+            "--gc-interval {}: must be a positive number of seconds",
+            args.gc_interval
+        );
+    }
     let registry = Arc::new(Registry::new(interceptor)?);
+    let gc = registry.clone();
+    let interval = std::time::Duration::from_secs_f64(args.gc_interval);
+    std::thread::spawn(move || gc.collect_garbage(interval));
     let listener = daemon::bind(&args.socket)?;
     eprintln!(
         "divert daemon: serving registrations on {}",

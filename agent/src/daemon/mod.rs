@@ -9,6 +9,7 @@
 //! daemon's own network namespace (the host's: the DaemonSet runs with
 //! `hostNetwork`) is refused.
 
+pub mod gc;
 pub mod proto;
 
 use std::{
@@ -71,6 +72,10 @@ impl Registry {
         })
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Interceptor> {
+        self.interceptor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Answer one request from `peer`.
     pub fn handle(&self, peer: &Peer, req: Request) -> Response {
         let mut r = Response {
@@ -92,7 +97,7 @@ impl Registry {
                     peer.netns_cookie
                 );
             }
-            let mut i = self.interceptor.lock().unwrap_or_else(|p| p.into_inner());
+            let mut i = self.lock();
             match req.op {
                 Op::Register { mut policy } => {
                     policy.local_addrs = peer.local_addrs.clone();

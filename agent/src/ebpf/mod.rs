@@ -48,6 +48,8 @@ pub enum Error {
         #[source]
         source: MapError,
     },
+    #[error("eBPF map {0} is full: the policy was not registered (nothing of it is left behind)")]
+    Full(&'static str),
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
     #[error("reading the run statistics of program {program}: {source}")]
@@ -60,6 +62,23 @@ pub enum Error {
     Adopted,
     #[error("netns {0:#x} is already registered in this instance")]
     AlreadyRegistered(u64),
+}
+
+impl Error {
+    /// A failed insert because the map is full (`E2BIG` from a hash map,
+    /// `ENOSPC` from an LPM trie) becomes [`Error::Full`].
+    fn full(self) -> Error {
+        if let Error::Map {
+            map,
+            source: MapError::SyscallError(ref e),
+        } = self
+        {
+            if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) {
+                return Error::Full(map);
+            }
+        }
+        self
+    }
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -298,7 +317,7 @@ impl Interceptor {
         if result.is_err() {
             let _ = self.remove_entries(netns_cookie, policy);
         }
-        result
+        result.map_err(Error::full)
     }
 
     /// Remove `netns_cookie`'s policy: the header first (the namespace is
@@ -314,6 +333,20 @@ impl Interceptor {
             }
         }
         self.remove_entries(netns_cookie, policy)
+    }
+
+    /// Every registered netns cookie, sorted.
+    pub fn registered_cookies(&mut self) -> Result<Vec<u64>> {
+        let mut v: Vec<u64> = self
+            .policies()?
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| Error::Map {
+                map: maps::POLICIES,
+                source,
+            })?;
+        v.sort_unstable();
+        Ok(v)
     }
 
     /// Whether `netns_cookie` has a policy in this instance.

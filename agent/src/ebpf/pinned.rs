@@ -200,19 +200,7 @@ pub fn open(dir: &Path, cgroup_root: &Path) -> Result<(Interceptor, Opened)> {
     if has_entries(&links_dir) {
         let relinked = adopt_check(dir, &fresh, cgroup.as_fd(), cgroup_root)?;
         drop(fresh);
-        let mut pinned = std::collections::BTreeMap::new();
-        for name in MAP_NAMES {
-            let path = maps_dir.join(name);
-            let d = MapData::from_pin(&path).map_err(|source| PinnedError::Map { path, source })?;
-            pinned.insert(name, typed(name, d));
-        }
-        return Ok((
-            Interceptor {
-                ebpf: None,
-                maps: pinned,
-            },
-            Opened::Adopted { relinked },
-        ));
+        return Ok((open_maps(dir)?, Opened::Adopted { relinked }));
     }
     if has_entries(&maps_dir) || has_entries(&progs_dir) {
         tracing::warn!(
@@ -383,6 +371,22 @@ fn adopt_check(
         }
     }
     Ok(relinked)
+}
+
+/// The maps pinned under `dir`, for reading and writing without the
+/// programs (inspection, tests). Errors: a map pin is missing or unreadable.
+pub fn open_maps(dir: &Path) -> Result<Interceptor> {
+    let maps_dir = dir.join("maps");
+    let mut pinned = std::collections::BTreeMap::new();
+    for name in MAP_NAMES {
+        let path = maps_dir.join(name);
+        let d = MapData::from_pin(&path).map_err(|source| PinnedError::Map { path, source })?;
+        pinned.insert(name, typed(name, d));
+    }
+    Ok(Interceptor {
+        ebpf: None,
+        maps: pinned,
+    })
 }
 
 /// Detach and unpin everything under `dir`: links first, each detached

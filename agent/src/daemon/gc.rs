@@ -1,0 +1,115 @@
+//! Garbage collection: the policy of a network namespace that no longer
+//! exists is removed by the next sweep, so it is gone within one interval
+//! (`--gc-interval`, default [`DEFAULT_INTERVAL`]) of the namespace's last
+//! holder going away, plus the sweep itself.
+//!
+//! A sweep reads the registered cookies first, then the live ones, and
+//! removes the registered cookies that are not live; a namespace registered
+//! during the sweep is not in the first set, so it is never removed by
+//! mistake. A namespace is live when a process is in it (`/proc/<pid>/ns/net`
+//! of every thread-group leader: a pod's pause process holds its namespace)
+//! or it is bind-mounted under /run/netns or /var/run/netns (`ip netns`,
+//! CNI plugins). The daemon needs the host's pid namespace (`hostPID`) to
+//! see the pods' processes, as it does for `SO_PEERCRED`. Its cookie is read
+//! by entering each live namespace once per sweep on a throwaway thread
+//! (no cache: a freed namespace's inode number is reused).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs,
+    os::{fd::AsFd, unix::fs::MetadataExt},
+    path::PathBuf,
+    thread,
+    time::Duration,
+};
+
+use nix::sched::{setns, CloneFlags};
+
+use super::Registry;
+
+/// How often the daemon sweeps by default.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Where bind-mounted namespaces live.
+const NETNS_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
+
+/// Every path that names a live network namespace, grouped by namespace
+/// (device and inode of the nsfs file).
+fn live_namespace_paths() -> BTreeMap<(u64, u64), Vec<PathBuf>> {
+    let mut by_ns: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
+    let mut add = |p: PathBuf| {
+        if let Ok(m) = fs::metadata(&p) {
+            by_ns.entry((m.dev(), m.ino())).or_default().push(p);
+        }
+    };
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                add(e.path().join("ns/net"));
+            }
+        }
+    }
+    for dir in NETNS_DIRS {
+        if let Ok(rd) = fs::read_dir(dir) {
+            for e in rd.flatten() {
+                add(e.path());
+            }
+        }
+    }
+    by_ns
+}
+
+/// The netns cookie of every live network namespace.
+pub fn live_netns_cookies() -> std::io::Result<HashSet<u64>> {
+    let groups: Vec<Vec<PathBuf>> = live_namespace_paths().into_values().collect();
+    thread::spawn(move || {
+        let mut cookies = HashSet::new();
+        for paths in groups {
+            // Any path of the group will do; a process may have exited since.
+            for p in paths {
+                let Ok(f) = fs::File::open(&p) else { continue };
+                if setns(f.as_fd(), CloneFlags::CLONE_NEWNET).is_err() {
+                    continue;
+                }
+                if let Ok(c) = crate::netns::current_cookie() {
+                    cookies.insert(c);
+                    break;
+                }
+            }
+        }
+        cookies
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the namespace scan thread panicked"))
+}
+
+impl Registry {
+    /// One sweep: remove the policy of every registered namespace that is
+    /// no longer live. Returns the cookies removed.
+    pub fn sweep(&self) -> anyhow::Result<Vec<u64>> {
+        let registered = self.lock().registered_cookies()?;
+        if registered.is_empty() {
+            return Ok(Vec::new());
+        }
+        let live = live_netns_cookies()?;
+        let mut removed = Vec::new();
+        for c in registered.into_iter().filter(|c| !live.contains(c)) {
+            if self.lock().unregister_netns(c)? {
+                tracing::info!(netns_cookie = c, "namespace gone: policy removed");
+                removed.push(c);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Sweep every `interval`, forever (on the calling thread).
+    pub fn collect_garbage(&self, interval: Duration) {
+        loop {
+            thread::sleep(interval);
+            if let Err(e) = self.sweep() {
+                tracing::warn!(error = %format!("{e:#}"), "garbage collection sweep");
+            }
+        }
+    }
+}
