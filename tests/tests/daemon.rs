@@ -359,3 +359,140 @@ fn a_full_policy_map_fails_the_registration() {
     let (client, _) = s.lab.client_identity().unwrap();
     assert!(!maps.registered_cookies().unwrap().contains(&client));
 }
+
+/// A namespace with a veth pair and a default route through it, nothing
+/// listening, as a fresh pod is when its init container runs.
+fn pod_netns(tag: &str) -> divert_tests::Netns {
+    let ns =
+        divert_tests::Netns::create(&format!("divert-test-{}-{tag}", std::process::id())).unwrap();
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ])
+    .unwrap();
+    ns.ip(&["addr", "add", "10.213.0.1/24", "dev", "eth0"])
+        .unwrap();
+    ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+    ns.ip(&["link", "set", "eth1", "up"]).unwrap();
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.213.0.2",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    ns
+}
+
+fn init_in(
+    ns: &divert_tests::Netns,
+    cgroup: &divert_tests::Cgroup,
+    args: &[&str],
+) -> std::process::Output {
+    let (mut cmd, _keep) = command_in(
+        divert_tests::Placement {
+            netns: ns,
+            cgroup,
+            ids: None,
+        },
+        divert_bin(),
+    )
+    .unwrap();
+    cmd.arg("init").args(args);
+    cmd.output().unwrap()
+}
+
+#[test]
+fn validate_proves_each_backend_and_undoes_a_failed_setup() {
+    require_root!();
+    let s = Setup::new();
+    let _daemon = s.daemon();
+    let sock = s.socket.to_str().unwrap();
+
+    // eBPF, the pod under the daemon's cgroup root: proven.
+    let pod = pod_netns("va");
+    let out = init_in(
+        &pod,
+        &s.lab.plain,
+        &[
+            "--backend",
+            "ebpf",
+            "--daemon-socket",
+            sock,
+            "--validate",
+            "-u",
+            "1337",
+            "-i",
+            "*",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("validate: a connect to 192.0.2.1:15002 landed on 127.0.0.1:15001"),
+        "{err}"
+    );
+
+    // iptables: proven the same way.
+    let ipt = pod_netns("vi");
+    let out = init_in(
+        &ipt,
+        &s.lab.plain,
+        &[
+            "--backend",
+            "iptables",
+            "--validate",
+            "-u",
+            "1337",
+            "-i",
+            "*",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("validate: a connect to 192.0.2.1:15002 landed"),
+        "{err}"
+    );
+
+    // eBPF, but the pod's processes are outside the daemon's cgroup root:
+    // registered, yet nothing is diverted. Validation says so, and the
+    // registration is taken back.
+    let outside = divert_tests::Cgroup::create(
+        divert::cgroup::cgroup2_mount()
+            .unwrap()
+            .join(format!("divert-test-{}-outside", std::process::id())),
+    )
+    .unwrap();
+    let stray = pod_netns("vo");
+    let stray_cookie = stray.enter(divert::netns::current_cookie).unwrap().unwrap();
+    let out = init_in(
+        &stray,
+        &outside,
+        &[
+            "--backend",
+            "ebpf",
+            "--daemon-socket",
+            sock,
+            "--validate",
+            "-u",
+            "1337",
+            "-i",
+            "*",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("validation failed; the interception was removed again"),
+        "{err}"
+    );
+    assert!(err.contains("did not arrive on 127.0.0.1:15001"), "{err}");
+    let registered = pinned::open_maps(&s.bpffs.path())
+        .unwrap()
+        .registered_cookies()
+        .unwrap();
+    assert!(!registered.contains(&stray_cookie), "{registered:?}");
+}

@@ -50,6 +50,15 @@ pub struct InitArgs {
     #[arg(long, value_name = "PATH", default_value = crate::daemon::proto::DEFAULT_SOCKET, env = "DIVERT_DAEMON_SOCKET")]
     pub daemon_socket: std::path::PathBuf,
 
+    /// After applying, prove it from inside this namespace: listen on
+    /// 127.0.0.1:<proxy port>, connect to a destination the policy
+    /// redirects, and require the connection to arrive there with that
+    /// destination as its SO_ORIGINAL_DST (what Istio's validation init
+    /// container checks). On failure the interception is removed again and
+    /// init exits 2.
+    #[arg(long, env = "DIVERT_VALIDATE")]
+    pub validate: bool,
+
     /// Print the rules that would be written (iptables-restore input per
     /// address family) and change nothing.
     #[arg(short = 'n', long = "dry-run", env = "DRY_RUN")]
@@ -107,24 +116,40 @@ pub fn main(args: &InitArgs, matches: &ArgMatches) -> ExitCode {
 
 fn run(args: &InitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     let policy = args.to_policy(Some(matches))?;
-    match args.backend {
-        Backend::Ebpf => return ebpf(args, &policy),
-        Backend::Iptables => {}
+    let backend = match args.backend {
+        Backend::Auto if args.daemon_socket.exists() => {
+            eprintln!(
+                "divert init: auto: the daemon socket {} exists: using the ebpf backend",
+                args.daemon_socket.display()
+            );
+            Backend::Ebpf
+        }
         Backend::Auto => {
-            if args.daemon_socket.exists() {
-                eprintln!(
-                    "divert init: auto: the daemon socket {} exists: using the ebpf backend",
-                    args.daemon_socket.display()
-                );
-                return ebpf(args, &policy);
-            }
             eprintln!(
                 "divert init: auto: no daemon socket at {}: using the iptables backend",
                 args.daemon_socket.display()
             );
+            Backend::Iptables
+        }
+        b => b,
+    };
+    let apply = |args: &InitArgs| match backend {
+        Backend::Ebpf => ebpf(args, &policy),
+        _ => iptables_backend(args, &policy),
+    };
+    apply(args)?;
+    if args.validate && !args.dry_run && !args.cleanup {
+        if let Err(e) = super::validate::probe(&policy) {
+            let mut undo = args.clone();
+            undo.cleanup = true;
+            let undone = match apply(&undo) {
+                Ok(()) => "the interception was removed again".to_string(),
+                Err(u) => format!("removing the interception again failed too: {u:#}"),
+            };
+            return Err(e.context(format!("validation failed; {undone}")));
         }
     }
-    iptables_backend(args, &policy)
+    Ok(())
 }
 
 /// What the eBPF backend does not apply, for the warning: inbound capture,

@@ -3,6 +3,7 @@
 pub mod daemon;
 pub mod init;
 pub mod run;
+pub mod validate;
 
 use std::process::ExitCode;
 
