@@ -11,6 +11,25 @@ use divert::cli;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+
+    /// Log line format on stderr: `text` for people, `json` (one object per
+    /// line) for a cluster's log pipeline. The level is DIVERT_LOG
+    /// (tracing's env-filter syntax; default info for the daemon, warn
+    /// otherwise).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "DIVERT_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -26,15 +45,22 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DIVERT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The daemon says what it does (info); the one-shot commands only warn.
+    let default_level = match cli.command {
+        Command::Daemon(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DIVERT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match &cli.command {
         Command::Run(args) => {
             let sub = matches.subcommand_matches("run").expect("run was matched");

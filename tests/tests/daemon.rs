@@ -51,6 +51,9 @@ struct Setup {
     bpffs: Bpffs,
     socket: PathBuf,
     _peers: Vec<Daemon>,
+    starts: std::cell::Cell<u32>,
+    /// Where the last started daemon serves /metrics.
+    metrics: std::cell::Cell<Option<SocketAddr>>,
 }
 
 impl Setup {
@@ -64,16 +67,30 @@ impl Setup {
             bpffs,
             socket,
             _peers: peers,
+            starts: Default::default(),
+            metrics: Default::default(),
         }
     }
 
     /// Start `divert daemon` (host namespace, attached at the lab's cgroup
-    /// root) and wait for its socket.
+    /// root, metrics on a free loopback port) and wait until it is ready.
     fn daemon(&self) -> Daemon {
+        self.daemon_with(&[])
+    }
+
+    fn daemon_with(&self, extra: &[&str]) -> Daemon {
         let _ = std::fs::remove_file(&self.socket);
+        self.starts.set(self.starts.get() + 1);
+        let log = self
+            .bpffs
+            .dir
+            .path()
+            .join(format!("daemon-{}.log", self.starts.get()));
         let mut cmd = Command::new(divert_bin());
         cmd.arg("daemon")
-            .args(["--gc-interval", "0.5"])
+            .args(["--gc-interval", "0.5", "--metrics-addr", "127.0.0.1:0"])
+            .args(extra)
+            .stderr(std::fs::File::create(&log).unwrap())
             .arg("--cgroup-root")
             .arg(&self.lab.root.path)
             .arg("--bpffs-dir")
@@ -82,14 +99,46 @@ impl Setup {
             .arg(&self.socket);
         let mut d = Daemon::spawn("divert daemon", cmd).expect("spawn the daemon");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.socket.exists() {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("divert daemon exited: {status}");
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .find_map(|l| l.split_once("metrics on http://").map(|(_, a)| a))
+                .and_then(|l| l.split('/').next())
+            {
+                self.metrics.set(Some(addr.parse().unwrap()));
+                break;
             }
-            assert!(Instant::now() < deadline, "no daemon socket after 20 s");
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("divert daemon exited: {status}: {text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready after 20 s: {text}"
+            );
             thread::sleep(Duration::from_millis(20));
         }
         d
+    }
+
+    /// GET `path` from the daemon's HTTP endpoint: (status, body).
+    fn http_get(&self, path: &str) -> (u16, String) {
+        let addr = self.metrics.get().expect("a daemon was started");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut all = String::new();
+        std::io::Read::read_to_string(&mut s, &mut all).unwrap();
+        let status = all
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = all
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        (status, body)
     }
 
     /// `divert init ARGS…` from the lab's client namespace.
@@ -495,4 +544,57 @@ fn validate_proves_each_backend_and_undoes_a_failed_setup() {
         .registered_cookies()
         .unwrap();
     assert!(!registered.contains(&stray_cookie), "{registered:?}");
+}
+
+#[test]
+fn metrics_count_every_connection_per_destination_with_bounded_series() {
+    require_root!();
+    let s = Setup::new();
+    let _daemon = s.daemon_with(&["--metrics-top", "2"]);
+    assert_eq!(s.http_get("/healthz/ready").0, 200);
+    assert!(s.init(INJECTOR).status.success());
+    let (cookie, _) = s.lab.client_identity().unwrap();
+    // Three destinations, known counts: two get series of their own, the
+    // third is folded into "other".
+    let peer = s.lab.v4(2);
+    for (port, n) in [(80u16, 3), (8080, 2), (5432, 4)] {
+        for _ in 0..n {
+            s.lab
+                .dial(SocketAddr::new(peer, port), 1000, 1000, false)
+                .unwrap();
+        }
+    }
+    let (status, body) = s.http_get("/metrics");
+    assert_eq!(status, 200);
+    let value = |labels: &str| -> Option<u64> {
+        body.lines()
+            .find(|l| l.starts_with("divert_connections_total{") && l.contains(labels))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let series = |dst: &str, port: &str| {
+        format!(r#"netns_cookie="{cookie}",destination="{dst}",port="{port}",verdict="redirected""#)
+    };
+    let p = peer.to_string();
+    let own80 = value(&series(&p, "80"));
+    let own8080 = value(&series(&p, "8080"));
+    let own5432 = value(&series(&p, "5432"));
+    let other = value(&series("other", ""));
+    // Which two get their own series depends on the order the kernel map
+    // hands them out; the counts do not.
+    let got = [own80, own8080, own5432]
+        .iter()
+        .zip([3, 2, 4])
+        .filter_map(|(v, want)| v.map(|v| (v, want)))
+        .collect::<Vec<_>>();
+    assert_eq!(got.len(), 2, "{body}");
+    got.iter()
+        .for_each(|(v, want)| assert_eq!(v, want, "{body}"));
+    let folded: u64 = [(own80, 3), (own8080, 2), (own5432, 4)]
+        .iter()
+        .filter(|(v, _)| v.is_none())
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(other, Some(folded), "{body}");
+    assert!(body.contains("divert_registered_namespaces 1"), "{body}");
+    assert_eq!(s.http_get("/nope").0, 404);
 }

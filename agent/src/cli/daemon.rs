@@ -34,6 +34,16 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "PATH", default_value = proto::DEFAULT_SOCKET, env = "DIVERT_DAEMON_SOCKET")]
     pub socket: PathBuf,
 
+    /// Address of the HTTP endpoint: /metrics (Prometheus text) and
+    /// /healthz/ready.
+    #[arg(long, value_name = "ADDR", default_value = daemon::metrics::DEFAULT_ADDR, env = "DIVERT_METRICS_ADDR")]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// Destinations per network namespace with their own metric series; the
+    /// rest are folded into destination="other".
+    #[arg(long, value_name = "N", default_value_t = daemon::metrics::DEFAULT_TOP, env = "DIVERT_METRICS_TOP")]
+    pub metrics_top: usize,
+
     /// Seconds between garbage-collection sweeps: the policy of a deleted
     /// network namespace is removed within this long (plus one sweep).
     #[arg(long, value_name = "SECONDS", default_value_t = daemon::gc::DEFAULT_INTERVAL.as_secs_f64(), env = "DIVERT_GC_INTERVAL")]
@@ -55,8 +65,8 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     if args.uninstall {
         let found = pinned::uninstall(&args.bpffs_dir)?;
         let _ = std::fs::remove_file(&args.socket);
-        eprintln!(
-            "divert daemon: {} {}",
+        tracing::info!(
+            "{} {}",
             if found {
                 "detached and unpinned everything under"
             } else {
@@ -72,13 +82,13 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     };
     let (interceptor, opened) = pinned::open(&args.bpffs_dir, &cgroup_root)?;
     match opened {
-        Opened::Installed => eprintln!(
-            "divert daemon: attached at {} and pinned under {}",
+        Opened::Installed => tracing::info!(
+            "attached at {} and pinned under {}",
             cgroup_root.display(),
             args.bpffs_dir.display()
         ),
-        Opened::Adopted { relinked } => eprintln!(
-            "divert daemon: adopted the pinned instance under {} (attached at {}; {relinked} links made again)",
+        Opened::Adopted { relinked } => tracing::info!(
+            "adopted the pinned instance under {} (attached at {}; {relinked} links made again)",
             args.bpffs_dir.display(),
             cgroup_root.display()
         ),
@@ -94,9 +104,11 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     let interval = std::time::Duration::from_secs_f64(args.gc_interval);
     std::thread::spawn(move || gc.collect_garbage(interval));
     let listener = daemon::bind(&args.socket)?;
-    eprintln!(
-        "divert daemon: serving registrations on {}",
-        args.socket.display()
-    );
+    // Ready means registrations are taken: the endpoint starts after the
+    // socket is bound.
+    let metrics = Arc::new(daemon::metrics::Metrics::new(args.metrics_top));
+    let bound = daemon::metrics::serve(args.metrics_addr, registry.clone(), metrics)?;
+    tracing::info!("metrics on http://{bound}/metrics, readiness on /healthz/ready");
+    tracing::info!("serving registrations on {}", args.socket.display());
     daemon::serve(listener, registry)
 }

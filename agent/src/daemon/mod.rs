@@ -10,6 +10,7 @@
 //! `hostNetwork`) is refused.
 
 pub mod gc;
+pub mod metrics;
 pub mod proto;
 
 use std::{
@@ -62,6 +63,9 @@ pub fn identify(stream: &UnixStream) -> anyhow::Result<Peer> {
 pub struct Registry {
     interceptor: Mutex<Interceptor>,
     host_netns: u64,
+    /// Pod identity (Kubernetes namespace, pod name) per netns cookie, for
+    /// metric labels; filled by whoever knows it (the pod watch).
+    identity: Mutex<std::collections::BTreeMap<u64, (String, String)>>,
 }
 
 impl Registry {
@@ -69,7 +73,24 @@ impl Registry {
         Ok(Registry {
             interceptor: Mutex::new(interceptor),
             host_netns: netns::current_cookie().context("the daemon's own netns cookie")?,
+            identity: Mutex::default(),
         })
+    }
+
+    /// Record which pod `netns_cookie` is (Kubernetes namespace and name).
+    pub fn set_identity(&self, netns_cookie: u64, namespace: String, pod: String) {
+        self.identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(netns_cookie, (namespace, pod));
+    }
+
+    /// Every known pod identity, by netns cookie.
+    pub fn identities(&self) -> std::collections::BTreeMap<u64, (String, String)> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Interceptor> {

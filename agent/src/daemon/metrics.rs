@@ -1,0 +1,327 @@
+//! The daemon's HTTP endpoint (`--metrics-addr`, default
+//! [`DEFAULT_ADDR`]): `/metrics` in Prometheus text format
+//! (prometheus-client) and `/healthz/ready`.
+//!
+//! Series:
+//!
+//! * `divert_connections_total{namespace, pod, netns_cookie, destination,
+//!   port, verdict}`: connects per destination and verdict (`redirected`,
+//!   `inbound_capture`, `passthrough`), from the kernel's per-CPU
+//!   `COUNTERS`, summed over CPUs. `namespace` and `pod` are empty until the
+//!   daemon knows the pod (Kubernetes).
+//! * `divert_registered_namespaces`: namespaces with a policy.
+//!
+//! Cardinality is bounded per network namespace: the first `top`
+//! (`--metrics-top`) destinations (address and port) seen for a namespace
+//! get their own series for as long as it is registered; every later one is
+//! added to the namespace's `destination="other",port=""` series of its
+//! verdict. Membership never changes, so every series only grows. When a
+//! namespace is unregistered or collected, its series go.
+//!
+//! The kernel's counter map is an LRU: a series it evicts starts again from
+//! zero. Each scrape adds the growth since the last one; a kernel value
+//! below the last one seen is taken as a restart after eviction (its whole
+//! value is added), so what was counted is never lost, though connections
+//! counted between an eviction and the next scrape can be.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    thread,
+};
+
+use anyhow::Context as _;
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry as PromRegistry,
+};
+
+use super::Registry;
+use crate::ebpf;
+
+/// Default listen address: loopback of the node (the DaemonSet runs with
+/// `hostNetwork`), a port no Istio component uses.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:15016";
+/// Default number of destinations with their own series per namespace.
+pub const DEFAULT_TOP: usize = 20;
+/// The `destination` label of the folded series.
+pub const OTHER: &str = "other";
+
+/// Labels of `divert_connections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub netns_cookie: String,
+    pub destination: String,
+    pub port: String,
+    pub verdict: String,
+}
+
+type Key = (u64, IpAddr, u16, &'static str);
+
+#[derive(Default)]
+struct State {
+    /// The kernel value last seen per series key.
+    last: HashMap<Key, u64>,
+    /// Per namespace, the destinations with their own series.
+    exposed: HashMap<u64, BTreeSet<(IpAddr, u16)>>,
+    /// Per namespace, every label set written (to remove them together).
+    series: HashMap<u64, BTreeSet<(String, String, &'static str)>>,
+}
+
+/// The metrics of one daemon.
+pub struct Metrics {
+    registry: PromRegistry,
+    connections: Family<ConnectionLabels, Counter>,
+    registered: Gauge,
+    top: usize,
+    state: Mutex<State>,
+}
+
+impl Metrics {
+    pub fn new(top: usize) -> Metrics {
+        let mut registry = PromRegistry::default();
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "divert_connections",
+            "Outbound TCP connects judged by divert, per destination and verdict",
+            connections.clone(),
+        );
+        let registered = Gauge::default();
+        registry.register(
+            "divert_registered_namespaces",
+            "Network namespaces with a registered policy",
+            registered.clone(),
+        );
+        Metrics {
+            registry,
+            connections,
+            registered,
+            top,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Fold the kernel's counters (and the registered namespaces, with their
+    /// pod identity when known) into the series.
+    pub fn update(
+        &self,
+        counters: &[ebpf::Counter],
+        registered: &[u64],
+        identity: &BTreeMap<u64, (String, String)>,
+    ) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.registered.set(registered.len() as i64);
+        let live: BTreeSet<u64> = registered.iter().copied().collect();
+        // Namespaces gone: drop their series and bookkeeping.
+        let gone: Vec<u64> = st
+            .series
+            .keys()
+            .chain(st.exposed.keys())
+            .copied()
+            .filter(|c| !live.contains(c))
+            .collect();
+        for c in gone {
+            let (ns, pod) = identity.get(&c).cloned().unwrap_or_default();
+            for (destination, port, verdict) in st.series.remove(&c).unwrap_or_default() {
+                self.connections.remove(&ConnectionLabels {
+                    namespace: ns.clone(),
+                    pod: pod.clone(),
+                    netns_cookie: c.to_string(),
+                    destination,
+                    port,
+                    verdict: verdict.to_string(),
+                });
+            }
+            st.exposed.remove(&c);
+            st.last.retain(|k, _| k.0 != c);
+        }
+        for k in counters.iter().filter(|k| live.contains(&k.netns_cookie)) {
+            let key: Key = (k.netns_cookie, k.destination, k.port, k.verdict);
+            let last = st.last.insert(key, k.connections).unwrap_or(0);
+            let delta = if k.connections >= last {
+                k.connections - last
+            } else {
+                k.connections
+            };
+            let exposed = st.exposed.entry(k.netns_cookie).or_default();
+            let own = exposed.contains(&(k.destination, k.port))
+                || (exposed.len() < self.top && exposed.insert((k.destination, k.port)));
+            let (destination, port) = if own {
+                (k.destination.to_string(), k.port.to_string())
+            } else {
+                (OTHER.to_string(), String::new())
+            };
+            let (namespace, pod) = identity.get(&k.netns_cookie).cloned().unwrap_or_default();
+            st.series.entry(k.netns_cookie).or_default().insert((
+                destination.clone(),
+                port.clone(),
+                k.verdict,
+            ));
+            // get_or_create even for a zero delta, so the series exists.
+            self.connections
+                .get_or_create(&ConnectionLabels {
+                    namespace,
+                    pod,
+                    netns_cookie: k.netns_cookie.to_string(),
+                    destination,
+                    port,
+                    verdict: k.verdict.to_string(),
+                })
+                .inc_by(delta);
+        }
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+impl Registry {
+    /// Read the kernel's counters and the registered namespaces into
+    /// `metrics`.
+    pub fn refresh(&self, metrics: &Metrics) -> anyhow::Result<()> {
+        let (counters, registered) = {
+            let mut i = self.lock();
+            (i.counters()?, i.registered_cookies()?)
+        };
+        let identity = self.identities();
+        metrics.update(&counters, &registered, &identity);
+        Ok(())
+    }
+}
+
+/// Serve `/metrics` and `/healthz/ready` on `addr` on a thread of its own.
+/// Returns the bound address (useful with port 0).
+pub fn serve(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<SocketAddr> {
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("listening for metrics on {addr}"))?;
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .context("the metrics listener has no IP address")?;
+    thread::spawn(move || {
+        for req in server.incoming_requests() {
+            let path = req.url().split('?').next().unwrap_or("").to_string();
+            let resp = match (req.method(), path.as_str()) {
+                (tiny_http::Method::Get, "/metrics") => match registry.refresh(&metrics) {
+                    Ok(()) => tiny_http::Response::from_string(metrics.render()).with_header(
+                        "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+                            .parse::<tiny_http::Header>()
+                            .expect("a valid header"),
+                    ),
+                    Err(e) => {
+                        tiny_http::Response::from_string(format!("reading the maps: {e:#}\n"))
+                            .with_status_code(500)
+                    }
+                },
+                (tiny_http::Method::Get, "/healthz/ready") => {
+                    tiny_http::Response::from_string("ok\n")
+                }
+                _ => tiny_http::Response::from_string("not found\n").with_status_code(404),
+            };
+            let _ = req.respond(resp);
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(netns: u64, dst: &str, port: u16, verdict: &'static str, n: u64) -> ebpf::Counter {
+        ebpf::Counter {
+            netns_cookie: netns,
+            destination: dst.parse().unwrap(),
+            port,
+            verdict,
+            connections: n,
+        }
+    }
+
+    fn value(text: &str, needle: &str) -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with("divert_connections_total{") && l.contains(needle))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn destinations_beyond_the_top_fold_and_every_series_only_grows() {
+        let m = Metrics::new(2);
+        let id = BTreeMap::from([(7, ("shop".to_string(), "cart-1".to_string()))]);
+        m.update(
+            &[
+                c(7, "10.0.0.1", 80, "redirected", 5),
+                c(7, "10.0.0.2", 80, "redirected", 3),
+                c(7, "10.0.0.3", 443, "passthrough", 2),
+                c(7, "10.0.0.4", 443, "passthrough", 1),
+            ],
+            &[7],
+            &id,
+        );
+        let t = m.render();
+        assert_eq!(
+            value(&t, r#"destination="10.0.0.1",port="80""#),
+            Some(5),
+            "{t}"
+        );
+        assert_eq!(
+            value(&t, r#"destination="10.0.0.2",port="80""#),
+            Some(3),
+            "{t}"
+        );
+        assert_eq!(
+            value(&t, r#"destination="other",port="",verdict="passthrough""#),
+            Some(3),
+            "{t}"
+        );
+        assert!(t.contains(r#"namespace="shop",pod="cart-1""#), "{t}");
+        assert!(t.contains("divert_registered_namespaces 1"), "{t}");
+        // Growth is added; an evicted-and-restarted kernel series (10.0.0.2
+        // back at 1) adds its whole value.
+        m.update(
+            &[
+                c(7, "10.0.0.1", 80, "redirected", 9),
+                c(7, "10.0.0.2", 80, "redirected", 1),
+                c(7, "10.0.0.3", 443, "passthrough", 2),
+                c(7, "10.0.0.4", 443, "passthrough", 4),
+            ],
+            &[7],
+            &id,
+        );
+        let t = m.render();
+        assert_eq!(
+            value(&t, r#"destination="10.0.0.1",port="80""#),
+            Some(9),
+            "{t}"
+        );
+        assert_eq!(
+            value(&t, r#"destination="10.0.0.2",port="80""#),
+            Some(4),
+            "{t}"
+        );
+        assert_eq!(
+            value(&t, r#"destination="other",port="",verdict="passthrough""#),
+            Some(6),
+            "{t}"
+        );
+        // Unregistered: its series go.
+        m.update(&[], &[], &id);
+        let t = m.render();
+        assert!(!t.contains("netns_cookie=\"7\""), "{t}");
+        assert!(t.contains("divert_registered_namespaces 0"), "{t}");
+    }
+}
