@@ -34,6 +34,7 @@ use nix::sched::{setns, CloneFlags};
 pub mod bench;
 pub mod cases;
 pub mod goldens;
+pub mod node;
 pub mod rig;
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);

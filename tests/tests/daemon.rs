@@ -9,192 +9,23 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::SocketAddr,
     os::unix::net::UnixStream,
-    path::PathBuf,
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use divert::{ebpf::pinned, policy::Action};
-use divert_tests::{cases::expected, command_in, divert_bin, require_root, Daemon, Lab};
-
-/// A temporary directory the daemon mounts bpffs on; on drop, everything
-/// pinned there is removed and the mount is lazily unmounted.
-struct Bpffs {
-    dir: tempfile::TempDir,
-}
-
-impl Bpffs {
-    fn new() -> Bpffs {
-        Bpffs {
-            dir: tempfile::Builder::new()
-                .prefix("divert-bpffs-")
-                .tempdir()
-                .unwrap(),
-        }
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().join("bpf")
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = pinned::uninstall(&self.path());
-        let _ = nix::mount::umount2(&self.path(), nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
-struct Setup {
-    lab: Lab,
-    bpffs: Bpffs,
-    socket: PathBuf,
-    _peers: Vec<Daemon>,
-    starts: std::cell::Cell<u32>,
-    /// Where the last started daemon serves /metrics.
-    metrics: std::cell::Cell<Option<SocketAddr>>,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let lab = Lab::new().expect("lab");
-        let peers = lab.start_peers().expect("peers");
-        let bpffs = Bpffs::new();
-        let socket = bpffs.dir.path().join("divert.sock");
-        Setup {
-            lab,
-            bpffs,
-            socket,
-            _peers: peers,
-            starts: Default::default(),
-            metrics: Default::default(),
-        }
-    }
-
-    /// Start `divert daemon` (host namespace, attached at the lab's cgroup
-    /// root, metrics on a free loopback port) and wait until it is ready.
-    fn daemon(&self) -> Daemon {
-        self.daemon_with(&[])
-    }
-
-    fn daemon_with(&self, extra: &[&str]) -> Daemon {
-        let _ = std::fs::remove_file(&self.socket);
-        self.starts.set(self.starts.get() + 1);
-        let log = self
-            .bpffs
-            .dir
-            .path()
-            .join(format!("daemon-{}.log", self.starts.get()));
-        let mut cmd = Command::new(divert_bin());
-        cmd.arg("daemon")
-            .args(["--gc-interval", "0.5", "--metrics-addr", "127.0.0.1:0"])
-            .args(extra)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .arg("--cgroup-root")
-            .arg(&self.lab.root.path)
-            .arg("--bpffs-dir")
-            .arg(self.bpffs.path())
-            .arg("--socket")
-            .arg(&self.socket);
-        let mut d = Daemon::spawn("divert daemon", cmd).expect("spawn the daemon");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(addr) = text
-                .lines()
-                .find_map(|l| l.split_once("metrics on http://").map(|(_, a)| a))
-                .and_then(|l| l.split('/').next())
-            {
-                self.metrics.set(Some(addr.parse().unwrap()));
-                break;
-            }
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("divert daemon exited: {status}: {text}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon not ready after 20 s: {text}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    /// GET `path` from the daemon's HTTP endpoint: (status, body).
-    fn http_get(&self, path: &str) -> (u16, String) {
-        let addr = self.metrics.get().expect("a daemon was started");
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-        let mut all = String::new();
-        std::io::Read::read_to_string(&mut s, &mut all).unwrap();
-        let status = all
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = all
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_string();
-        (status, body)
-    }
-
-    /// `divert init ARGS…` from the lab's client namespace.
-    fn init(&self, args: &[&str]) -> std::process::Output {
-        let (mut cmd, _keep) =
-            command_in(self.lab.in_client(&self.lab.plain, None), divert_bin()).unwrap();
-        cmd.args(["init", "--backend", "ebpf", "--daemon-socket"])
-            .arg(&self.socket)
-            .args(args);
-        cmd.output().expect("divert init")
-    }
-
-    fn dial(&self) -> (SocketAddr, String) {
-        let dst = SocketAddr::new(self.lab.v4(2), 80);
-        (dst, self.lab.dial(dst, 1000, 1000, false).expect("dial"))
-    }
-
-    fn assert_redirected(&self, when: &str) {
-        let (dst, got) = self.dial();
-        assert_eq!(got, expected(Action::Redirect(15001), dst, false), "{when}");
-    }
-
-    fn assert_attached_once(&self, when: &str) {
-        let counts = pinned::attachment_counts(&self.lab.root.path).unwrap();
-        assert!(counts.iter().all(|&(_, n)| n == 1), "{when}: {counts:?}");
-    }
-}
-
-/// The Istio injector's istio-iptables command line.
-const INJECTOR: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-];
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use divert_tests::{
+    cases::expected,
+    command_in, divert_bin,
+    node::{text, Setup, INJECTOR},
+    require_root,
+};
 
 #[test]
 fn init_registers_and_interception_survives_kill_and_restart() {
     require_root!();
-    let s = Setup::new();
+    let s = Setup::start();
     let mut daemon = s.daemon();
     s.assert_attached_once("after the first start");
 
@@ -230,7 +61,7 @@ fn init_registers_and_interception_survives_kill_and_restart() {
 #[test]
 fn only_the_callers_own_pod_namespace_can_be_registered() {
     require_root!();
-    let s = Setup::new();
+    let s = Setup::start();
     let _daemon = s.daemon();
     assert!(s.init(INJECTOR).status.success());
 
@@ -275,7 +106,7 @@ fn only_the_callers_own_pod_namespace_can_be_registered() {
 #[test]
 fn uninstall_detaches_and_unpins_everything() {
     require_root!();
-    let s = Setup::new();
+    let s = Setup::start();
     let mut daemon = s.daemon();
     assert!(s.init(INJECTOR).status.success());
     s.assert_redirected("before uninstall");
@@ -305,7 +136,7 @@ fn uninstall_detaches_and_unpins_everything() {
 #[test]
 fn a_pinned_map_of_another_shape_is_reported_not_reused() {
     require_root!();
-    let s = Setup::new();
+    let s = Setup::start();
     let mut daemon = s.daemon();
     assert!(s.init(INJECTOR).status.success());
     daemon.child.kill().unwrap();
@@ -344,7 +175,7 @@ fn a_pinned_map_of_another_shape_is_reported_not_reused() {
 #[test]
 fn a_deleted_namespace_loses_its_policy_and_the_others_keep_theirs() {
     require_root!();
-    let s = Setup::new();
+    let s = Setup::start();
     let _daemon = s.daemon();
     assert!(s.init(INJECTOR).status.success());
     let (client, _) = s.lab.client_identity().unwrap();
@@ -391,7 +222,7 @@ fn a_deleted_namespace_loses_its_policy_and_the_others_keep_theirs() {
 #[test]
 fn a_full_policy_map_fails_the_registration() {
     require_root!();
-    let s = Setup::new();
+    let s = Setup::start();
     let _daemon = s.daemon();
     // Fill every slot of POLICIES with made-up namespaces.
     let mut maps = pinned::open_maps(&s.bpffs.path()).unwrap();
@@ -456,7 +287,7 @@ fn init_in(
 #[test]
 fn validate_proves_each_backend_and_undoes_a_failed_setup() {
     require_root!();
-    let s = Setup::new();
+    let s = Setup::start();
     let _daemon = s.daemon();
     let sock = s.socket.to_str().unwrap();
 
@@ -549,7 +380,7 @@ fn validate_proves_each_backend_and_undoes_a_failed_setup() {
 #[test]
 fn metrics_count_every_connection_per_destination_with_bounded_series() {
     require_root!();
-    let s = Setup::new();
+    let s = Setup::start();
     let _daemon = s.daemon_with(&["--metrics-top", "2"]);
     assert_eq!(s.http_get("/healthz/ready").0, 200);
     assert!(s.init(INJECTOR).status.success());

@@ -49,6 +49,17 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = daemon::gc::DEFAULT_INTERVAL.as_secs_f64(), env = "DIVERT_GC_INTERVAL")]
     pub gc_interval: f64,
 
+    /// Watch this node's pods (NODE_NAME) and register meshed pods from
+    /// their annotations over the mesh defaults of --mesh-config.
+    #[arg(long, env = "DIVERT_KUBERNETES")]
+    pub kubernetes: bool,
+
+    /// Mesh-wide defaults (JSON: includeIPRanges, excludeIPRanges,
+    /// includeOutboundPorts, excludeOutboundPorts, proxyUID, proxyGID,
+    /// proxyPort, inboundCapturePort); missing means Istio's defaults.
+    #[arg(long, value_name = "PATH", default_value = daemon::kube::DEFAULT_MESH_CONFIG, env = "DIVERT_MESH_CONFIG")]
+    pub mesh_config: PathBuf,
+
     /// Detach and unpin everything under --bpffs-dir, then exit.
     #[arg(long)]
     pub uninstall: bool,
@@ -76,6 +87,13 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    let node = match (args.kubernetes, std::env::var("NODE_NAME")) {
+        (false, _) => None,
+        (true, Ok(n)) if !n.is_empty() => Some(n),
+        (true, _) => anyhow::bail!(
+            "--kubernetes needs NODE_NAME (set it from the downward API: spec.nodeName)"
+        ),
+    };
     let cgroup_root = match &args.cgroup_root {
         Some(p) => p.clone(),
         None => crate::cgroup::cgroup2_mount().context("finding the cgroup v2 mount")?,
@@ -110,5 +128,16 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     let bound = daemon::metrics::serve(args.metrics_addr, registry.clone(), metrics)?;
     tracing::info!("metrics on http://{bound}/metrics, readiness on /healthz/ready");
     tracing::info!("serving registrations on {}", args.socket.display());
+    if let Some(node) = node {
+        let registry = registry.clone();
+        let mesh = args.mesh_config.clone();
+        tracing::info!(node = %node, "watching this node's pods");
+        std::thread::spawn(move || {
+            if let Err(e) = daemon::kube::run(registry, node, &mesh) {
+                tracing::error!(error = %format!("{e:#}"), "the Kubernetes pod watch stopped");
+                std::process::exit(crate::cli::EXIT_SETUP.into());
+            }
+        });
+    }
     daemon::serve(listener, registry)
 }

@@ -10,6 +10,7 @@
 //! `hostNetwork`) is refused.
 
 pub mod gc;
+pub mod kube;
 pub mod metrics;
 pub mod proto;
 
@@ -97,6 +98,28 @@ impl Registry {
         self.interceptor.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Register (or replace) `netns_cookie`'s policy, with the namespace's
+    /// own addresses. The node's own namespace is refused.
+    pub fn register_namespace(
+        &self,
+        netns_cookie: u64,
+        mut policy: crate::policy::Policy,
+        local_addrs: &[std::net::IpAddr],
+    ) -> anyhow::Result<()> {
+        if netns_cookie == self.host_netns {
+            anyhow::bail!(
+                "netns {netns_cookie} is the node's own network namespace; only pod namespaces can be registered"
+            );
+        }
+        policy.local_addrs = local_addrs.to_vec();
+        let mut i = self.lock();
+        if i.is_registered(netns_cookie)? {
+            i.unregister_netns(netns_cookie)?;
+        }
+        i.register(netns_cookie, &policy)?;
+        Ok(())
+    }
+
     /// Answer one request from `peer`.
     pub fn handle(&self, peer: &Peer, req: Request) -> Response {
         let mut r = Response {
@@ -118,14 +141,9 @@ impl Registry {
                     peer.netns_cookie
                 );
             }
-            let mut i = self.lock();
             match req.op {
-                Op::Register { mut policy } => {
-                    policy.local_addrs = peer.local_addrs.clone();
-                    if i.is_registered(peer.netns_cookie)? {
-                        i.unregister_netns(peer.netns_cookie)?;
-                    }
-                    i.register(peer.netns_cookie, &policy)?;
+                Op::Register { policy } => {
+                    self.register_namespace(peer.netns_cookie, *policy, &peer.local_addrs)?;
                     tracing::info!(
                         pid = peer.pid,
                         netns_cookie = peer.netns_cookie,
@@ -134,7 +152,7 @@ impl Registry {
                     Ok(true)
                 }
                 Op::Unregister => {
-                    i.unregister_netns(peer.netns_cookie)?;
+                    self.lock().unregister_netns(peer.netns_cookie)?;
                     tracing::info!(
                         pid = peer.pid,
                         netns_cookie = peer.netns_cookie,
@@ -142,7 +160,7 @@ impl Registry {
                     );
                     Ok(false)
                 }
-                Op::Status => Ok(i.is_registered(peer.netns_cookie)?),
+                Op::Status => Ok(self.lock().is_registered(peer.netns_cookie)?),
             }
         })();
         match outcome {

@@ -22,6 +22,12 @@ pub enum Source {
     Env(String),
     /// Nobody set it: the built-in default.
     Default(String),
+    /// A pod annotation, e.g. `traffic.sidecar.istio.io/includeOutboundIPRanges`
+    /// on `shop/cart-1`.
+    Annotation { pod: String, annotation: String },
+    /// The node daemon's mesh-wide defaults file, e.g. `includeIPRanges` in
+    /// `/etc/divert/mesh/config.json`.
+    MeshConfig { file: String, key: String },
 }
 
 impl fmt::Display for Source {
@@ -30,6 +36,10 @@ impl fmt::Display for Source {
             Source::Flag(s) => write!(f, "{s}"),
             Source::Env(s) => write!(f, "environment variable {s}"),
             Source::Default(s) => write!(f, "the default of {s}"),
+            Source::Annotation { pod, annotation } => {
+                write!(f, "annotation {annotation} of pod {pod}")
+            }
+            Source::MeshConfig { file, key } => write!(f, "{key} in {file}"),
         }
     }
 }
@@ -248,7 +258,12 @@ impl PolicyArgs {
     /// from, used to say whether a bad value came from a flag or the
     /// environment; without them every value is attributed to its flag.
     pub fn to_policy(&self, matches: Option<&ArgMatches>) -> Result<Policy, PolicyError> {
-        let origin = |id: &str| origin_of(id, matches);
+        self.to_policy_from(&|id: &str| origin_of(id, matches))
+    }
+
+    /// Validate into a [`Policy`], attributing each setting (by its field
+    /// name, e.g. `include_ranges`) to the [`Source`] `origin` gives.
+    pub fn to_policy_from(&self, origin: &dyn Fn(&str) -> Source) -> Result<Policy, PolicyError> {
         let proxy_uids = parse_ids(&self.proxy_uids, origin("proxy_uids"))?;
         if proxy_uids.is_empty() {
             return Err(PolicyError::NoProxyUid {

@@ -1,0 +1,196 @@
+//! A node with `divert daemon` running for a test: a [`Lab`], a private
+//! bpffs mount, the daemon attached at the lab's cgroup root, and helpers to
+//! run `divert init`, dial, and read the daemon's HTTP endpoint.
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use divert::{ebpf::pinned, policy::Action};
+
+use crate::{cases::expected, command_in, divert_bin, Daemon, Lab};
+
+/// A temporary directory the daemon mounts bpffs on; on drop, everything
+/// pinned there is removed and the mount is lazily unmounted.
+pub struct Bpffs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Bpffs {
+    pub fn tempdir() -> Bpffs {
+        Bpffs {
+            dir: tempfile::Builder::new()
+                .prefix("divert-bpffs-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("bpf")
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = pinned::uninstall(&self.path());
+        let _ = nix::mount::umount2(&self.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+pub struct Setup {
+    pub lab: Lab,
+    pub bpffs: Bpffs,
+    pub socket: PathBuf,
+    _peers: Vec<Daemon>,
+    starts: std::cell::Cell<u32>,
+    /// Where the last started daemon serves /metrics.
+    metrics: std::cell::Cell<Option<SocketAddr>>,
+}
+
+impl Setup {
+    pub fn start() -> Setup {
+        let lab = Lab::new().expect("lab");
+        let peers = lab.start_peers().expect("peers");
+        let bpffs = Bpffs::tempdir();
+        let socket = bpffs.dir.path().join("divert.sock");
+        Setup {
+            lab,
+            bpffs,
+            socket,
+            _peers: peers,
+            starts: Default::default(),
+            metrics: Default::default(),
+        }
+    }
+
+    /// Start `divert daemon` (host namespace, attached at the lab's cgroup
+    /// root, metrics on a free loopback port) and wait until it is ready.
+    pub fn daemon(&self) -> Daemon {
+        self.daemon_with(&[])
+    }
+
+    pub fn daemon_with(&self, extra: &[&str]) -> Daemon {
+        self.daemon_env(extra, &[])
+    }
+
+    /// [`Setup::daemon`] with extra flags and environment variables.
+    pub fn daemon_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let _ = std::fs::remove_file(&self.socket);
+        self.starts.set(self.starts.get() + 1);
+        let log = self
+            .bpffs
+            .dir
+            .path()
+            .join(format!("daemon-{}.log", self.starts.get()));
+        let mut cmd = Command::new(divert_bin());
+        cmd.arg("daemon")
+            .args(["--gc-interval", "0.5", "--metrics-addr", "127.0.0.1:0"])
+            .args(extra)
+            .envs(env.iter().copied())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .arg("--cgroup-root")
+            .arg(&self.lab.root.path)
+            .arg("--bpffs-dir")
+            .arg(self.bpffs.path())
+            .arg("--socket")
+            .arg(&self.socket);
+        let mut d = Daemon::spawn("divert daemon", cmd).expect("spawn the daemon");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .find_map(|l| l.split_once("metrics on http://").map(|(_, a)| a))
+                .and_then(|l| l.split('/').next())
+            {
+                self.metrics.set(Some(addr.parse().unwrap()));
+                break;
+            }
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("divert daemon exited: {status}: {text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready after 20 s: {text}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// GET `path` from the daemon's HTTP endpoint: (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let addr = self.metrics.get().expect("a daemon was started");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut all = String::new();
+        std::io::Read::read_to_string(&mut s, &mut all).unwrap();
+        let status = all
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = all
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        (status, body)
+    }
+
+    /// `divert init ARGS…` from the lab's client namespace.
+    pub fn init(&self, args: &[&str]) -> std::process::Output {
+        let (mut cmd, _keep) =
+            command_in(self.lab.in_client(&self.lab.plain, None), divert_bin()).unwrap();
+        cmd.args(["init", "--backend", "ebpf", "--daemon-socket"])
+            .arg(&self.socket)
+            .args(args);
+        cmd.output().expect("divert init")
+    }
+
+    pub fn dial(&self) -> (SocketAddr, String) {
+        let dst = SocketAddr::new(self.lab.v4(2), 80);
+        (dst, self.lab.dial(dst, 1000, 1000, false).expect("dial"))
+    }
+
+    pub fn assert_redirected(&self, when: &str) {
+        let (dst, got) = self.dial();
+        assert_eq!(got, expected(Action::Redirect(15001), dst, false), "{when}");
+    }
+
+    pub fn assert_attached_once(&self, when: &str) {
+        let counts = pinned::attachment_counts(&self.lab.root.path).unwrap();
+        assert!(counts.iter().all(|&(_, n)| n == 1), "{when}: {counts:?}");
+    }
+}
+
+/// The Istio injector's istio-iptables command line.
+pub const INJECTOR: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
+
+/// Lossy UTF-8 of a process's output.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
