@@ -11,6 +11,9 @@
 //! * `client DST [--mapped]`: connects (with `--mapped`, an IPv4 DST through
 //!   an AF_INET6 socket as `::ffff:a.b.c.d`), prints the line it got and
 //!   ` peer=<getpeername()>`; exit 1 with `error …` otherwise.
+//! * `connects DST N`: N connects to DST one after another, each closed at
+//!   once; a refused connect counts as made (the kernel judged it). Prints
+//!   `connects N refused R`.
 //! * `sockopts DST`: connects and prints, one per line, the results of
 //!   getsockopt calls whose answers do not change from one run to the next,
 //!   for comparing a process under divert's getsockopt program with one that
@@ -46,7 +49,8 @@ fn main() -> ExitCode {
             args.get(2).map(String::as_str) == Some("--mapped"),
         ),
         Some("sockopts") => sockopts(&args[1]),
-        _ => Err("usage: divert-testkit server|http|proxy|client|sockopts …".into()),
+        Some("connects") => connects(&args[1], &args[2]),
+        _ => Err("usage: divert-testkit server|http|proxy|client|sockopts|connects …".into()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -334,5 +338,20 @@ fn sockopts(dst: &str) -> Result<()> {
         "SO_PEERSEC(16384) errno={e} len={len} bytes={}",
         hex(&b[..b.len().min(64)])
     );
+    Ok(())
+}
+
+fn connects(dst: &str, n: &str) -> Result<()> {
+    let dst: SocketAddr = dst.parse()?;
+    let n: usize = n.parse()?;
+    let mut refused = 0;
+    for _ in 0..n {
+        match TcpStream::connect_timeout(&dst, TIMEOUT) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    println!("connects {n} refused {refused}");
     Ok(())
 }
