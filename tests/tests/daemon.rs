@@ -429,3 +429,60 @@ fn metrics_count_every_connection_per_destination_with_bounded_series() {
     assert!(body.contains("divert_registered_namespaces 1"), "{body}");
     assert_eq!(s.http_get("/nope").0, 404);
 }
+
+#[test]
+fn a_second_init_replaces_the_policy_exactly() {
+    require_root!();
+    let s = Setup::start();
+    let _daemon = s.daemon();
+    let flags = |x: &str, o: &str| {
+        vec!["-p", "15001", "-u", "1337", "-i", "*", "-x", x, "-o", o]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let first = flags("10.1.0.0/16,10.2.0.0/16", "5432");
+    let out = s.init(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let second = flags("10.2.0.0/16,10.3.0.0/16", "80");
+    let out = s.init(&second.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // What the maps hold is the second policy, entry for entry: nothing of
+    // the first is left, nothing of the second is missing.
+    let (cookie, mut local) = s.lab.client_identity().unwrap();
+    let mut want = divert_tests::goldens::policy_for(&second).unwrap();
+    local.sort();
+    want.local_addrs = local;
+    want.exclude_ranges.sort();
+    let got = pinned::open_maps(&s.bpffs.path())
+        .unwrap()
+        .policy_of(cookie)
+        .unwrap()
+        .expect("registered");
+    assert_eq!(got.exclude_ranges, want.exclude_ranges);
+    assert_eq!(got.exclude_ports, want.exclude_ports);
+    assert_eq!(got.include_ranges, want.include_ranges);
+    assert_eq!(got.local_addrs, want.local_addrs);
+    assert_eq!(
+        (
+            got.proxy_port,
+            got.proxy_uids.clone(),
+            got.proxy_gids.clone()
+        ),
+        (
+            want.proxy_port,
+            want.proxy_uids.clone(),
+            want.proxy_gids.clone()
+        )
+    );
+    // And the kernel judges by it: 5432 is redirected again, 80 is not.
+    let peer = s.lab.v4(2);
+    for (port, action) in [(5432, Action::Redirect(15001)), (80, Action::PassThrough)] {
+        let dst = SocketAddr::new(peer, port);
+        assert_eq!(
+            s.lab.dial(dst, 1000, 1000, false).unwrap(),
+            expected(action, dst, false)
+        );
+    }
+}

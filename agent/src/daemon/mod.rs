@@ -98,8 +98,9 @@ impl Registry {
         self.interceptor.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Register (or replace) `netns_cookie`'s policy, with the namespace's
-    /// own addresses. The node's own namespace is refused.
+    /// Register `netns_cookie`'s policy, or replace it make-before-break
+    /// (see [`Interceptor::replace`]), with the namespace's own addresses.
+    /// The node's own namespace is refused.
     pub fn register_namespace(
         &self,
         netns_cookie: u64,
@@ -112,11 +113,7 @@ impl Registry {
             );
         }
         policy.local_addrs = local_addrs.to_vec();
-        let mut i = self.lock();
-        if i.is_registered(netns_cookie)? {
-            i.unregister_netns(netns_cookie)?;
-        }
-        i.register(netns_cookie, &policy)?;
+        self.lock().replace(netns_cookie, &policy)?;
         Ok(())
     }
 

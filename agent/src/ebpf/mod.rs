@@ -349,6 +349,155 @@ impl Interceptor {
         Ok(v)
     }
 
+    /// Replace `netns_cookie`'s policy make-before-break: the new entries
+    /// are written beside the old ones, then the header is swapped in one
+    /// map update, then the old entries the new policy does not have are
+    /// removed. The namespace is never without a policy, so no connect slips
+    /// through unmeshed while a policy changes; during the change a connect
+    /// is judged by the old header or the new one. Not registered yet: a
+    /// plain [`Interceptor::register`]. On error the old policy stands.
+    pub fn replace(&mut self, netns_cookie: u64, policy: &Policy) -> Result<()> {
+        if !self.is_registered(netns_cookie)? {
+            return self.register(netns_cookie, policy);
+        }
+        let old = self.owned(netns_cookie)?;
+        let new = Entries::of(netns_cookie, policy);
+        let added = new.minus(&old);
+        if let Err(e) = self.write_keys(&added) {
+            let _ = self.remove_keys(&added);
+            return Err(e.full());
+        }
+        self.policies()?
+            .insert(netns_cookie, header(policy), 0)
+            .map_err(|source| Error::Map {
+                map: maps::POLICIES,
+                source,
+            })?;
+        self.remove_keys(&old.minus(&new))
+    }
+
+    /// The outbound policy `netns_cookie` has in the maps, as the kernel
+    /// judges with it: ports, UIDs and GIDs from the header, include and
+    /// exclude ranges, ports and the namespace's own addresses from their
+    /// maps (ranges, ports and addresses sorted). Inbound settings and
+    /// interfaces are not in the maps and come back as defaults. `None`:
+    /// not registered.
+    pub fn policy_of(&mut self, netns_cookie: u64) -> Result<Option<Policy>> {
+        let h = match self.policies()?.get(&netns_cookie, 0) {
+            Ok(h) => h,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(source) => {
+                return Err(Error::Map {
+                    map: maps::POLICIES,
+                    source,
+                })
+            }
+        };
+        let e = self.owned(netns_cookie)?;
+        let net4 = |k: &Key<LpmKey4>| {
+            IpNetwork::new(IpAddr::from(k.data().addr), (k.prefix_len() - 64) as u8)
+                .expect("a prefix the trie accepted")
+        };
+        let net6 = |k: &Key<LpmKey6>| {
+            IpNetwork::new(IpAddr::from(k.data().addr), (k.prefix_len() - 64) as u8)
+                .expect("a prefix the trie accepted")
+        };
+        let mut include: Vec<IpNetwork> = e
+            .include4
+            .iter()
+            .map(net4)
+            .chain(e.include6.iter().map(net6))
+            .collect();
+        let mut exclude: Vec<IpNetwork> = e
+            .exclude4
+            .iter()
+            .map(net4)
+            .chain(e.exclude6.iter().map(net6))
+            .collect();
+        include.sort();
+        exclude.sort();
+        let ports = |list: u8| {
+            let mut v: Vec<u16> = e
+                .ports
+                .iter()
+                .filter(|k| k.list == list)
+                .map(|k| k.port)
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let mut local_addrs: Vec<IpAddr> = e
+            .addrs
+            .iter()
+            .map(|k| canonical(IpAddr::from(k.addr)))
+            .collect();
+        local_addrs.sort();
+        Ok(Some(Policy {
+            proxy_port: h.proxy_port,
+            inbound_capture_port: h.inbound_capture_port,
+            inbound_tunnel_port: h.inbound_tunnel_port,
+            proxy_uids: h.proxy_uids[..h.proxy_uid_count as usize].to_vec(),
+            proxy_gids: h.proxy_gids[..h.proxy_gid_count as usize].to_vec(),
+            include_ranges: if h.flags & flags::INCLUDE_ALL != 0 {
+                IncludeRanges::All
+            } else {
+                IncludeRanges::List(include)
+            },
+            exclude_ranges: exclude,
+            include_ports: ports(port_list::INCLUDE),
+            exclude_ports: ports(port_list::EXCLUDE),
+            local_addrs,
+            ..Policy::default()
+        }))
+    }
+
+    /// Every trie, port and address key carrying `netns_cookie`, found by
+    /// walking the maps.
+    fn owned(&mut self, netns_cookie: u64) -> Result<Entries> {
+        fn walk<K: aya::Pod>(
+            t: &LpmTrie<&mut MapData, K, u8>,
+            mine: impl Fn(&K) -> bool,
+        ) -> Vec<Key<K>> {
+            t.keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| mine(&k.data()))
+                .collect()
+        }
+        let include4 = walk(&lpm(&mut self.maps, maps::INCLUDE_V4)?, |k: &LpmKey4| {
+            ({ k.netns_cookie }) == netns_cookie
+        });
+        let exclude4 = walk(&lpm(&mut self.maps, maps::EXCLUDE_V4)?, |k: &LpmKey4| {
+            ({ k.netns_cookie }) == netns_cookie
+        });
+        let include6 = walk(&lpm(&mut self.maps, maps::INCLUDE_V6)?, |k: &LpmKey6| {
+            ({ k.netns_cookie }) == netns_cookie
+        });
+        let exclude6 = walk(&lpm(&mut self.maps, maps::EXCLUDE_V6)?, |k: &LpmKey6| {
+            ({ k.netns_cookie }) == netns_cookie
+        });
+        let ports: HashMap<&mut MapData, PortKey, u8> = hash_map(&mut self.maps, maps::PORTS)?;
+        let ports = ports
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        let addrs: HashMap<&mut MapData, AddrKey, u8> =
+            hash_map(&mut self.maps, maps::LOCAL_ADDRS)?;
+        let addrs = addrs
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        Ok(Entries {
+            include4,
+            exclude4,
+            include6,
+            exclude6,
+            ports,
+            addrs,
+        })
+    }
+
     /// Whether `netns_cookie` has a policy in this instance.
     pub fn is_registered(&mut self, netns_cookie: u64) -> Result<bool> {
         match self.policies()?.get(&netns_cookie, 0) {
@@ -378,51 +527,8 @@ impl Interceptor {
                 })
             }
         };
-        let gone = |r: std::result::Result<(), MapError>, map| match r {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(Error::Map { map, source }),
-        };
-        for name in [maps::INCLUDE_V4, maps::EXCLUDE_V4] {
-            let mut t: LpmTrie<&mut MapData, LpmKey4, u8> = lpm(&mut self.maps, name)?;
-            let keys: Vec<_> = t
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| ({ k.data().netns_cookie }) == netns_cookie)
-                .collect();
-            for k in &keys {
-                gone(t.remove(k), name)?;
-            }
-        }
-        for name in [maps::INCLUDE_V6, maps::EXCLUDE_V6] {
-            let mut t: LpmTrie<&mut MapData, LpmKey6, u8> = lpm(&mut self.maps, name)?;
-            let keys: Vec<_> = t
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| ({ k.data().netns_cookie }) == netns_cookie)
-                .collect();
-            for k in &keys {
-                gone(t.remove(k), name)?;
-            }
-        }
-        let mut ports: HashMap<&mut MapData, PortKey, u8> = hash_map(&mut self.maps, maps::PORTS)?;
-        let keys: Vec<PortKey> = ports
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.netns_cookie == netns_cookie)
-            .collect();
-        for k in &keys {
-            gone(ports.remove(k), maps::PORTS)?;
-        }
-        let mut addrs: HashMap<&mut MapData, AddrKey, u8> =
-            hash_map(&mut self.maps, maps::LOCAL_ADDRS)?;
-        let keys: Vec<AddrKey> = addrs
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.netns_cookie == netns_cookie)
-            .collect();
-        for k in &keys {
-            gone(addrs.remove(k), maps::LOCAL_ADDRS)?;
-        }
+        let owned = self.owned(netns_cookie)?;
+        self.remove_keys(&owned)?;
         Ok(was)
     }
 
@@ -488,7 +594,10 @@ impl Interceptor {
     }
 
     fn write_entries(&mut self, netns: u64, policy: &Policy) -> Result<()> {
-        let e = Entries::of(netns, policy);
+        self.write_keys(&Entries::of(netns, policy))
+    }
+
+    fn write_keys(&mut self, e: &Entries) -> Result<()> {
         for (name, keys) in [
             (maps::INCLUDE_V4, &e.include4),
             (maps::EXCLUDE_V4, &e.exclude4),
@@ -524,7 +633,10 @@ impl Interceptor {
     /// Remove every entry `policy` wrote for `netns`; entries already gone
     /// are fine. Tries them all and returns the first failure.
     fn remove_entries(&mut self, netns: u64, policy: &Policy) -> Result<()> {
-        let e = Entries::of(netns, policy);
+        self.remove_keys(&Entries::of(netns, policy))
+    }
+
+    fn remove_keys(&mut self, e: &Entries) -> Result<()> {
         let mut first: Option<Error> = None;
         let mut note = |name: &'static str, r: std::result::Result<(), MapError>| match r {
             Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -570,6 +682,51 @@ struct Entries {
 }
 
 impl Entries {
+    /// The entries of `self` that `other` does not have.
+    fn minus(&self, other: &Entries) -> Entries {
+        use std::collections::HashSet;
+        fn lpm_minus<K: aya::Pod>(a: &[Key<K>], b: &[Key<K>]) -> Vec<Key<K>> {
+            // Compare keys as (prefix length, key bytes).
+            let ident = |k: &Key<K>| {
+                let d = k.data();
+                // SAFETY: K is a plain-old-data map key; reading its bytes is sound.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(
+                        (&d as *const K).cast::<u8>(),
+                        std::mem::size_of::<K>(),
+                    )
+                }
+                .to_vec();
+                (k.prefix_len(), bytes)
+            };
+            let have: HashSet<_> = b.iter().map(ident).collect();
+            a.iter()
+                .filter(|k| !have.contains(&ident(k)))
+                .copied()
+                .collect()
+        }
+        let ports: HashSet<&PortKey> = other.ports.iter().collect();
+        let addrs: HashSet<&AddrKey> = other.addrs.iter().collect();
+        Entries {
+            include4: lpm_minus(&self.include4, &other.include4),
+            exclude4: lpm_minus(&self.exclude4, &other.exclude4),
+            include6: lpm_minus(&self.include6, &other.include6),
+            exclude6: lpm_minus(&self.exclude6, &other.exclude6),
+            ports: self
+                .ports
+                .iter()
+                .filter(|k| !ports.contains(k))
+                .copied()
+                .collect(),
+            addrs: self
+                .addrs
+                .iter()
+                .filter(|k| !addrs.contains(k))
+                .copied()
+                .collect(),
+        }
+    }
+
     fn of(netns: u64, policy: &Policy) -> Entries {
         let port = |port, list| PortKey {
             netns_cookie: netns,
