@@ -290,24 +290,21 @@ fn validate_proves_each_backend_and_undoes_a_failed_setup() {
     let s = Setup::start();
     let _daemon = s.daemon();
     let sock = s.socket.to_str().unwrap();
+    let ebpf = [
+        "--backend",
+        "ebpf",
+        "--daemon-socket",
+        sock,
+        "--validate",
+        "-u",
+        "1337",
+        "-i",
+        "*",
+    ];
 
     // eBPF, the pod under the daemon's cgroup root: proven.
     let pod = pod_netns("va");
-    let out = init_in(
-        &pod,
-        &s.lab.plain,
-        &[
-            "--backend",
-            "ebpf",
-            "--daemon-socket",
-            sock,
-            "--validate",
-            "-u",
-            "1337",
-            "-i",
-            "*",
-        ],
-    );
+    let out = init_in(&pod, &s.lab.plain, &ebpf);
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
@@ -348,21 +345,7 @@ fn validate_proves_each_backend_and_undoes_a_failed_setup() {
     .unwrap();
     let stray = pod_netns("vo");
     let stray_cookie = stray.enter(divert::netns::current_cookie).unwrap().unwrap();
-    let out = init_in(
-        &stray,
-        &outside,
-        &[
-            "--backend",
-            "ebpf",
-            "--daemon-socket",
-            sock,
-            "--validate",
-            "-u",
-            "1337",
-            "-i",
-            "*",
-        ],
-    );
+    let out = init_in(&stray, &outside, &ebpf);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(

@@ -27,7 +27,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::Duration,
 };
@@ -320,7 +320,7 @@ impl Watch {
             self.applied.pending.insert(uid, pod);
             return;
         };
-        let peer = match netns_of(pid) {
+        let peer = match super::peer_of_pid(pid) {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(pod = %who, error = %format!("{e:#}"), "pod namespace not readable yet");
@@ -329,21 +329,23 @@ impl Watch {
             }
         };
         self.applied.pending.remove(&uid);
-        if self.applied.registered.get(&uid) == Some(&(peer.0, policy.clone())) {
+        if self.applied.registered.get(&uid) == Some(&(peer.netns_cookie, policy.clone())) {
             return;
         }
         match self
             .registry
-            .register_namespace(peer.0, policy.clone(), &peer.1)
+            .register_namespace(peer.netns_cookie, policy.clone(), &peer.local_addrs)
         {
             Ok(()) => {
                 self.registry.set_identity(
-                    peer.0,
+                    peer.netns_cookie,
                     pod.namespace().unwrap_or_default(),
                     pod.name_any(),
                 );
-                tracing::info!(pod = %who, netns_cookie = peer.0, "registered from annotations");
-                self.applied.registered.insert(uid, (peer.0, policy));
+                tracing::info!(pod = %who, netns_cookie = peer.netns_cookie, "registered from annotations");
+                self.applied
+                    .registered
+                    .insert(uid, (peer.netns_cookie, policy));
             }
             Err(e) => tracing::warn!(pod = %who, error = %format!("{e:#}"), "registration failed"),
         }
@@ -385,23 +387,6 @@ impl Watch {
             tracing::warn!(pod = %pod.name_any(), error = %e, "posting the Event");
         }
     }
-}
-
-/// The netns cookie and addresses of `pid`'s network namespace.
-fn netns_of(pid: i32) -> anyhow::Result<(u64, Vec<std::net::IpAddr>)> {
-    use nix::sched::{setns, CloneFlags};
-    use std::os::fd::AsFd;
-    let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
-    let f = fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    std::thread::spawn(move || -> anyhow::Result<_> {
-        setns(f.as_fd(), CloneFlags::CLONE_NEWNET)?;
-        Ok((
-            crate::netns::current_cookie()?,
-            crate::netns::local_addresses()?,
-        ))
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the netns thread panicked"))?
 }
 
 /// Watch this node's pods forever (on a runtime of its own). Errors: no

@@ -44,11 +44,17 @@ pub struct Peer {
 pub fn identify(stream: &UnixStream) -> anyhow::Result<Peer> {
     let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
         .context("SO_PEERCRED")?;
-    let pid = cred.pid();
+    peer_of_pid(cred.pid())
+}
+
+/// The network namespace of process `pid` (as this daemon's pid namespace
+/// numbers it): its cookie and its own addresses, read on a thread that
+/// enters `/proc/<pid>/ns/net`.
+pub fn peer_of_pid(pid: i32) -> anyhow::Result<Peer> {
     let ns_path = format!("/proc/{pid}/ns/net");
     let ns = fs::File::open(&ns_path).with_context(|| format!("opening {ns_path}"))?;
     let (netns_cookie, local_addrs) = thread::spawn(move || -> anyhow::Result<_> {
-        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).context("entering the caller's netns")?;
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).context("entering the netns")?;
         Ok((netns::current_cookie()?, netns::local_addresses()?))
     })
     .join()
