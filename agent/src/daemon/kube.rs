@@ -303,6 +303,7 @@ impl Watch {
             self.applied.pending.remove(&uid);
             if let Some((cookie, _)) = self.applied.registered.remove(&uid) {
                 let _ = self.registry.lock().unregister_netns(cookie);
+                self.registry.forget_identity(cookie);
                 tracing::info!(pod = %who, netns_cookie = cookie, "no longer meshed: unregistered");
             }
             return;

@@ -25,7 +25,7 @@
 //! counted between an eviction and the next scrape can be.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     thread,
@@ -68,8 +68,9 @@ struct State {
     last: HashMap<Key, u64>,
     /// Per namespace, the destinations with their own series.
     exposed: HashMap<u64, BTreeSet<(IpAddr, u16)>>,
-    /// Per namespace, every label set written (to remove them together).
-    series: HashMap<u64, BTreeSet<(String, String, &'static str)>>,
+    /// Per namespace, every label set written (to remove them together,
+    /// whatever is known of the pod by then).
+    series: HashMap<u64, HashSet<ConnectionLabels>>,
 }
 
 /// The metrics of one daemon.
@@ -125,16 +126,8 @@ impl Metrics {
             .filter(|c| !live.contains(c))
             .collect();
         for c in gone {
-            let (ns, pod) = identity.get(&c).cloned().unwrap_or_default();
-            for (destination, port, verdict) in st.series.remove(&c).unwrap_or_default() {
-                self.connections.remove(&ConnectionLabels {
-                    namespace: ns.clone(),
-                    pod: pod.clone(),
-                    netns_cookie: c.to_string(),
-                    destination,
-                    port,
-                    verdict: verdict.to_string(),
-                });
+            for labels in st.series.remove(&c).unwrap_or_default() {
+                self.connections.remove(&labels);
             }
             st.exposed.remove(&c);
             st.last.retain(|k, _| k.0 != c);
@@ -156,22 +149,17 @@ impl Metrics {
                 (OTHER.to_string(), String::new())
             };
             let (namespace, pod) = identity.get(&k.netns_cookie).cloned().unwrap_or_default();
-            st.series.entry(k.netns_cookie).or_default().insert((
-                destination.clone(),
-                port.clone(),
-                k.verdict,
-            ));
+            let labels = ConnectionLabels {
+                namespace,
+                pod,
+                netns_cookie: k.netns_cookie.to_string(),
+                destination,
+                port,
+                verdict: k.verdict.to_string(),
+            };
             // get_or_create even for a zero delta, so the series exists.
-            self.connections
-                .get_or_create(&ConnectionLabels {
-                    namespace,
-                    pod,
-                    netns_cookie: k.netns_cookie.to_string(),
-                    destination,
-                    port,
-                    verdict: k.verdict.to_string(),
-                })
-                .inc_by(delta);
+            self.connections.get_or_create(&labels).inc_by(delta);
+            st.series.entry(k.netns_cookie).or_default().insert(labels);
         }
     }
 
@@ -318,8 +306,8 @@ mod tests {
             Some(6),
             "{t}"
         );
-        // Unregistered: its series go.
-        m.update(&[], &[], &id);
+        // Unregistered (and its identity already forgotten): its series go.
+        m.update(&[], &[], &BTreeMap::new());
         let t = m.render();
         assert!(!t.contains("netns_cookie=\"7\""), "{t}");
         assert!(t.contains("divert_registered_namespaces 0"), "{t}");

@@ -92,6 +92,14 @@ impl Registry {
             .insert(netns_cookie, (namespace, pod));
     }
 
+    /// Forget the identity of a namespace that is gone or unregistered.
+    pub fn forget_identity(&self, netns_cookie: u64) {
+        self.identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&netns_cookie);
+    }
+
     /// Every known pod identity, by netns cookie.
     pub fn identities(&self) -> std::collections::BTreeMap<u64, (String, String)> {
         self.identity
@@ -156,6 +164,7 @@ impl Registry {
                 }
                 Op::Unregister => {
                     self.lock().unregister_netns(peer.netns_cookie)?;
+                    self.forget_identity(peer.netns_cookie);
                     tracing::info!(
                         pid = peer.pid,
                         netns_cookie = peer.netns_cookie,
