@@ -469,3 +469,37 @@ fn a_second_init_replaces_the_policy_exactly() {
         );
     }
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    // No root needed: uninstalling from an empty directory only logs.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(divert_bin())
+        .args([
+            "--log-format",
+            "json",
+            "daemon",
+            "--uninstall",
+            "--bpffs-dir",
+        ])
+        .arg(dir.path().join("nothing"))
+        .arg("--socket")
+        .arg(dir.path().join("sock"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(!lines.is_empty());
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"));
+        assert_eq!(v["level"], "INFO", "{l}");
+        assert!(
+            v["fields"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("nothing pinned under"),
+            "{l}"
+        );
+    }
+}
