@@ -39,6 +39,40 @@ pub mod rig;
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
+/// The istio-iptables command line Istio's sidecar injector writes for
+/// `istio-init` (its defaults).
+pub const INJECTOR: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
+
+/// [`INJECTOR`] with some flags' values replaced, and flags it does not
+/// have appended: `injector_with(&[("-i", "10.0.0.0/8"), ("-o", "3306")])`.
+pub fn injector_with(overrides: &[(&str, &str)]) -> Vec<String> {
+    let mut args: Vec<String> = INJECTOR.iter().map(|s| s.to_string()).collect();
+    for (flag, value) in overrides {
+        match args.iter().position(|a| a == flag) {
+            Some(i) => args[i + 1] = value.to_string(),
+            None => args.extend([flag.to_string(), value.to_string()]),
+        }
+    }
+    args
+}
+
 /// Skip (return early with a message) unless running as root: kernel tests
 /// need CAP_BPF, CAP_NET_ADMIN and cgroup writes.
 #[macro_export]

@@ -18,8 +18,8 @@ use divert::{ebpf::pinned, policy::Action};
 use divert_tests::{
     cases::expected,
     command_in, divert_bin,
-    node::{text, Setup, INJECTOR},
-    require_root,
+    node::{text, Setup},
+    require_root, INJECTOR,
 };
 
 #[test]

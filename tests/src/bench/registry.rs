@@ -18,28 +18,16 @@ use serde::{Deserialize, Serialize};
 use crate::goldens::policy_for;
 
 /// The flags each registered namespace gets: the Istio injector's command
-/// line with a mesh-wide include/exclude list and one excluded port, as a
-/// cluster that sets `global.proxy.includeIPRanges`/`excludeIPRanges` has.
-pub const POLICY_FLAGS: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "10.0.0.0/8,172.16.0.0/12",
-    "-x",
-    "169.254.169.254/32",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "-o",
-    "3306",
-];
+/// line ([`crate::INJECTOR`]) with a mesh-wide include/exclude list and one
+/// excluded port, as a cluster that sets
+/// `global.proxy.includeIPRanges`/`excludeIPRanges` has.
+pub fn policy_flags() -> Vec<String> {
+    crate::injector_with(&[
+        ("-i", "10.0.0.0/8,172.16.0.0/12"),
+        ("-x", "169.254.169.254/32"),
+        ("-o", "3306"),
+    ])
+}
 
 /// What [`measure`] found.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -95,7 +83,7 @@ fn pod_ip(i: usize) -> IpAddr {
 /// Register `namespaces` policies in a fresh instance (this process) and
 /// report. Cookies are made up (`1 << 62 | i`), far above any real one.
 pub fn measure(namespaces: usize) -> Result<Figures> {
-    let flags: Vec<String> = POLICY_FLAGS.iter().map(|s| s.to_string()).collect();
+    let flags = policy_flags();
     let base = policy_for(&flags)?;
     let rss_start_kib = rss_kib()?;
     let mut interceptor = Interceptor::load()?;
@@ -143,7 +131,7 @@ pub fn measure(namespaces: usize) -> Result<Figures> {
         .collect();
     Ok(Figures {
         namespaces,
-        policy_flags: POLICY_FLAGS.join(" "),
+        policy_flags: flags.join(" "),
         register_p50_us: us(&register, 0.50),
         register_p99_us: us(&register, 0.99),
         unregister_p50_us: us(&unregister, 0.50),
