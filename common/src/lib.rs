@@ -41,8 +41,13 @@ pub mod maps {
     /// `LruHashMap<TupleKey, OrigDst>`: original destination by the tuple the
     /// proxy sees as its peer, for `SO_ORIGINAL_DST`.
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
-    /// `LruPerCpuHashMap<CounterKey, u64>`: connections per destination and verdict.
+    /// `LruPerCpuHashMap<CounterKey, CounterValue>`: connections and bytes per
+    /// destination and verdict.
     pub const COUNTERS: &str = "COUNTERS";
+    /// `HashMap<u64 netns cookie, PodName>`: which Kubernetes pod a registered
+    /// namespace is, written by the daemon's pod watch. No program reads it;
+    /// it lives in the object so it is pinned, and survives, with the rest.
+    pub const PODS: &str = "PODS";
 }
 
 /// Program names (the Rust function names in `divert-ebpf`).
@@ -92,6 +97,18 @@ pub mod flags {
     pub const HAS_LOCAL_ADDRS: u32 = 1 << 8;
 }
 
+/// Who registered a policy, as stored in [`PolicyHeader::registered_by`].
+pub mod registered_by {
+    /// Not recorded.
+    pub const UNKNOWN: u8 = 0;
+    /// `divert init` in the pod, through the daemon's socket.
+    pub const INIT: u8 = 1;
+    /// The daemon's Kubernetes pod watch (`divert daemon --kubernetes`).
+    pub const KUBERNETES: u8 = 2;
+    /// `divert run`, for the namespace it runs in.
+    pub const RUN: u8 = 3;
+}
+
 /// What happened to a connect, as stored in [`OrigDst`] and [`CounterKey`].
 pub mod verdict {
     /// Left alone: the connection goes where the application asked.
@@ -115,9 +132,11 @@ pub const SO_ORIGINAL_DST: i32 = 80;
 
 /// The per-namespace policy header, the value of the `POLICIES` map.
 ///
-/// 76 bytes. Ports in host byte order; UIDs and GIDs as the kernel's
+/// 88 bytes. Ports in host byte order; UIDs and GIDs as the kernel's
 /// `bpf_get_current_uid_gid()` reports them (the caller's real IDs, in the
-/// initial user namespace).
+/// initial user namespace). The programs read everything up to
+/// `proxy_gids`; `registered_by` and `registered_at_unix_ns` are for the
+/// people reading the map (`divert maps`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyHeader {
@@ -134,8 +153,14 @@ pub struct PolicyHeader {
     pub proxy_uid_count: u8,
     /// How many of `proxy_gids` are set.
     pub proxy_gid_count: u8,
+    /// One of [`registered_by`].
+    pub registered_by: u8,
+    pub _pad: [u8; 3],
     pub proxy_uids: [u32; limits::MAX_PROXY_IDS],
     pub proxy_gids: [u32; limits::MAX_PROXY_IDS],
+    /// When this header was written: nanoseconds since the Unix epoch
+    /// (`CLOCK_REALTIME`), host byte order.
+    pub registered_at_unix_ns: u64,
 }
 
 /// Key data of the IPv4 LPM tries: 12 bytes, matched with prefix length
@@ -210,8 +235,8 @@ pub struct TupleKey {
     pub _pad: [u8; 6],
 }
 
-/// Key of `COUNTERS`: 32 bytes. The value is a per-CPU `u64` count of
-/// connects; user space sums the CPUs.
+/// Key of `COUNTERS`: 32 bytes. The value is a per-CPU [`CounterValue`];
+/// user space sums the CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CounterKey {
@@ -223,6 +248,37 @@ pub struct CounterKey {
     /// One of [`verdict`].
     pub verdict: u8,
     pub _pad: [u8; 5],
+}
+
+/// Value of `COUNTERS`, one per CPU: 24 bytes, host byte order.
+///
+/// `connections` is added to by `connect4`/`connect6` when a connect is
+/// judged; the byte counts by `sock_ops` when the connection reaches
+/// `TCP_CLOSE`, so an open connection's bytes are not in them yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    /// Connects judged.
+    pub connections: u64,
+    /// Payload bytes the peer acknowledged (the socket's `bytes_acked`
+    /// without the SYN and FIN sequence numbers), of closed connections.
+    pub bytes_sent: u64,
+    /// Payload bytes received in sequence (the socket's `bytes_received`
+    /// without the peer's FIN), of closed connections.
+    pub bytes_received: u64,
+}
+
+/// Longest Kubernetes namespace name (a DNS label), in bytes.
+pub const POD_NAMESPACE_LEN: usize = 64;
+/// Longest Kubernetes pod name (a DNS subdomain), in bytes, rounded up.
+pub const POD_NAME_LEN: usize = 256;
+
+/// Value of `PODS`: a pod's namespace and name, UTF-8, NUL-padded. 320 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodName {
+    pub namespace: [u8; POD_NAMESPACE_LEN],
+    pub name: [u8; POD_NAME_LEN],
 }
 
 /// `a.b.c.d` as the 16-byte IPv4-mapped form `::ffff:a.b.c.d`.
@@ -246,6 +302,8 @@ mod user {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for CounterValue {}
+    unsafe impl aya::Pod for PodName {}
 }
 
 #[cfg(test)]
@@ -255,7 +313,9 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<PolicyHeader>(), 76);
+        assert_eq!(size_of::<PolicyHeader>(), 88);
+        assert_eq!(size_of::<CounterValue>(), 24);
+        assert_eq!(size_of::<PodName>(), 320);
         assert_eq!(size_of::<LpmKey4>(), 12);
         assert_eq!(size_of::<LpmKey6>(), 24);
         assert_eq!(size_of::<PortKey>(), 16);

@@ -5,9 +5,11 @@
 //!   istio-iptables' `ISTIO_OUTPUT` chain (the same order as
 //!   `divert::policy::verdict()`), rewrite the destination to the proxy,
 //!   remember the original destination under the socket cookie, count.
-//! * `divert_sock_ops` (`sockops`, `TCP_CONNECT_CB`): the source port is now
+//! * `divert_sock_ops` (`sockops`): at `TCP_CONNECT_CB` the source port is
 //!   known; file the original destination under the tuple the proxy will see
-//!   as its peer.
+//!   as its peer, and ask for state callbacks for every active open of a
+//!   meshed namespace. At `TCP_CLOSE` add the connection's payload bytes,
+//!   both directions, to its counter (see [`account_close`]).
 //! * `divert_getsockopt` (`cgroup/getsockopt`): answer `SO_ORIGINAL_DST` for
 //!   those sockets; every other option is left exactly as the kernel returned it.
 //! * `divert_getpeername4|6` (`cgroup/getpeername4|6`): the application sees
@@ -24,7 +26,10 @@
 use aya_ebpf::{
     bindings::{
         bpf_sock, bpf_sock_addr, bpf_sock_ops, BPF_F_NO_PREALLOC, BPF_NOEXIST,
-        BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, BPF_SOCK_OPS_PARSE_HDR_OPT_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2,
+        BPF_TCP_LAST_ACK,
     },
     helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
@@ -36,8 +41,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use divert_common::{
-    flags, limits, mapped_v4, port_list, verdict, AddrKey, CounterKey, LpmKey4, LpmKey6, OrigDst,
-    PolicyHeader, PortKey, TupleKey, SO_ORIGINAL_DST,
+    flags, limits, mapped_v4, port_list, verdict, AddrKey, CounterKey, CounterValue, LpmKey4,
+    LpmKey6, OrigDst, PodName, PolicyHeader, PortKey, TupleKey, SO_ORIGINAL_DST,
 };
 
 /// Load the 32-bit word at `offset_of!($ty, $field) + 4 * $i` of a context or
@@ -65,6 +70,25 @@ macro_rules! load {
     }};
 }
 
+/// Load the 64-bit field `$field` of a context pointer as one `ldxdw` (the
+/// verifier only converts 8-byte loads of `bpf_sock_ops`' u64 fields).
+macro_rules! load64 {
+    ($ptr:expr, $ty:ty, $field:ident) => {{
+        const OFF: usize = core::mem::offset_of!($ty, $field);
+        let v: u64;
+        unsafe {
+            core::arch::asm!(
+                "{v} = *(u64 *)({p} + {off})",
+                p = in(reg) $ptr,
+                v = lateout(reg) v,
+                off = const OFF,
+                options(readonly, nostack, preserves_flags),
+            )
+        };
+        v
+    }};
+}
+
 /// A 16-byte address field (`[u32; 4]`, network byte order) as bytes.
 macro_rules! load6 {
     ($ptr:expr, $ty:ty, $field:ident) => {
@@ -84,6 +108,8 @@ const IPPROTO_TCP: u32 = 6;
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
 const PAGE_SIZE: i32 = 4096;
+/// `TCPHDR_FIN` in `bpf_sock_ops.skb_tcp_flags`.
+const TCP_FIN: u32 = 0x01;
 
 /// 127.0.0.1 / ::1: where the proxy listens, and istio-iptables' "host loopback".
 const LOOPBACK4: [u8; 4] = [127, 0, 0, 1];
@@ -116,8 +142,11 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(l
 static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> =
     LruHashMap::with_max_entries(limits::MAX_ORIG, 0);
 #[map]
-static COUNTERS: LruPerCpuHashMap<CounterKey, u64> =
+static COUNTERS: LruPerCpuHashMap<CounterKey, CounterValue> =
     LruPerCpuHashMap::with_max_entries(limits::MAX_COUNTERS, 0);
+#[map]
+static PODS: HashMap<u64, PodName> =
+    HashMap::with_max_entries(limits::MAX_POLICIES, BPF_F_NO_PREALLOC);
 
 /// A destination in the family it is judged in.
 #[derive(Clone, Copy)]
@@ -285,8 +314,10 @@ fn in_ranges(p: &PolicyHeader, netns: u64, dst: Dst, include: bool) -> bool {
     }
 }
 
+/// Add to the counter of (netns, destination, port, verdict) on this CPU,
+/// creating it if the LRU has none.
 #[inline(always)]
-fn count(netns: u64, addr: [u8; 16], port: u16, v: u8) {
+fn count(netns: u64, addr: [u8; 16], port: u16, v: u8, add: &CounterValue) {
     let key = CounterKey {
         netns_cookie: netns,
         addr,
@@ -297,12 +328,16 @@ fn count(netns: u64, addr: [u8; 16], port: u16, v: u8) {
     for _ in 0..2 {
         if let Some(n) = COUNTERS.get_ptr_mut(&key) {
             // Per-CPU value: no other CPU writes it.
-            unsafe { *n += 1 };
+            unsafe {
+                (*n).connections += add.connections;
+                (*n).bytes_sent += add.bytes_sent;
+                (*n).bytes_received += add.bytes_received;
+            }
             return;
         }
         // Another CPU may insert the same series between our lookup and
         // insert; then the second lookup finds it.
-        if COUNTERS.insert(&key, &1, BPF_NOEXIST as u64).is_ok() {
+        if COUNTERS.insert(&key, add, BPF_NOEXIST as u64).is_ok() {
             return;
         }
     }
@@ -334,7 +369,11 @@ fn on_connect<C: EbpfContext>(
     };
     let v = judge(policy, netns, dst, port, uid, gid, src_is_passthrough);
     let addr = dst.mapped();
-    count(netns, addr, port, v);
+    let one = CounterValue {
+        connections: 1,
+        ..CounterValue::default()
+    };
+    count(netns, addr, port, v, &one);
     let target_port = match v {
         verdict::REDIRECT => policy.proxy_port,
         verdict::INBOUND => policy.inbound_capture_port,
@@ -436,20 +475,121 @@ pub fn divert_connect6(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn divert_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        file_tuple(&ctx);
+    let ops = ctx.ops;
+    match load!(ops, bpf_sock_ops, op) {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_tcp_connect(&ctx),
+        BPF_SOCK_OPS_STATE_CB => {
+            // args[0]: old state, args[1]: new state (tcp_set_state()).
+            let old = load!(ops, bpf_sock_ops, __bindgen_anon_1, 0);
+            let new = load!(ops, bpf_sock_ops, __bindgen_anon_1, 1);
+            if new == BPF_TCP_FIN_WAIT1 {
+                // Our FIN is out: watch incoming segments for the peer's.
+                let cb = load!(ops, bpf_sock_ops, bpf_sock_ops_cb_flags);
+                let _ = ctx.set_cb_flags((cb | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG) as i32);
+            } else if new == BPF_TCP_CLOSE {
+                account_close(&ctx, old);
+            }
+        }
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB => {
+            // An in-window segment after our FIN. The peer's FIN: clearing
+            // the flag both stops the parsing and records that it came.
+            if load!(ops, bpf_sock_ops, skb_tcp_flags) & TCP_FIN != 0 {
+                let cb = load!(ops, bpf_sock_ops, bpf_sock_ops_cb_flags);
+                let _ = ctx.set_cb_flags((cb & !BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG) as i32);
+            }
+        }
+        _ => {}
     }
     1
 }
 
+/// An active open: file the tuple of a diverted socket, and ask for state
+/// callbacks on every socket of a meshed namespace so its bytes are counted
+/// when it closes.
+#[inline(always)]
+fn on_tcp_connect(ctx: &SockOpsContext) {
+    let meshed = file_tuple(ctx) || {
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        unsafe { POLICIES.get(&netns) }.is_some()
+    };
+    if meshed {
+        let cb = load!(ctx.ops, bpf_sock_ops, bpf_sock_ops_cb_flags);
+        let _ = ctx.set_cb_flags((cb | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+}
+
+/// At `TCP_CLOSE`, add the connection's payload bytes to the counter its
+/// connect was counted under: the original destination and verdict of a
+/// diverted socket (whose `ORIG_BY_COOKIE` entry goes now), else the
+/// socket's peer with verdict passthrough.
+///
+/// The socket's `bytes_acked` counts the SYN and, once acknowledged, our
+/// FIN; `bytes_received` counts the peer's FIN. Which of them happened is
+/// read from the state the socket leaves (`old`):
+///
+/// * SYN: acknowledged whenever anything was (`bytes_acked > 0`).
+/// * our FIN acknowledged: leaving `FIN_WAIT2`, or `CLOSING`/`LAST_ACK`
+///   with nothing unacknowledged (`snd_una == snd_nxt`).
+/// * the peer's FIN received: leaving `CLOSE_WAIT`, `CLOSING` or
+///   `LAST_ACK`; leaving `FIN_WAIT2`, when a segment with FIN was seen
+///   after ours went out (the `PARSE_ALL_HDR_OPT` flag set on entering
+///   `FIN_WAIT1` is cleared by it). A socket closed in `FIN_WAIT2` before the
+///   peer's FIN (an orphan handed to a timewait socket) has not counted it.
+#[inline(always)]
+fn account_close(ctx: &SockOpsContext, old: u32) {
+    let ops = ctx.ops;
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let (addr, port, v) = match unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+        Some(orig) => {
+            let key = (orig.addr, orig.port, orig.verdict);
+            let _ = ORIG_BY_COOKIE.remove(&cookie);
+            key
+        }
+        None => {
+            let addr = if load!(ops, bpf_sock_ops, family) == AF_INET {
+                mapped_v4(load!(ops, bpf_sock_ops, remote_ip4).to_ne_bytes())
+            } else {
+                load6!(ops, bpf_sock_ops, remote_ip6)
+            };
+            // remote_port: the __be16 port in the upper half (little endian).
+            let port = u16::from_be((load!(ops, bpf_sock_ops, remote_port) >> 16) as u16);
+            (addr, port, verdict::PASSTHROUGH)
+        }
+    };
+    let acked = load64!(ops, bpf_sock_ops, bytes_acked);
+    let received = load64!(ops, bpf_sock_ops, bytes_received);
+    if acked == 0 && received == 0 {
+        return;
+    }
+    let all_acked = load!(ops, bpf_sock_ops, snd_una) == load!(ops, bpf_sock_ops, snd_nxt);
+    let our_fin_acked = old == BPF_TCP_FIN_WAIT2
+        || ((old == BPF_TCP_CLOSING || old == BPF_TCP_LAST_ACK) && all_acked);
+    let peer_fin = old == BPF_TCP_CLOSE_WAIT
+        || old == BPF_TCP_CLOSING
+        || old == BPF_TCP_LAST_ACK
+        || (old == BPF_TCP_FIN_WAIT2
+            && load!(ops, bpf_sock_ops, bpf_sock_ops_cb_flags)
+                & BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG
+                == 0);
+    let syn = (acked > 0) as u64;
+    let add = CounterValue {
+        connections: 0,
+        bytes_sent: acked.saturating_sub(syn + our_fin_acked as u64),
+        bytes_received: received.saturating_sub(peer_fin as u64),
+    };
+    count(netns, addr, port, v, &add);
+}
+
 /// At `TCP_CONNECT_CB` the source port is bound and the SYN not yet sent:
 /// file the original destination under (netns, source address, source port),
-/// which is what the proxy will see as its accepted socket's peer.
+/// which is what the proxy will see as its accepted socket's peer. Returns
+/// whether the socket was diverted.
 #[inline(always)]
-fn file_tuple(ctx: &SockOpsContext) {
+fn file_tuple(ctx: &SockOpsContext) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
-        return;
+        return false;
     };
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // A mapped connect on an AF_INET6 socket runs as IPv4: its source is in
@@ -467,6 +607,7 @@ fn file_tuple(ctx: &SockOpsContext) {
         _pad: [0; 6],
     };
     let _ = ORIG_BY_TUPLE.insert(&key, orig, 0);
+    true
 }
 
 #[repr(C)]

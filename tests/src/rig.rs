@@ -52,7 +52,7 @@ impl EbpfRig {
                 .expect("unregister");
         }
         self.interceptor
-            .register(self.cookie, &p)
+            .register(self.cookie, &p, divert::ebpf::RegisteredBy::Run)
             .expect("register");
         self.current = Some(p.clone());
         p

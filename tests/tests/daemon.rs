@@ -227,8 +227,12 @@ fn a_full_policy_map_fails_the_registration() {
     // Fill every slot of POLICIES with made-up namespaces.
     let mut maps = pinned::open_maps(&s.bpffs.path()).unwrap();
     for i in 0..divert_common::limits::MAX_POLICIES as u64 {
-        maps.register(1 << 62 | i, &divert::policy::Policy::default())
-            .unwrap();
+        maps.register(
+            1 << 62 | i,
+            &divert::policy::Policy::default(),
+            divert::ebpf::RegisteredBy::Init,
+        )
+        .unwrap();
     }
     let out = s.init(INJECTOR);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));

@@ -19,7 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     cgroup::{self, TransientCgroup},
-    ebpf::{Counter, Interceptor},
+    ebpf::{Counter, Interceptor, RegisteredBy},
     netns,
     policy::{Policy, PolicyArgs},
 };
@@ -83,7 +83,7 @@ fn run(args: &RunArgs, mut policy: Policy) -> anyhow::Result<ExitCode> {
         .context("--cgroup-parent")?;
     interceptor.attach_workload(cgroup.open()?)?;
     interceptor.attach_proxy(&proxy_cgroup)?;
-    interceptor.register(cookie, &policy)?;
+    interceptor.register(cookie, &policy, RegisteredBy::Run)?;
     tracing::info!(
         netns_cookie = cookie,
         cgroup = %cgroup.path().display(),
@@ -168,17 +168,19 @@ pub fn print_stats(out: &mut impl Write, netns: u64, counters: &[Counter]) {
     );
     let _ = writeln!(
         out,
-        "{:<40} {:>5}  {:<15} {:>11}",
-        "DESTINATION", "PORT", "VERDICT", "CONNECTIONS"
+        "{:<40} {:>5}  {:<15} {:>11} {:>12} {:>12}",
+        "DESTINATION", "PORT", "VERDICT", "CONNECTIONS", "SENT", "RECEIVED"
     );
     for c in &rows {
         let _ = writeln!(
             out,
-            "{:<40} {:>5}  {:<15} {:>11}",
+            "{:<40} {:>5}  {:<15} {:>11} {:>12} {:>12}",
             c.destination.to_string(),
             c.port,
             c.verdict,
-            c.connections
+            c.connections,
+            c.bytes_sent,
+            c.bytes_received
         );
     }
     if rows.is_empty() {

@@ -46,6 +46,7 @@ use kube::{
 use serde::Deserialize;
 
 use super::Registry;
+use crate::ebpf::RegisteredBy;
 use crate::policy::{Policy, PolicyArgs, Source};
 
 /// Istio's injection annotation.
@@ -302,8 +303,8 @@ impl Watch {
         if !meshed(&pod, &labels) {
             self.applied.pending.remove(&uid);
             if let Some((cookie, _)) = self.applied.registered.remove(&uid) {
+                // Removes the pod identity with the policy.
                 let _ = self.registry.lock().unregister_netns(cookie);
-                self.registry.forget_identity(cookie);
                 tracing::info!(pod = %who, netns_cookie = cookie, "no longer meshed: unregistered");
             }
             return;
@@ -335,14 +336,20 @@ impl Watch {
         }
         match self
             .registry
-            .register_namespace(peer.netns_cookie, policy.clone(), &peer.local_addrs)
-        {
-            Ok(()) => {
+            .register_namespace(
+                peer.netns_cookie,
+                policy.clone(),
+                &peer.local_addrs,
+                RegisteredBy::Kubernetes,
+            )
+            .and_then(|()| {
                 self.registry.set_identity(
                     peer.netns_cookie,
-                    pod.namespace().unwrap_or_default(),
-                    pod.name_any(),
-                );
+                    &pod.namespace().unwrap_or_default(),
+                    &pod.name_any(),
+                )
+            }) {
+            Ok(()) => {
                 tracing::info!(pod = %who, netns_cookie = peer.netns_cookie, "registered from annotations");
                 self.applied
                     .registered

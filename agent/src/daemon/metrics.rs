@@ -9,6 +9,9 @@
 //!   `inbound_capture`, `passthrough`), from the kernel's per-CPU
 //!   `COUNTERS`, summed over CPUs. `namespace` and `pod` are empty until the
 //!   daemon knows the pod (Kubernetes).
+//! * `divert_sent_bytes_total` and `divert_received_bytes_total`, same
+//!   labels: payload bytes of those connections, each direction, added when
+//!   a connection closes.
 //! * `divert_registered_namespaces`: namespaces with a policy.
 //!
 //! Cardinality is bounded per network namespace: the first `top`
@@ -64,8 +67,9 @@ type Key = (u64, IpAddr, u16, &'static str);
 
 #[derive(Default)]
 struct State {
-    /// The kernel value last seen per series key.
-    last: HashMap<Key, u64>,
+    /// The kernel values last seen per series key: connections, bytes sent,
+    /// bytes received.
+    last: HashMap<Key, [u64; 3]>,
     /// Per namespace, the destinations with their own series.
     exposed: HashMap<u64, BTreeSet<(IpAddr, u16)>>,
     /// Per namespace, every label set written (to remove them together,
@@ -76,7 +80,9 @@ struct State {
 /// The metrics of one daemon.
 pub struct Metrics {
     registry: PromRegistry,
-    connections: Family<ConnectionLabels, Counter>,
+    /// `divert_connections_total`, `divert_sent_bytes_total`,
+    /// `divert_received_bytes_total`.
+    families: [Family<ConnectionLabels, Counter>; 3],
     registered: Gauge,
     top: usize,
     state: Mutex<State>,
@@ -85,12 +91,26 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(top: usize) -> Metrics {
         let mut registry = PromRegistry::default();
-        let connections = Family::<ConnectionLabels, Counter>::default();
-        registry.register(
-            "divert_connections",
-            "Outbound TCP connects judged by divert, per destination and verdict",
-            connections.clone(),
-        );
+        let families: [Family<ConnectionLabels, Counter>; 3] = Default::default();
+        for (family, name, help) in [
+            (
+                &families[0],
+                "divert_connections",
+                "Outbound TCP connects judged by divert, per destination and verdict",
+            ),
+            (
+                &families[1],
+                "divert_sent_bytes",
+                "Payload bytes sent (and acknowledged) on those connections, counted when they close",
+            ),
+            (
+                &families[2],
+                "divert_received_bytes",
+                "Payload bytes received on those connections, counted when they close",
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         let registered = Gauge::default();
         registry.register(
             "divert_registered_namespaces",
@@ -99,7 +119,7 @@ impl Metrics {
         );
         Metrics {
             registry,
-            connections,
+            families,
             registered,
             top,
             state: Mutex::new(State::default()),
@@ -112,7 +132,7 @@ impl Metrics {
         &self,
         counters: &[ebpf::Counter],
         registered: &[u64],
-        identity: &BTreeMap<u64, (String, String)>,
+        identity: &BTreeMap<u64, ebpf::PodRef>,
     ) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.registered.set(registered.len() as i64);
@@ -127,19 +147,21 @@ impl Metrics {
             .collect();
         for c in gone {
             for labels in st.series.remove(&c).unwrap_or_default() {
-                self.connections.remove(&labels);
+                for f in &self.families {
+                    f.remove(&labels);
+                }
             }
             st.exposed.remove(&c);
             st.last.retain(|k, _| k.0 != c);
         }
         for k in counters.iter().filter(|k| live.contains(&k.netns_cookie)) {
             let key: Key = (k.netns_cookie, k.destination, k.port, k.verdict);
-            let last = st.last.insert(key, k.connections).unwrap_or(0);
-            let delta = if k.connections >= last {
-                k.connections - last
-            } else {
-                k.connections
-            };
+            let now = [k.connections, k.bytes_sent, k.bytes_received];
+            let last = st.last.insert(key, now).unwrap_or_default();
+            // A value below the last one seen: the LRU evicted the series
+            // and it started again from zero.
+            let evicted = now.iter().zip(&last).any(|(n, l)| n < l);
+            let delta = |i: usize| if evicted { now[i] } else { now[i] - last[i] };
             let exposed = st.exposed.entry(k.netns_cookie).or_default();
             let own = exposed.contains(&(k.destination, k.port))
                 || (exposed.len() < self.top && exposed.insert((k.destination, k.port)));
@@ -148,7 +170,10 @@ impl Metrics {
             } else {
                 (OTHER.to_string(), String::new())
             };
-            let (namespace, pod) = identity.get(&k.netns_cookie).cloned().unwrap_or_default();
+            let (namespace, pod) = identity
+                .get(&k.netns_cookie)
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .unwrap_or_default();
             let labels = ConnectionLabels {
                 namespace,
                 pod,
@@ -158,7 +183,9 @@ impl Metrics {
                 verdict: k.verdict.to_string(),
             };
             // get_or_create even for a zero delta, so the series exists.
-            self.connections.get_or_create(&labels).inc_by(delta);
+            for (i, f) in self.families.iter().enumerate() {
+                f.get_or_create(&labels).inc_by(delta(i));
+            }
             st.series.entry(k.netns_cookie).or_default().insert(labels);
         }
     }
@@ -179,7 +206,7 @@ impl Registry {
             let mut i = self.lock();
             (i.counters()?, i.registered_cookies()?)
         };
-        let identity = self.identities();
+        let identity = self.identities()?;
         metrics.update(&counters, &registered, &identity);
         Ok(())
     }
@@ -236,20 +263,32 @@ mod tests {
             port,
             verdict,
             connections: n,
+            bytes_sent: 10 * n,
+            bytes_received: 100 * n,
         }
     }
 
-    fn value(text: &str, needle: &str) -> Option<u64> {
+    fn series(text: &str, name: &str, needle: &str) -> Option<u64> {
         text.lines()
-            .find(|l| l.starts_with("divert_connections_total{") && l.contains(needle))
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(needle))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
+    }
+
+    fn value(text: &str, needle: &str) -> Option<u64> {
+        series(text, "divert_connections_total", needle)
     }
 
     #[test]
     fn destinations_beyond_the_top_fold_and_every_series_only_grows() {
         let m = Metrics::new(2);
-        let id = BTreeMap::from([(7, ("shop".to_string(), "cart-1".to_string()))]);
+        let id = BTreeMap::from([(
+            7,
+            ebpf::PodRef {
+                namespace: "shop".into(),
+                name: "cart-1".into(),
+            },
+        )]);
         m.update(
             &[
                 c(7, "10.0.0.1", 80, "redirected", 5),
@@ -275,6 +314,12 @@ mod tests {
             value(&t, r#"destination="other",port="",verdict="passthrough""#),
             Some(3),
             "{t}"
+        );
+        let other_pass = r#"destination="other",port="",verdict="passthrough""#;
+        assert_eq!(series(&t, "divert_sent_bytes_total", other_pass), Some(30));
+        assert_eq!(
+            series(&t, "divert_received_bytes_total", other_pass),
+            Some(300)
         );
         assert!(t.contains(r#"namespace="shop",pod="cart-1""#), "{t}");
         assert!(t.contains("divert_registered_namespaces 1"), "{t}");
@@ -304,6 +349,15 @@ mod tests {
         assert_eq!(
             value(&t, r#"destination="other",port="",verdict="passthrough""#),
             Some(6),
+            "{t}"
+        );
+        assert_eq!(
+            series(
+                &t,
+                "divert_received_bytes_total",
+                r#"destination="10.0.0.2""#
+            ),
+            Some(400),
             "{t}"
         );
         // Unregistered (and its identity already forgotten): its series go.

@@ -29,7 +29,10 @@ use std::{
 use anyhow::Context as _;
 use nix::sched::{setns, CloneFlags};
 
-use crate::{ebpf::Interceptor, netns};
+use crate::{
+    ebpf::{Interceptor, PodRef, RegisteredBy},
+    netns,
+};
 use proto::{Op, Request, Response, VERSION};
 
 /// Who a connection's peer is, in network terms.
@@ -70,9 +73,6 @@ pub fn peer_of_pid(pid: i32) -> anyhow::Result<Peer> {
 pub struct Registry {
     interceptor: Mutex<Interceptor>,
     host_netns: u64,
-    /// Pod identity (Kubernetes namespace, pod name) per netns cookie, for
-    /// metric labels; filled by whoever knows it (the pod watch).
-    identity: Mutex<std::collections::BTreeMap<u64, (String, String)>>,
 }
 
 impl Registry {
@@ -80,32 +80,23 @@ impl Registry {
         Ok(Registry {
             interceptor: Mutex::new(interceptor),
             host_netns: netns::current_cookie().context("the daemon's own netns cookie")?,
-            identity: Mutex::default(),
         })
     }
 
-    /// Record which pod `netns_cookie` is (Kubernetes namespace and name).
-    pub fn set_identity(&self, netns_cookie: u64, namespace: String, pod: String) {
-        self.identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(netns_cookie, (namespace, pod));
-    }
-
-    /// Forget the identity of a namespace that is gone or unregistered.
-    pub fn forget_identity(&self, netns_cookie: u64) {
-        self.identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&netns_cookie);
+    /// Record which pod `netns_cookie` is (Kubernetes namespace and name) in
+    /// the pinned `PODS` map, where `divert maps` and a restarted daemon find it.
+    pub fn set_identity(
+        &self,
+        netns_cookie: u64,
+        namespace: &str,
+        pod: &str,
+    ) -> anyhow::Result<()> {
+        Ok(self.lock().set_pod(netns_cookie, namespace, pod)?)
     }
 
     /// Every known pod identity, by netns cookie.
-    pub fn identities(&self) -> std::collections::BTreeMap<u64, (String, String)> {
-        self.identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    pub fn identities(&self) -> anyhow::Result<std::collections::BTreeMap<u64, PodRef>> {
+        Ok(self.lock().pods()?)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Interceptor> {
@@ -113,13 +104,14 @@ impl Registry {
     }
 
     /// Register `netns_cookie`'s policy, or replace it make-before-break
-    /// (see [`Interceptor::replace`]), with the namespace's own addresses.
-    /// The node's own namespace is refused.
+    /// (see [`Interceptor::replace`]), with the namespace's own addresses,
+    /// recording `by` as who registered it. The node's own namespace is refused.
     pub fn register_namespace(
         &self,
         netns_cookie: u64,
         mut policy: crate::policy::Policy,
         local_addrs: &[std::net::IpAddr],
+        by: RegisteredBy,
     ) -> anyhow::Result<()> {
         if netns_cookie == self.host_netns {
             anyhow::bail!(
@@ -127,7 +119,7 @@ impl Registry {
             );
         }
         policy.local_addrs = local_addrs.to_vec();
-        self.lock().replace(netns_cookie, &policy)?;
+        self.lock().replace(netns_cookie, &policy, by)?;
         Ok(())
     }
 
@@ -154,7 +146,12 @@ impl Registry {
             }
             match req.op {
                 Op::Register { policy } => {
-                    self.register_namespace(peer.netns_cookie, *policy, &peer.local_addrs)?;
+                    self.register_namespace(
+                        peer.netns_cookie,
+                        *policy,
+                        &peer.local_addrs,
+                        RegisteredBy::Init,
+                    )?;
                     tracing::info!(
                         pid = peer.pid,
                         netns_cookie = peer.netns_cookie,
@@ -163,8 +160,8 @@ impl Registry {
                     Ok(true)
                 }
                 Op::Unregister => {
+                    // Removes the pod identity with the policy.
                     self.lock().unregister_netns(peer.netns_cookie)?;
-                    self.forget_identity(peer.netns_cookie);
                     tracing::info!(
                         pid = peer.pid,
                         netns_cookie = peer.netns_cookie,

@@ -6,7 +6,12 @@
 //! cgroup the proxy runs in, so its `SO_ORIGINAL_DST` is answered. Attachments
 //! are bpf links owned by the instance: dropping it detaches everything.
 
-use std::{collections::BTreeMap, net::IpAddr, os::fd::AsFd};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    os::fd::AsFd,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap},
@@ -14,8 +19,8 @@ use aya::{
     Ebpf, EbpfError,
 };
 use divert_common::{
-    flags, mapped_v4, maps, port_list, programs, AddrKey, CounterKey, LpmKey4, LpmKey6,
-    PolicyHeader, PortKey,
+    flags, mapped_v4, maps, port_list, programs, registered_by, AddrKey, CounterKey, CounterValue,
+    LpmKey4, LpmKey6, PodName, PolicyHeader, PortKey, POD_NAMESPACE_LEN, POD_NAME_LEN,
 };
 use ipnetwork::IpNetwork;
 
@@ -62,6 +67,8 @@ pub enum Error {
     Adopted,
     #[error("netns {0:#x} is already registered in this instance")]
     AlreadyRegistered(u64),
+    #[error("pod {namespace}/{name} does not fit the PODS map (namespace at most {} bytes, name at most {} bytes)", POD_NAMESPACE_LEN - 1, POD_NAME_LEN - 1)]
+    PodName { namespace: String, name: String },
 }
 
 impl Error {
@@ -83,7 +90,7 @@ impl Error {
 
 type Result<T> = std::result::Result<T, Error>;
 
-/// One diverted destination's connection count, summed over CPUs.
+/// One destination's counters in one namespace, summed over CPUs.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Counter {
     pub netns_cookie: u64,
@@ -92,7 +99,82 @@ pub struct Counter {
     pub port: u16,
     /// `redirected`, `inbound_capture` or `passthrough`.
     pub verdict: &'static str,
+    /// Connects judged.
     pub connections: u64,
+    /// Payload bytes sent and acknowledged, of connections closed so far.
+    pub bytes_sent: u64,
+    /// Payload bytes received, of connections closed so far.
+    pub bytes_received: u64,
+}
+
+/// Who registered a namespace's policy (the header's `registered_by`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegisteredBy {
+    /// Not recorded.
+    Unknown,
+    /// `divert init` in the pod, through the daemon's socket.
+    Init,
+    /// The daemon's Kubernetes pod watch.
+    Kubernetes,
+    /// `divert run`.
+    Run,
+}
+
+impl RegisteredBy {
+    fn code(self) -> u8 {
+        match self {
+            RegisteredBy::Unknown => registered_by::UNKNOWN,
+            RegisteredBy::Init => registered_by::INIT,
+            RegisteredBy::Kubernetes => registered_by::KUBERNETES,
+            RegisteredBy::Run => registered_by::RUN,
+        }
+    }
+
+    fn of(code: u8) -> RegisteredBy {
+        match code {
+            registered_by::INIT => RegisteredBy::Init,
+            registered_by::KUBERNETES => RegisteredBy::Kubernetes,
+            registered_by::RUN => RegisteredBy::Run,
+            _ => RegisteredBy::Unknown,
+        }
+    }
+
+    /// The name `divert maps` prints (`init`, `kubernetes`, `run`, `unknown`).
+    pub fn name(self) -> &'static str {
+        match self {
+            RegisteredBy::Unknown => "unknown",
+            RegisteredBy::Init => "init",
+            RegisteredBy::Kubernetes => "kubernetes",
+            RegisteredBy::Run => "run",
+        }
+    }
+}
+
+/// A Kubernetes pod: namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One registered namespace as the maps hold it (see [`Interceptor::registrations`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub netns_cookie: u64,
+    /// The pod, when the daemon's pod watch recorded it in `PODS`.
+    pub pod: Option<PodRef>,
+    pub registered_by: RegisteredBy,
+    /// When the policy header was last written; `None` when not recorded.
+    pub registered_at: Option<SystemTime>,
+    /// The policy, as [`Interceptor::policy_of`] rebuilds it.
+    pub policy: Policy,
 }
 
 /// One program's run statistics (see [`Interceptor::program_stats`]).
@@ -186,7 +268,7 @@ pub fn map_memory() -> std::io::Result<Vec<MapMemory>> {
 }
 
 /// Every map of the object, by name.
-pub const MAP_NAMES: [&str; 10] = [
+pub const MAP_NAMES: [&str; 11] = [
     maps::POLICIES,
     maps::INCLUDE_V4,
     maps::EXCLUDE_V4,
@@ -197,6 +279,7 @@ pub const MAP_NAMES: [&str; 10] = [
     maps::ORIG_BY_COOKIE,
     maps::ORIG_BY_TUPLE,
     maps::COUNTERS,
+    maps::PODS,
 ];
 
 /// One instance of the programs and maps: loaded by this process
@@ -294,18 +377,19 @@ impl Interceptor {
         Ok(())
     }
 
-    /// Register `policy` for the network namespace `netns_cookie`.
+    /// Register `policy` for the network namespace `netns_cookie`, recording
+    /// who registered it and when (now) in the header.
     ///
     /// Ranges, ports and local addresses are written first and the policy
     /// header last, so the kernel never judges with half a policy. On error
     /// everything written is removed again: the namespace is either fully
     /// configured or untouched.
-    pub fn register(&mut self, netns_cookie: u64, policy: &Policy) -> Result<()> {
+    pub fn register(&mut self, netns_cookie: u64, policy: &Policy, by: RegisteredBy) -> Result<()> {
         if self.policies()?.get(&netns_cookie, 0).is_ok() {
             return Err(Error::AlreadyRegistered(netns_cookie));
         }
         let written = self.write_entries(netns_cookie, policy);
-        let header = header(policy);
+        let header = stamped(header(policy), by);
         let result = written.and_then(|()| {
             self.policies()?
                 .insert(netns_cookie, header, 0)
@@ -356,9 +440,9 @@ impl Interceptor {
     /// through unmeshed while a policy changes; during the change a connect
     /// is judged by the old header or the new one. Not registered yet: a
     /// plain [`Interceptor::register`]. On error the old policy stands.
-    pub fn replace(&mut self, netns_cookie: u64, policy: &Policy) -> Result<()> {
+    pub fn replace(&mut self, netns_cookie: u64, policy: &Policy, by: RegisteredBy) -> Result<()> {
         if !self.is_registered(netns_cookie)? {
-            return self.register(netns_cookie, policy);
+            return self.register(netns_cookie, policy, by);
         }
         let old = self.owned(netns_cookie)?;
         let new = Entries::of(netns_cookie, policy);
@@ -368,7 +452,7 @@ impl Interceptor {
             return Err(e.full());
         }
         self.policies()?
-            .insert(netns_cookie, header(policy), 0)
+            .insert(netns_cookie, stamped(header(policy), by), 0)
             .map_err(|source| Error::Map {
                 map: maps::POLICIES,
                 source,
@@ -394,108 +478,159 @@ impl Interceptor {
             }
         };
         let e = self.owned(netns_cookie)?;
-        let net4 = |k: &Key<LpmKey4>| {
-            IpNetwork::new(IpAddr::from(k.data().addr), (k.prefix_len() - 64) as u8)
-                .expect("a prefix the trie accepted")
-        };
-        let net6 = |k: &Key<LpmKey6>| {
-            IpNetwork::new(IpAddr::from(k.data().addr), (k.prefix_len() - 64) as u8)
-                .expect("a prefix the trie accepted")
-        };
-        let mut include: Vec<IpNetwork> = e
-            .include4
+        Ok(Some(policy_from(&h, &e)))
+    }
+
+    /// Every registered namespace with its policy, who registered it and
+    /// when, and its pod when known, sorted by netns cookie. Walks each map
+    /// once (O(entries)).
+    pub fn registrations(&mut self) -> Result<Vec<Registration>> {
+        let headers: Vec<(u64, PolicyHeader)> = self
+            .policies()?
             .iter()
-            .map(net4)
-            .chain(e.include6.iter().map(net6))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| Error::Map {
+                map: maps::POLICIES,
+                source,
+            })?;
+        let mut entries = self.entries_by_netns()?;
+        let mut pods = self.pods()?;
+        let mut out: Vec<Registration> = headers
+            .into_iter()
+            .map(|(cookie, h)| Registration {
+                netns_cookie: cookie,
+                pod: pods.remove(&cookie),
+                registered_by: RegisteredBy::of(h.registered_by),
+                registered_at: (h.registered_at_unix_ns != 0)
+                    .then(|| UNIX_EPOCH + Duration::from_nanos(h.registered_at_unix_ns)),
+                policy: policy_from(&h, &entries.remove(&cookie).unwrap_or_default()),
+            })
             .collect();
-        let mut exclude: Vec<IpNetwork> = e
-            .exclude4
-            .iter()
-            .map(net4)
-            .chain(e.exclude6.iter().map(net6))
-            .collect();
-        include.sort();
-        exclude.sort();
-        let ports = |list: u8| {
-            let mut v: Vec<u16> = e
-                .ports
-                .iter()
-                .filter(|k| k.list == list)
-                .map(|k| k.port)
-                .collect();
-            v.sort_unstable();
-            v
+        out.sort_by_key(|r| r.netns_cookie);
+        Ok(out)
+    }
+
+    /// Record that `netns_cookie` is the pod `namespace`/`name` (`PODS`), for
+    /// `divert maps`, `divert stats` and the metric labels. Errors:
+    /// [`Error::PodName`] when a name is longer than Kubernetes allows.
+    pub fn set_pod(&mut self, netns_cookie: u64, namespace: &str, name: &str) -> Result<()> {
+        let too_long = || Error::PodName {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
         };
-        let mut local_addrs: Vec<IpAddr> = e
-            .addrs
-            .iter()
-            .map(|k| canonical(IpAddr::from(k.addr)))
-            .collect();
-        local_addrs.sort();
-        Ok(Some(Policy {
-            proxy_port: h.proxy_port,
-            inbound_capture_port: h.inbound_capture_port,
-            inbound_tunnel_port: h.inbound_tunnel_port,
-            proxy_uids: h.proxy_uids[..h.proxy_uid_count as usize].to_vec(),
-            proxy_gids: h.proxy_gids[..h.proxy_gid_count as usize].to_vec(),
-            include_ranges: if h.flags & flags::INCLUDE_ALL != 0 {
-                IncludeRanges::All
-            } else {
-                IncludeRanges::List(include)
-            },
-            exclude_ranges: exclude,
-            include_ports: ports(port_list::INCLUDE),
-            exclude_ports: ports(port_list::EXCLUDE),
-            local_addrs,
-            ..Policy::default()
-        }))
+        let mut v = PodName {
+            namespace: [0; POD_NAMESPACE_LEN],
+            name: [0; POD_NAME_LEN],
+        };
+        // Keep a NUL at the end of each field.
+        if namespace.len() >= POD_NAMESPACE_LEN || name.len() >= POD_NAME_LEN {
+            return Err(too_long());
+        }
+        v.namespace[..namespace.len()].copy_from_slice(namespace.as_bytes());
+        v.name[..name.len()].copy_from_slice(name.as_bytes());
+        let mut m: HashMap<&mut MapData, u64, PodName> = hash_map(&mut self.maps, maps::PODS)?;
+        m.insert(netns_cookie, v, 0).map_err(|source| {
+            Error::Map {
+                map: maps::PODS,
+                source,
+            }
+            .full()
+        })
+    }
+
+    /// Forget `netns_cookie`'s pod; absent is fine.
+    pub fn remove_pod(&mut self, netns_cookie: u64) -> Result<()> {
+        let mut m: HashMap<&mut MapData, u64, PodName> = hash_map(&mut self.maps, maps::PODS)?;
+        match m.remove(&netns_cookie) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(Error::Map {
+                map: maps::PODS,
+                source,
+            }),
+        }
+    }
+
+    /// Every recorded pod, by netns cookie.
+    pub fn pods(&mut self) -> Result<BTreeMap<u64, PodRef>> {
+        let m: HashMap<&mut MapData, u64, PodName> = hash_map(&mut self.maps, maps::PODS)?;
+        let text = |b: &[u8]| {
+            let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+            String::from_utf8_lossy(&b[..end]).into_owned()
+        };
+        m.iter()
+            .map(|r| {
+                r.map(|(cookie, v)| {
+                    (
+                        cookie,
+                        PodRef {
+                            namespace: text(&v.namespace),
+                            name: text(&v.name),
+                        },
+                    )
+                })
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| Error::Map {
+                map: maps::PODS,
+                source,
+            })
     }
 
     /// Every trie, port and address key carrying `netns_cookie`, found by
     /// walking the maps.
     fn owned(&mut self, netns_cookie: u64) -> Result<Entries> {
-        fn walk<K: aya::Pod>(
-            t: &LpmTrie<&mut MapData, K, u8>,
-            mine: impl Fn(&K) -> bool,
-        ) -> Vec<Key<K>> {
-            t.keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| mine(&k.data()))
-                .collect()
+        Ok(self
+            .entries_by_netns()?
+            .remove(&netns_cookie)
+            .unwrap_or_default())
+    }
+
+    /// Every trie, port and address key, grouped by the netns cookie it
+    /// carries: one walk of each map.
+    fn entries_by_netns(&mut self) -> Result<BTreeMap<u64, Entries>> {
+        let mut by: BTreeMap<u64, Entries> = BTreeMap::new();
+        let trie4 = |maps: &mut Maps, name| -> Result<Vec<Key<LpmKey4>>> {
+            let t: LpmTrie<&mut MapData, LpmKey4, u8> = lpm(maps, name)?;
+            Ok(t.keys().filter_map(|k| k.ok()).collect())
+        };
+        let trie6 = |maps: &mut Maps, name| -> Result<Vec<Key<LpmKey6>>> {
+            let t: LpmTrie<&mut MapData, LpmKey6, u8> = lpm(maps, name)?;
+            Ok(t.keys().filter_map(|k| k.ok()).collect())
+        };
+        for k in trie4(&mut self.maps, maps::INCLUDE_V4)? {
+            by.entry(k.data().netns_cookie)
+                .or_default()
+                .include4
+                .push(k);
         }
-        let include4 = walk(&lpm(&mut self.maps, maps::INCLUDE_V4)?, |k: &LpmKey4| {
-            ({ k.netns_cookie }) == netns_cookie
-        });
-        let exclude4 = walk(&lpm(&mut self.maps, maps::EXCLUDE_V4)?, |k: &LpmKey4| {
-            ({ k.netns_cookie }) == netns_cookie
-        });
-        let include6 = walk(&lpm(&mut self.maps, maps::INCLUDE_V6)?, |k: &LpmKey6| {
-            ({ k.netns_cookie }) == netns_cookie
-        });
-        let exclude6 = walk(&lpm(&mut self.maps, maps::EXCLUDE_V6)?, |k: &LpmKey6| {
-            ({ k.netns_cookie }) == netns_cookie
-        });
+        for k in trie4(&mut self.maps, maps::EXCLUDE_V4)? {
+            by.entry(k.data().netns_cookie)
+                .or_default()
+                .exclude4
+                .push(k);
+        }
+        for k in trie6(&mut self.maps, maps::INCLUDE_V6)? {
+            by.entry(k.data().netns_cookie)
+                .or_default()
+                .include6
+                .push(k);
+        }
+        for k in trie6(&mut self.maps, maps::EXCLUDE_V6)? {
+            by.entry(k.data().netns_cookie)
+                .or_default()
+                .exclude6
+                .push(k);
+        }
         let ports: HashMap<&mut MapData, PortKey, u8> = hash_map(&mut self.maps, maps::PORTS)?;
-        let ports = ports
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.netns_cookie == netns_cookie)
-            .collect();
+        for k in ports.keys().filter_map(|k| k.ok()) {
+            by.entry(k.netns_cookie).or_default().ports.push(k);
+        }
         let addrs: HashMap<&mut MapData, AddrKey, u8> =
             hash_map(&mut self.maps, maps::LOCAL_ADDRS)?;
-        let addrs = addrs
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.netns_cookie == netns_cookie)
-            .collect();
-        Ok(Entries {
-            include4,
-            exclude4,
-            include6,
-            exclude6,
-            ports,
-            addrs,
-        })
+        for k in addrs.keys().filter_map(|k| k.ok()) {
+            by.entry(k.netns_cookie).or_default().addrs.push(k);
+        }
+        Ok(by)
     }
 
     /// Whether `netns_cookie` has a policy in this instance.
@@ -529,6 +664,7 @@ impl Interceptor {
         };
         let owned = self.owned(netns_cookie)?;
         self.remove_keys(&owned)?;
+        self.remove_pod(netns_cookie)?;
         Ok(was)
     }
 
@@ -539,27 +675,34 @@ impl Interceptor {
             .maps
             .get(maps::COUNTERS)
             .ok_or(Error::MissingMap(maps::COUNTERS))?;
-        let counters: PerCpuHashMap<&MapData, CounterKey, u64> = PerCpuHashMap::try_from(map)
-            .map_err(|source| Error::Map {
+        let counters: PerCpuHashMap<&MapData, CounterKey, CounterValue> =
+            PerCpuHashMap::try_from(map).map_err(|source| Error::Map {
                 map: maps::COUNTERS,
                 source,
             })?;
-        let mut sums: BTreeMap<CounterKey, u64> = BTreeMap::new();
+        let mut sums: BTreeMap<CounterKey, CounterValue> = BTreeMap::new();
         for entry in counters.iter() {
             let (key, per_cpu) = entry.map_err(|source| Error::Map {
                 map: maps::COUNTERS,
                 source,
             })?;
-            *sums.entry(key).or_default() += per_cpu.iter().sum::<u64>();
+            let sum = sums.entry(key).or_default();
+            for v in per_cpu.iter() {
+                sum.connections += v.connections;
+                sum.bytes_sent += v.bytes_sent;
+                sum.bytes_received += v.bytes_received;
+            }
         }
         Ok(sums
             .into_iter()
-            .map(|(k, connections)| Counter {
+            .map(|(k, v)| Counter {
                 netns_cookie: k.netns_cookie,
                 destination: canonical(IpAddr::from(k.addr)),
                 port: k.port,
                 verdict: verdict_name(k.verdict),
-                connections,
+                connections: v.connections,
+                bytes_sent: v.bytes_sent,
+                bytes_received: v.bytes_received,
             })
             .collect())
     }
@@ -672,6 +815,7 @@ impl Interceptor {
 }
 
 /// Every map entry (besides the header) that one namespace's policy owns.
+#[derive(Default)]
 struct Entries {
     include4: Vec<Key<LpmKey4>>,
     exclude4: Vec<Key<LpmKey4>>,
@@ -803,6 +947,74 @@ fn insert_all<K: aya::Pod>(
             .map_err(|source| Error::Map { map: name, source })?;
     }
     Ok(())
+}
+
+/// `h` with who registered it and the current time.
+fn stamped(mut h: PolicyHeader, by: RegisteredBy) -> PolicyHeader {
+    h.registered_by = by.code();
+    h.registered_at_unix_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    h
+}
+
+/// The policy a header and its entries hold (see [`Interceptor::policy_of`]).
+fn policy_from(h: &PolicyHeader, e: &Entries) -> Policy {
+    let net4 = |k: &Key<LpmKey4>| {
+        IpNetwork::new(IpAddr::from(k.data().addr), (k.prefix_len() - 64) as u8)
+            .expect("a prefix the trie accepted")
+    };
+    let net6 = |k: &Key<LpmKey6>| {
+        IpNetwork::new(IpAddr::from(k.data().addr), (k.prefix_len() - 64) as u8)
+            .expect("a prefix the trie accepted")
+    };
+    let mut include: Vec<IpNetwork> = e
+        .include4
+        .iter()
+        .map(net4)
+        .chain(e.include6.iter().map(net6))
+        .collect();
+    let mut exclude: Vec<IpNetwork> = e
+        .exclude4
+        .iter()
+        .map(net4)
+        .chain(e.exclude6.iter().map(net6))
+        .collect();
+    include.sort();
+    exclude.sort();
+    let ports = |list: u8| {
+        let mut v: Vec<u16> = e
+            .ports
+            .iter()
+            .filter(|k| k.list == list)
+            .map(|k| k.port)
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let mut local_addrs: Vec<IpAddr> = e
+        .addrs
+        .iter()
+        .map(|k| canonical(IpAddr::from(k.addr)))
+        .collect();
+    local_addrs.sort();
+    Policy {
+        proxy_port: h.proxy_port,
+        inbound_capture_port: h.inbound_capture_port,
+        inbound_tunnel_port: h.inbound_tunnel_port,
+        proxy_uids: h.proxy_uids[..h.proxy_uid_count as usize].to_vec(),
+        proxy_gids: h.proxy_gids[..h.proxy_gid_count as usize].to_vec(),
+        include_ranges: if h.flags & flags::INCLUDE_ALL != 0 {
+            IncludeRanges::All
+        } else {
+            IncludeRanges::List(include)
+        },
+        exclude_ranges: exclude,
+        include_ports: ports(port_list::INCLUDE),
+        exclude_ports: ports(port_list::EXCLUDE),
+        local_addrs,
+        ..Policy::default()
+    }
 }
 
 /// The kernel's policy header for `policy`.

@@ -429,7 +429,7 @@ impl Twin {
                 })??;
                 p.local_addrs = local;
                 let t = Instant::now();
-                interceptor.register(cookie, &p)?;
+                interceptor.register(cookie, &p, divert::ebpf::RegisteredBy::Run)?;
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 registered = Some((cookie, p));
                 ms

@@ -101,7 +101,7 @@ pub fn measure(namespaces: usize) -> Result<Figures> {
         let cookie = 1u64 << 62 | i as u64;
         let t = Instant::now();
         interceptor
-            .register(cookie, &p)
+            .register(cookie, &p, divert::ebpf::RegisteredBy::Run)
             .with_context(|| format!("registering namespace {i} of {namespaces}"))?;
         register.push(t.elapsed().as_nanos() as u64);
         policies.push((cookie, p));

@@ -14,6 +14,15 @@
 //! * `connects DST N`: N connects to DST one after another, each closed at
 //!   once; a refused connect counts as made (the kernel judged it). Prints
 //!   `connects N refused R`.
+//! * `bytes-server S R ADDR…`: for each accepted connection, writes R bytes,
+//!   reads exactly S, then closes (its FIN goes out first unless the client
+//!   was quicker).
+//! * `bytes DST N S R MODE`: N connections to DST one after another, each
+//!   writing S bytes and reading R, then closing by MODE: `close` (close at
+//!   once, whoever's FIN is first), `half` (`shutdown(SHUT_WR)`, read to
+//!   EOF, close) or `last` (read to EOF, so the server's FIN is first, then
+//!   close). Prints `bytes N sent S*N received R*N`; any short count is an
+//!   error.
 //! * `sockopts DST`: connects and prints, one per line, the results of
 //!   getsockopt calls whose answers do not change from one run to the next,
 //!   for comparing a process under divert's getsockopt program with one that
@@ -50,7 +59,12 @@ fn main() -> ExitCode {
         ),
         Some("sockopts") => sockopts(&args[1]),
         Some("connects") => connects(&args[1], &args[2]),
-        _ => Err("usage: divert-testkit server|http|proxy|client|sockopts|connects …".into()),
+        Some("bytes-server") => bytes_server(&args[1], &args[2], &args[3..]),
+        Some("bytes") => bytes(&args[1..]),
+        _ => Err(
+            "usage: divert-testkit server|http|proxy|client|sockopts|connects|bytes-server|bytes …"
+                .into(),
+        ),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -353,5 +367,60 @@ fn connects(dst: &str, n: &str) -> Result<()> {
         }
     }
     println!("connects {n} refused {refused}");
+    Ok(())
+}
+
+fn bytes_server(s: &str, r: &str, addrs: &[String]) -> Result<()> {
+    let (s, r): (usize, usize) = (s.parse()?, r.parse()?);
+    let mut handles = Vec::new();
+    for a in addrs {
+        let l = listen(a.parse()?)?;
+        handles.push(thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                thread::spawn(move || {
+                    let _ = c.set_read_timeout(Some(TIMEOUT));
+                    let _ = c.write_all(&vec![b'r'; r]);
+                    let mut got = vec![0; s];
+                    let _ = c.read_exact(&mut got);
+                });
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn bytes(args: &[String]) -> Result<()> {
+    let [dst, n, s, r, mode] = args else {
+        return Err("usage: bytes DST N S R close|half|last".into());
+    };
+    let dst: SocketAddr = dst.parse()?;
+    let (n, s, r): (usize, usize, usize) = (n.parse()?, s.parse()?, r.parse()?);
+    for i in 0..n {
+        let mut c = TcpStream::connect_timeout(&dst, TIMEOUT)?;
+        c.set_read_timeout(Some(TIMEOUT))?;
+        c.write_all(&vec![b's'; s])?;
+        let mut got = vec![0; r];
+        c.read_exact(&mut got)
+            .map_err(|e| format!("connection {i}: reading {r} bytes: {e}"))?;
+        match mode.as_str() {
+            "close" => {}
+            "half" | "last" => {
+                if mode == "half" {
+                    c.shutdown(std::net::Shutdown::Write)?;
+                }
+                let mut rest = Vec::new();
+                c.read_to_end(&mut rest)?;
+                if !rest.is_empty() {
+                    return Err(format!("connection {i}: {} bytes past {r}", rest.len()).into());
+                }
+            }
+            m => return Err(format!("unknown close mode {m:?}").into()),
+        }
+    }
+    println!("bytes {n} sent {} received {}", s * n, r * n);
     Ok(())
 }
