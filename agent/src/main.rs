@@ -42,6 +42,15 @@ enum Command {
     /// The node agent: own the pinned programs at the cgroup root and serve
     /// the pods' registrations.
     Daemon(cli::daemon::DaemonArgs),
+    /// List every registered policy in the node's pinned maps: ranges,
+    /// ports, proxy IDs, pod, who registered it and when.
+    Maps(cli::maps::MapsArgs),
+    /// Connections and bytes per destination and verdict, redirected and
+    /// passed through alike.
+    Stats(cli::stats::StatsArgs),
+    /// What divert does with one connect, and which rule decides, step by
+    /// step, from the live maps.
+    Explain(cli::explain::ExplainArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,5 +82,8 @@ fn main() -> ExitCode {
             cli::init::main(args, sub)
         }
         Command::Daemon(args) => cli::daemon::main(args),
+        Command::Maps(args) => cli::maps::main(args),
+        Command::Stats(args) => cli::stats::main(args),
+        Command::Explain(args) => cli::explain::main(args),
     }
 }

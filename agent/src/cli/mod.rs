@@ -1,8 +1,12 @@
 //! The `divert` binary's subcommands, one module each.
 
 pub mod daemon;
+pub mod explain;
 pub mod init;
+pub mod inspect;
+pub mod maps;
 pub mod run;
+pub mod stats;
 pub mod validate;
 
 use std::process::ExitCode;

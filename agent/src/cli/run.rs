@@ -156,34 +156,12 @@ fn run_command(command: &[OsString], cgroup: &TransientCgroup) -> anyhow::Result
     })
 }
 
-/// The counters of `netns`, one line per destination, port and verdict.
+/// The counters of `netns`: the table `divert stats` prints.
 pub fn print_stats(out: &mut impl Write, netns: u64, counters: &[Counter]) {
-    let rows: Vec<&Counter> = counters
-        .iter()
-        .filter(|c| c.netns_cookie == netns)
-        .collect();
     let _ = writeln!(
         out,
-        "divert: connections by destination (netns cookie {netns}):"
+        "divert: connections and bytes by destination (netns cookie {netns}):"
     );
-    let _ = writeln!(
-        out,
-        "{:<40} {:>5}  {:<15} {:>11} {:>12} {:>12}",
-        "DESTINATION", "PORT", "VERDICT", "CONNECTIONS", "SENT", "RECEIVED"
-    );
-    for c in &rows {
-        let _ = writeln!(
-            out,
-            "{:<40} {:>5}  {:<15} {:>11} {:>12} {:>12}",
-            c.destination.to_string(),
-            c.port,
-            c.verdict,
-            c.connections,
-            c.bytes_sent,
-            c.bytes_received
-        );
-    }
-    if rows.is_empty() {
-        let _ = writeln!(out, "(no outbound TCP connects)");
-    }
+    let rows = super::stats::rows(counters, &Default::default(), Some(netns), None);
+    let _ = super::stats::print_table(out, &rows);
 }

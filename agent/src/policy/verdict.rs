@@ -155,8 +155,37 @@ pub fn verdict(policy: &Policy, destination: SocketAddr, uid: u32, gid: u32) -> 
 /// "Local" is what iptables' `-o lo` matches: 127.0.0.0/8, ::1 and the
 /// namespace's own addresses.
 pub fn verdict_for(policy: &Policy, c: &Connect) -> Verdict {
+    decide(policy, c, &mut |_| {})
+}
+
+/// One rule of the chain as [`explain_for`] walked it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Step {
+    /// The rule in istio-iptables' spelling (`ISTIO_OUTPUT`), with this
+    /// policy's values.
+    pub rule: String,
+    /// Whether it matched the connect; the last step is the one that did
+    /// (or the chain's end).
+    pub matched: bool,
+}
+
+/// [`verdict_for`] with every rule it tried, in chain order: the rules that
+/// did not match, then the one that decided. Rules the policy does not
+/// have (an empty port list, no proxy GIDs) are not listed, as
+/// istio-iptables does not write them.
+pub fn explain_for(policy: &Policy, c: &Connect) -> (Verdict, Vec<Step>) {
+    let mut steps = Vec::new();
+    let v = decide(policy, c, &mut |s| steps.push(s));
+    (v, steps)
+}
+
+fn decide(policy: &Policy, c: &Connect, step: &mut dyn FnMut(Step)) -> Verdict {
     let dst = canonical(c.destination.ip());
     let port = c.destination.port();
+    let mut tried = |rule: String, matched: bool| {
+        step(Step { rule, matched });
+        matched
+    };
     let pass = |rule| Verdict {
         action: Action::PassThrough,
         rule,
@@ -169,14 +198,36 @@ pub fn verdict_for(policy: &Policy, c: &Connect) -> Verdict {
         action: Action::InboundCapture(policy.inbound_capture_port),
         rule,
     };
+    let lo = if dst.is_ipv4() { "127.0.0.1/32" } else { "::1/128" };
+    let joined = |v: &[u16]| {
+        v.iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
 
-    if policy.exclude_ports.contains(&port) {
+    if !policy.exclude_ports.is_empty()
+        && tried(
+            format!(
+                "-p tcp -m multiport --dports {} -j RETURN",
+                joined(&policy.exclude_ports)
+            ),
+            policy.exclude_ports.contains(&port),
+        )
+    {
         return pass(Rule::ExcludeOutboundPort(port));
     }
-    if let Some(src) = c.bound_source.map(canonical) {
-        if src == IpAddr::V4(PASSTHROUGH_SRC4) || src == IpAddr::V6(PASSTHROUGH_SRC6) {
-            return pass(Rule::InboundPassthroughSource);
-        }
+    let bound = c.bound_source.map(canonical);
+    let passthrough_src = if dst.is_ipv4() {
+        "127.0.0.6/32"
+    } else {
+        "::6/128"
+    };
+    if tried(
+        format!("-o lo -s {passthrough_src} -j RETURN"),
+        bound == Some(IpAddr::V4(PASSTHROUGH_SRC4)) || bound == Some(IpAddr::V6(PASSTHROUGH_SRC6)),
+    ) {
+        return pass(Rule::InboundPassthroughSource);
     }
     let local = dst.is_loopback() || policy.local_addrs.contains(&dst);
     let host_loopback = is_host_loopback(dst);
@@ -184,62 +235,99 @@ pub fn verdict_for(policy: &Policy, c: &Connect) -> Verdict {
     let tunnel = port == policy.inbound_tunnel_port;
     // Per ID, istio-iptables emits three rules in turn: inbound capture,
     // "-o lo ! --uid-owner" RETURN, "--uid-owner" RETURN (then the same per GID).
-    let owner_rules = |ids: &[u32],
-                       id: u32,
-                       to_local: fn(u32) -> Rule,
-                       local_not_owner: fn(u32) -> Rule,
-                       owner_rule: fn(u32) -> Rule| {
+    let mut owner_rules = |ids: &[u32],
+                           id: u32,
+                           kind: &str,
+                           to_local: fn(u32) -> Rule,
+                           local_not_owner: fn(u32) -> Rule,
+                           owner_rule: fn(u32) -> Rule| {
         for &x in ids {
             let owner = id == x;
-            if owner && local && !host_loopback && !tunnel {
+            if tried(
+                format!(
+                    "-o lo ! -d {lo} -p tcp ! --dport {} -m owner --{kind}-owner {x} -j ISTIO_IN_REDIRECT",
+                    policy.inbound_tunnel_port
+                ),
+                owner && local && !host_loopback && !tunnel,
+            ) {
                 return Some(inbound(to_local(x)));
             }
-            if local && lo_return && !owner {
+            if lo_return
+                && tried(
+                    format!("-o lo -m owner ! --{kind}-owner {x} -j RETURN"),
+                    local && !owner,
+                )
+            {
                 return Some(pass(local_not_owner(x)));
             }
-            if owner {
+            if tried(format!("-m owner --{kind}-owner {x} -j RETURN"), owner) {
                 return Some(pass(owner_rule(x)));
             }
         }
         None
     };
-    let by_uid = || {
-        owner_rules(
-            &policy.proxy_uids,
-            c.uid,
-            Rule::ProxyUidToLocal,
-            Rule::LocalNotProxyUid,
-            Rule::ProxyUid,
-        )
-    };
-    let by_gid = || {
-        owner_rules(
-            &policy.proxy_gids,
-            c.gid,
-            Rule::ProxyGidToLocal,
-            Rule::LocalNotProxyGid,
-            Rule::ProxyGid,
-        )
-    };
-    if let Some(v) = by_uid().or_else(by_gid) {
+    if let Some(v) = owner_rules(
+        &policy.proxy_uids,
+        c.uid,
+        "uid",
+        Rule::ProxyUidToLocal,
+        Rule::LocalNotProxyUid,
+        Rule::ProxyUid,
+    ) {
         return v;
     }
-    if host_loopback {
+    if let Some(v) = owner_rules(
+        &policy.proxy_gids,
+        c.gid,
+        "gid",
+        Rule::ProxyGidToLocal,
+        Rule::LocalNotProxyGid,
+        Rule::ProxyGid,
+    ) {
+        return v;
+    }
+    if tried(format!("-d {lo} -j RETURN"), host_loopback) {
         return pass(Rule::HostLoopback);
     }
-    if let Some(n) = policy.exclude_ranges.iter().find(|n| contains(n, dst)) {
-        return pass(Rule::ExcludeRange(*n));
+    for n in &policy.exclude_ranges {
+        if same_family(n, dst) && tried(format!("-d {n} -j RETURN"), contains(n, dst)) {
+            return pass(Rule::ExcludeRange(*n));
+        }
     }
-    if policy.include_ports.contains(&port) {
+    if !policy.include_ports.is_empty()
+        && tried(
+            format!(
+                "-p tcp -m multiport --dports {} -j ISTIO_REDIRECT",
+                joined(&policy.include_ports)
+            ),
+            policy.include_ports.contains(&port),
+        )
+    {
         return redirect(Rule::IncludeOutboundPort(port));
     }
     match &policy.include_ranges {
-        IncludeRanges::All => redirect(Rule::IncludeAll),
-        IncludeRanges::List(list) => match list.iter().find(|n| contains(n, dst)) {
-            Some(n) => redirect(Rule::IncludeRange(*n)),
-            None => pass(Rule::NoMatch),
-        },
+        IncludeRanges::All => {
+            tried("-j ISTIO_REDIRECT".to_string(), true);
+            redirect(Rule::IncludeAll)
+        }
+        IncludeRanges::List(list) => {
+            for n in list {
+                if same_family(n, dst)
+                    && tried(format!("-d {n} -j ISTIO_REDIRECT"), contains(n, dst))
+                {
+                    return redirect(Rule::IncludeRange(*n));
+                }
+            }
+            tried("end of ISTIO_OUTPUT: RETURN".to_string(), true);
+            pass(Rule::NoMatch)
+        }
     }
+}
+
+/// Whether `net` is written in `ip`'s family (an IPv4 range sits in the
+/// iptables chain, an IPv6 range in the ip6tables chain).
+fn same_family(net: &IpNetwork, ip: IpAddr) -> bool {
+    net.is_ipv4() == ip.is_ipv4()
 }
 
 fn is_host_loopback(ip: IpAddr) -> bool {
@@ -275,6 +363,46 @@ mod tests {
         }
     }
     const APP: u32 = 1000;
+
+    #[test]
+    fn explain_walks_the_chain_to_the_deciding_rule() {
+        let p = Policy {
+            exclude_ranges: vec![net("10.96.0.0/12"), net("fd00::/8")],
+            include_ranges: IncludeRanges::List(vec![net("10.211.0.0/16")]),
+            exclude_ports: vec![5432, 9090],
+            ..base()
+        };
+        let c = Connect {
+            destination: sa("10.211.0.2:80"),
+            uid: APP,
+            gid: APP,
+            bound_source: None,
+        };
+        let (v, steps) = explain_for(&p, &c);
+        assert_eq!(v, verdict_for(&p, &c));
+        let rules: Vec<(&str, bool)> = steps.iter().map(|s| (s.rule.as_str(), s.matched)).collect();
+        assert_eq!(
+            rules,
+            [
+                ("-p tcp -m multiport --dports 5432,9090 -j RETURN", false),
+                ("-o lo -s 127.0.0.6/32 -j RETURN", false),
+                ("-o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT", false),
+                ("-o lo -m owner ! --uid-owner 1337 -j RETURN", false),
+                ("-m owner --uid-owner 1337 -j RETURN", false),
+                ("-o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT", false),
+                ("-o lo -m owner ! --gid-owner 1337 -j RETURN", false),
+                ("-m owner --gid-owner 1337 -j RETURN", false),
+                ("-d 127.0.0.1/32 -j RETURN", false),
+                ("-d 10.96.0.0/12 -j RETURN", false),
+                ("-d 10.211.0.0/16 -j ISTIO_REDIRECT", true),
+            ]
+        );
+        // The proxy's own connect stops at its owner rule.
+        let (v, steps) = explain_for(&p, &Connect { uid: 1337, ..c });
+        assert_eq!(v.rule, Rule::ProxyUid(1337));
+        assert_eq!(steps.iter().filter(|s| s.matched).count(), 1);
+        assert!(steps.last().unwrap().matched);
+    }
 
     #[test]
     fn include_all_redirects_to_the_proxy_port() {
