@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::inspect::{self, Output, ReadArgs, Target};
 use crate::{
     ebpf::{verdict_name, PodRef},
-    policy::{canonical, explain_for, Action, Connect, Step},
+    policy::{canonical, explain_for, Action, Connect, IncludeRanges, IpNetwork, Policy, Step},
 };
 
 /// Arguments of `divert explain`.
@@ -82,7 +82,7 @@ fn run(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let Some(cookie) = inspect::cookie_of(&mut maps, &args.target, dir)? else {
         bail!("say which namespace: --netns COOKIE or --pod NAMESPACE/NAME (`divert maps` lists them)");
     };
-    let Some(policy) = maps
+    let Some(mut policy) = maps
         .policy_of(cookie)
         .with_context(|| format!("reading the policy of netns {cookie}"))?
     else {
@@ -91,6 +91,7 @@ fn run(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
             dir.display()
         );
     };
+    most_specific_first(&mut policy);
     let pod = maps.pods()?.remove(&cookie);
     let dst = canonical(args.destination.ip());
     let connect = Connect {
@@ -128,6 +129,18 @@ fn run(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
     match args.read.output {
         Output::Json => inspect::json(out, &e),
         Output::Table => Ok(print(out, &e)?),
+    }
+}
+
+/// Order the include and exclude ranges most specific first. The tries do
+/// not keep the order ranges were written in, and when several match, the
+/// kernel's LPM lookup finds the longest prefix: that is the range named.
+/// (Which of several matching ranges decides never changes the verdict.)
+pub fn most_specific_first(p: &mut Policy) {
+    let order = |a: &IpNetwork, b: &IpNetwork| b.prefix().cmp(&a.prefix()).then(a.cmp(b));
+    p.exclude_ranges.sort_by(order);
+    if let IncludeRanges::List(v) = &mut p.include_ranges {
+        v.sort_by(order);
     }
 }
 

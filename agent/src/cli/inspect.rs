@@ -109,7 +109,11 @@ pub fn open(dir: &Path) -> anyhow::Result<Interceptor> {
 
 /// The netns cookie `target` names, if it names one. A pod must be in the
 /// `PODS` map.
-pub fn cookie_of(maps: &mut Interceptor, target: &Target, dir: &Path) -> anyhow::Result<Option<u64>> {
+pub fn cookie_of(
+    maps: &mut Interceptor,
+    target: &Target,
+    dir: &Path,
+) -> anyhow::Result<Option<u64>> {
     if let Some(c) = target.netns {
         return Ok(Some(c));
     }
@@ -128,9 +132,7 @@ pub fn cookie_of(maps: &mut Interceptor, target: &Target, dir: &Path) -> anyhow:
 
 /// `t` as RFC 3339 UTC, to the second (`2026-11-22T04:34:36Z`).
 pub fn rfc3339(t: SystemTime) -> String {
-    let d = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     k8s_openapi::chrono::DateTime::from_timestamp(d.as_secs() as i64, 0)
         .map(|t| t.to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Secs, true))
         .unwrap_or_default()

@@ -45,7 +45,12 @@ pub struct StatsArgs {
     pub watch: bool,
 
     /// Seconds between --watch samples.
-    #[arg(long, value_name = "SECONDS", default_value_t = 2.0, requires = "watch")]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 2.0,
+        requires = "watch"
+    )]
     pub interval: f64,
 }
 
@@ -123,7 +128,10 @@ fn run(args: &StatsArgs, out: &mut impl Write) -> anyhow::Result<()> {
         };
     }
     if !(args.interval > 0.0 && args.interval.is_finite()) {
-        anyhow::bail!("--interval {} is not a positive number of seconds", args.interval);
+        anyhow::bail!(
+            "--interval {} is not a positive number of seconds",
+            args.interval
+        );
     }
     let interval = Duration::from_secs_f64(args.interval);
     let clear = args.read.output == Output::Table && std::io::stdout().is_terminal();
@@ -305,19 +313,30 @@ mod tests {
     fn rates_are_growth_per_second_and_evictions_restart() {
         let pods = std::collections::BTreeMap::new();
         let before = rows(
-            &[c(1, "10.0.0.1", "redirected", 10, 100), c(1, "10.0.0.2", "redirected", 50, 500)],
+            &[
+                c(1, "10.0.0.1", "redirected", 10, 100),
+                c(1, "10.0.0.2", "redirected", 50, 500),
+            ],
             &pods,
             None,
             None,
         );
         let now = rows(
-            &[c(1, "10.0.0.1", "redirected", 14, 300), c(1, "10.0.0.2", "redirected", 2, 20)],
+            &[
+                c(1, "10.0.0.1", "redirected", 14, 300),
+                c(1, "10.0.0.2", "redirected", 2, 20),
+            ],
             &pods,
             None,
             None,
         );
         let r = with_rates(&before, now, 2.0);
-        let grown = r.iter().find(|r| r.connections == 14).unwrap().rates.unwrap();
+        let grown = r
+            .iter()
+            .find(|r| r.connections == 14)
+            .unwrap()
+            .rates
+            .unwrap();
         assert_eq!(
             grown,
             Rates {
@@ -326,7 +345,12 @@ mod tests {
                 bytes_received_per_sec: 200.0
             }
         );
-        let evicted = r.iter().find(|r| r.connections == 2).unwrap().rates.unwrap();
+        let evicted = r
+            .iter()
+            .find(|r| r.connections == 2)
+            .unwrap()
+            .rates
+            .unwrap();
         assert_eq!(evicted.connections_per_sec, 1.0);
     }
 }

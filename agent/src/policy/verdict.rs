@@ -198,13 +198,12 @@ fn decide(policy: &Policy, c: &Connect, step: &mut dyn FnMut(Step)) -> Verdict {
         action: Action::InboundCapture(policy.inbound_capture_port),
         rule,
     };
-    let lo = if dst.is_ipv4() { "127.0.0.1/32" } else { "::1/128" };
-    let joined = |v: &[u16]| {
-        v.iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
+    let lo = if dst.is_ipv4() {
+        "127.0.0.1/32"
+    } else {
+        "::1/128"
     };
+    let joined = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
 
     if !policy.exclude_ports.is_empty()
         && tried(

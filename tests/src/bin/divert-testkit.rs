@@ -14,9 +14,10 @@
 //! * `connects DST N`: N connects to DST one after another, each closed at
 //!   once; a refused connect counts as made (the kernel judged it). Prints
 //!   `connects N refused R`.
-//! * `bytes-server S R ADDR…`: for each accepted connection, writes R bytes,
-//!   reads exactly S, then closes (its FIN goes out first unless the client
-//!   was quicker).
+//! * `bytes-server S R eof|first ADDR…`: for each accepted connection,
+//!   writes R bytes, then either reads to the client's EOF (`eof`: the
+//!   client's FIN is first) or reads exactly S bytes (`first`: its own FIN
+//!   goes out first unless the client was quicker), then closes.
 //! * `bytes DST N S R MODE`: N connections to DST one after another, each
 //!   writing S bytes and reading R, then closing by MODE: `close` (close at
 //!   once, whoever's FIN is first), `half` (`shutdown(SHUT_WR)`, read to
@@ -59,7 +60,7 @@ fn main() -> ExitCode {
         ),
         Some("sockopts") => sockopts(&args[1]),
         Some("connects") => connects(&args[1], &args[2]),
-        Some("bytes-server") => bytes_server(&args[1], &args[2], &args[3..]),
+        Some("bytes-server") => bytes_server(&args[1], &args[2], &args[3], &args[4..]),
         Some("bytes") => bytes(&args[1..]),
         _ => Err(
             "usage: divert-testkit server|http|proxy|client|sockopts|connects|bytes-server|bytes …"
@@ -370,8 +371,13 @@ fn connects(dst: &str, n: &str) -> Result<()> {
     Ok(())
 }
 
-fn bytes_server(s: &str, r: &str, addrs: &[String]) -> Result<()> {
+fn bytes_server(s: &str, r: &str, close: &str, addrs: &[String]) -> Result<()> {
     let (s, r): (usize, usize) = (s.parse()?, r.parse()?);
+    let to_eof = match close {
+        "eof" => true,
+        "first" => false,
+        c => return Err(format!("unknown close order {c:?}").into()),
+    };
     let mut handles = Vec::new();
     for a in addrs {
         let l = listen(a.parse()?)?;
@@ -381,8 +387,11 @@ fn bytes_server(s: &str, r: &str, addrs: &[String]) -> Result<()> {
                 thread::spawn(move || {
                     let _ = c.set_read_timeout(Some(TIMEOUT));
                     let _ = c.write_all(&vec![b'r'; r]);
-                    let mut got = vec![0; s];
-                    let _ = c.read_exact(&mut got);
+                    if to_eof {
+                        let _ = c.read_to_end(&mut Vec::new());
+                    } else {
+                        let _ = c.read_exact(&mut vec![0; s]);
+                    }
                 });
             }
         }));
