@@ -408,7 +408,8 @@ impl Interceptor {
     /// unmeshed at once), then its entries.
     pub fn unregister(&mut self, netns_cookie: u64, policy: &Policy) -> Result<()> {
         match self.policies()?.remove(&netns_cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if absent(&e) => {}
             Err(source) => {
                 return Err(Error::Map {
                     map: maps::POLICIES,
@@ -542,7 +543,8 @@ impl Interceptor {
     pub fn remove_pod(&mut self, netns_cookie: u64) -> Result<()> {
         let mut m: HashMap<&mut MapData, u64, PodName> = hash_map(&mut self.maps, maps::PODS)?;
         match m.remove(&netns_cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if absent(&e) => Ok(()),
             Err(source) => Err(Error::Map {
                 map: maps::PODS,
                 source,
@@ -654,7 +656,7 @@ impl Interceptor {
     pub fn unregister_netns(&mut self, netns_cookie: u64) -> Result<bool> {
         let was = match self.policies()?.remove(&netns_cookie) {
             Ok(()) => true,
-            Err(MapError::KeyNotFound) => false,
+            Err(e) if absent(&e) => false,
             Err(source) => {
                 return Err(Error::Map {
                     map: maps::POLICIES,
@@ -782,7 +784,8 @@ impl Interceptor {
     fn remove_keys(&mut self, e: &Entries) -> Result<()> {
         let mut first: Option<Error> = None;
         let mut note = |name: &'static str, r: std::result::Result<(), MapError>| match r {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if absent(&e) => {}
             Err(source) => {
                 first.get_or_insert(Error::Map { map: name, source });
             }
@@ -947,6 +950,16 @@ fn insert_all<K: aya::Pod>(
             .map_err(|source| Error::Map { map: name, source })?;
     }
     Ok(())
+}
+
+/// Whether a failed removal only says the key was not there: aya reports a
+/// lookup's miss as `KeyNotFound` but a delete's as the syscall's `ENOENT`.
+fn absent(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
 }
 
 /// `h` with who registered it and the current time.
