@@ -521,7 +521,8 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
 /// At `TCP_CLOSE`, add the connection's payload bytes to the counter its
 /// connect was counted under: the original destination and verdict of a
 /// diverted socket (whose `ORIG_BY_COOKIE` entry goes now), else the
-/// socket's peer with verdict passthrough.
+/// socket's peer with verdict passthrough. A namespace unregistered since
+/// is not counted.
 ///
 /// The socket's `bytes_acked` counts the SYN and, once acknowledged, our
 /// FIN; `bytes_received` counts the peer's FIN. Which of them happened is
@@ -540,12 +541,16 @@ fn account_close(ctx: &SockOpsContext, old: u32) {
     let ops = ctx.ops;
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let (addr, port, v) = match unsafe { ORIG_BY_COOKIE.get(&cookie) } {
-        Some(orig) => {
-            let key = (orig.addr, orig.port, orig.verdict);
-            let _ = ORIG_BY_COOKIE.remove(&cookie);
-            key
-        }
+    let orig = unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied();
+    if orig.is_some() {
+        let _ = ORIG_BY_COOKIE.remove(&cookie);
+    }
+    // Unregistered since the connect: no longer counted.
+    if unsafe { POLICIES.get(&netns) }.is_none() {
+        return;
+    }
+    let (addr, port, v) = match orig {
+        Some(orig) => (orig.addr, orig.port, orig.verdict),
         None => {
             let addr = if load!(ops, bpf_sock_ops, family) == AF_INET {
                 mapped_v4(load!(ops, bpf_sock_ops, remote_ip4).to_ne_bytes())

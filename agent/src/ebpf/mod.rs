@@ -405,7 +405,7 @@ impl Interceptor {
     }
 
     /// Remove `netns_cookie`'s policy: the header first (the namespace is
-    /// unmeshed at once), then its entries.
+    /// unmeshed at once), then its entries and its counter series.
     pub fn unregister(&mut self, netns_cookie: u64, policy: &Policy) -> Result<()> {
         match self.policies()?.remove(&netns_cookie) {
             Ok(()) => {}
@@ -417,7 +417,41 @@ impl Interceptor {
                 })
             }
         }
-        self.remove_entries(netns_cookie, policy)
+        self.remove_entries(netns_cookie, policy)?;
+        self.remove_counters(netns_cookie)
+    }
+
+    /// Remove every `COUNTERS` series of `netns_cookie` (a namespace that is
+    /// unregistered is no longer counted; its old series would only linger
+    /// until the LRU evicted them).
+    fn remove_counters(&mut self, netns_cookie: u64) -> Result<()> {
+        let m = self
+            .maps
+            .get_mut(maps::COUNTERS)
+            .ok_or(Error::MissingMap(maps::COUNTERS))?;
+        let mut counters: PerCpuHashMap<&mut MapData, CounterKey, CounterValue> =
+            PerCpuHashMap::try_from(m).map_err(|source| Error::Map {
+                map: maps::COUNTERS,
+                source,
+            })?;
+        let keys: Vec<CounterKey> = counters
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for k in keys {
+            match counters.remove(&k) {
+                Ok(()) => {}
+                Err(e) if absent(&e) => {}
+                Err(source) => {
+                    return Err(Error::Map {
+                        map: maps::COUNTERS,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every registered netns cookie, sorted.
@@ -649,8 +683,8 @@ impl Interceptor {
 
     /// Remove everything `netns_cookie` owns without knowing the policy it
     /// was registered with: the header first (the namespace is unmeshed at
-    /// once), then every trie, port and address entry whose key carries the
-    /// cookie, found by walking the maps (O(entries), for the daemon after
+    /// once), then every trie, port, address, pod and counter entry whose key
+    /// carries the cookie, found by walking the maps (O(entries), for the daemon after
     /// a restart and for garbage collection). Returns whether a policy was
     /// registered.
     pub fn unregister_netns(&mut self, netns_cookie: u64) -> Result<bool> {
@@ -667,6 +701,7 @@ impl Interceptor {
         let owned = self.owned(netns_cookie)?;
         self.remove_keys(&owned)?;
         self.remove_pod(netns_cookie)?;
+        self.remove_counters(netns_cookie)?;
         Ok(was)
     }
 
