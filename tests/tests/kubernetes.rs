@@ -263,6 +263,18 @@ fn pods_are_registered_from_their_annotations_live() {
         metrics.contains(r#"namespace="shop",pod="cart-1""#),
         "{metrics}"
     );
+    // The watch recorded the pod and itself as the registrar in the pinned
+    // maps: `divert maps --pod` finds it, and says so.
+    let out = std::process::Command::new(divert_tests::divert_bin())
+        .args(["maps", "--pod", "shop/cart-1", "-o", "json", "--bpffs-dir"])
+        .arg(s.bpffs.path())
+        .output()
+        .unwrap();
+    let rows: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("divert maps: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(rows[0]["netns_cookie"], cookie, "{rows:#}");
+    assert_eq!(rows[0]["source"], "kubernetes", "{rows:#}");
+    assert_eq!(rows[0]["exclude_ports"], json!([8080]), "{rows:#}");
 
     // Live: the annotation now excludes 80 instead.
     let mut changed = pod.clone();
