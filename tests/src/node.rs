@@ -13,7 +13,7 @@ use std::{
 
 use divert::{ebpf::pinned, policy::Action};
 
-use crate::{cases::expected, command_in, divert_bin, Daemon, Lab};
+use crate::{cases::expected, command_in, divert_bin, Daemon, Lab, Netns, Placement};
 
 /// A temporary directory the daemon mounts bpffs on; on drop, everything
 /// pinned there is removed and the mount is lazily unmounted.
@@ -152,6 +152,32 @@ impl Setup {
             .arg(&self.socket)
             .args(args);
         cmd.output().expect("divert init")
+    }
+
+    /// A network namespace of the test's own besides the lab's (gone when
+    /// dropped), with its cookie, and `divert init ARGS…` run in it (in
+    /// the lab's plain cgroup).
+    pub fn init_in_new_netns(
+        &self,
+        tag: &str,
+        args: &[impl AsRef<std::ffi::OsStr>],
+    ) -> (Netns, u64, std::process::Output) {
+        let ns = Netns::create(&format!("divert-test-{}-{tag}", std::process::id())).unwrap();
+        let cookie = ns.enter(divert::netns::current_cookie).unwrap().unwrap();
+        let (mut cmd, _keep) = command_in(
+            Placement {
+                netns: &ns,
+                cgroup: &self.lab.plain,
+                ids: None,
+            },
+            divert_bin(),
+        )
+        .unwrap();
+        cmd.args(["init", "--backend", "ebpf", "--daemon-socket"])
+            .arg(&self.socket)
+            .args(args);
+        let out = cmd.output().expect("divert init");
+        (ns, cookie, out)
     }
 
     pub fn dial(&self) -> (SocketAddr, String) {

@@ -179,22 +179,7 @@ fn a_deleted_namespace_loses_its_policy_and_the_others_keep_theirs() {
     let _daemon = s.daemon();
     assert!(s.init(INJECTOR).status.success());
     let (client, _) = s.lab.client_identity().unwrap();
-    let gone =
-        divert_tests::Netns::create(&format!("divert-test-{}-gc", std::process::id())).unwrap();
-    let gone_cookie = gone.enter(divert::netns::current_cookie).unwrap().unwrap();
-    let (mut cmd, _keep) = command_in(
-        divert_tests::Placement {
-            netns: &gone,
-            cgroup: &s.lab.plain,
-            ids: None,
-        },
-        divert_bin(),
-    )
-    .unwrap();
-    cmd.args(["init", "--backend", "ebpf", "--daemon-socket"])
-        .arg(&s.socket)
-        .args(["-i", "*"]);
-    let out = cmd.output().unwrap();
+    let (gone, gone_cookie, out) = s.init_in_new_netns("gc", &["-i", "*"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let registered = || {
         pinned::open_maps(&s.bpffs.path())

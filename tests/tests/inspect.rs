@@ -478,26 +478,11 @@ fn maps_shows_what_init_registered_and_nothing_once_the_namespace_is_gone() {
     require_root!();
     let s = Setup::start();
     let mut daemon = s.daemon();
-    let gone =
-        divert_tests::Netns::create(&format!("divert-test-{}-maps", std::process::id())).unwrap();
-    let gone_cookie = gone.enter(divert::netns::current_cookie).unwrap().unwrap();
     let before = SystemTime::now() - Duration::from_secs(1);
-    let (mut cmd, _keep) = command_in(
-        Placement {
-            netns: &gone,
-            cgroup: &s.lab.plain,
-            ids: None,
-        },
-        divert_bin(),
-    )
-    .unwrap();
-    cmd.args(["init", "--backend", "ebpf", "--daemon-socket"])
-        .arg(&s.socket)
-        .args(divert_tests::injector_with(&[
-            ("-o", "5432,3306"),
-            ("-x", "10.96.0.0/12"),
-        ]));
-    let out = cmd.output().unwrap();
+    let (gone, gone_cookie, out) = s.init_in_new_netns(
+        "maps",
+        &divert_tests::injector_with(&[("-o", "5432,3306"), ("-x", "10.96.0.0/12")]),
+    );
     assert!(out.status.success(), "init: {}", text(&out.stderr));
 
     let netns = gone_cookie.to_string();

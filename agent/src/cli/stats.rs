@@ -12,7 +12,6 @@
 use std::{
     collections::HashMap,
     io::{IsTerminal as _, Write},
-    net::IpAddr,
     process::ExitCode,
     time::{Duration, Instant},
 };
@@ -83,23 +82,16 @@ pub struct Rates {
     pub bytes_received_per_sec: f64,
 }
 
-/// One destination of one namespace, as `divert stats -o json` prints it.
+/// One destination of one namespace, as `divert stats -o json` prints it:
+/// the [`Counter`]'s fields (`netns_cookie`, `destination`, `port`,
+/// `verdict`, `connections`, `bytes_sent`, `bytes_received`), `pod`, and
+/// with `--watch` the [`Rates`].
 #[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct StatsRow {
-    pub netns_cookie: u64,
+    #[serde(flatten)]
+    pub counter: Counter,
     /// The pod, when the daemon's pod watch recorded it; else null.
     pub pod: Option<PodRef>,
-    /// The destination IP as dialled (an IPv4-mapped IPv6 shown as IPv4).
-    pub destination: IpAddr,
-    pub port: u16,
-    /// `redirected`, `passthrough` or `inbound_capture`.
-    pub verdict: &'static str,
-    /// Connects judged.
-    pub connections: u64,
-    /// Payload bytes sent and acknowledged, of closed connections.
-    pub bytes_sent: u64,
-    /// Payload bytes received, of closed connections.
-    pub bytes_received: u64,
     /// With `--watch` only.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub rates: Option<Rates>,
@@ -172,18 +164,13 @@ pub fn rows(
         .filter(|c| only.is_none_or(|n| n == c.netns_cookie))
         .filter(|c| verdict.is_none_or(|v| v.name() == c.verdict))
         .map(|c| StatsRow {
-            netns_cookie: c.netns_cookie,
+            counter: c.clone(),
             pod: pods.get(&c.netns_cookie).cloned(),
-            destination: c.destination,
-            port: c.port,
-            verdict: c.verdict,
-            connections: c.connections,
-            bytes_sent: c.bytes_sent,
-            bytes_received: c.bytes_received,
             rates: None,
         })
         .collect();
     rows.sort_by(|a, b| {
+        let (a, b) = (&a.counter, &b.counter);
         b.connections
             .cmp(&a.connections)
             .then(a.netns_cookie.cmp(&b.netns_cookie))
@@ -205,25 +192,29 @@ fn top(mut rows: Vec<StatsRow>, n: usize) -> Vec<StatsRow> {
 /// row that is new, or whose counts fell (the LRU evicted and restarted
 /// it), grew by its whole value.
 fn with_rates(before: &[StatsRow], now: Vec<StatsRow>, elapsed: f64) -> Vec<StatsRow> {
-    let key = |r: &StatsRow| (r.netns_cookie, r.destination, r.port, r.verdict);
+    let key = |r: &StatsRow| {
+        let c = &r.counter;
+        (c.netns_cookie, c.destination, c.port, c.verdict)
+    };
     let old: HashMap<_, &StatsRow> = before.iter().map(|r| (key(r), r)).collect();
     now.into_iter()
         .map(|mut r| {
-            let was = old.get(&key(&r));
+            let was = old.get(&key(&r)).map(|w| &w.counter);
             let grew = |now: u64, then: Option<u64>| match then {
                 Some(t) if t <= now => (now - t) as f64,
                 _ => now as f64,
             };
+            let c = &r.counter;
             let fell = was.is_some_and(|w| {
-                w.connections > r.connections
-                    || w.bytes_sent > r.bytes_sent
-                    || w.bytes_received > r.bytes_received
+                w.connections > c.connections
+                    || w.bytes_sent > c.bytes_sent
+                    || w.bytes_received > c.bytes_received
             });
             let was = if fell { None } else { was };
             r.rates = Some(Rates {
-                connections_per_sec: grew(r.connections, was.map(|w| w.connections)) / elapsed,
-                bytes_sent_per_sec: grew(r.bytes_sent, was.map(|w| w.bytes_sent)) / elapsed,
-                bytes_received_per_sec: grew(r.bytes_received, was.map(|w| w.bytes_received))
+                connections_per_sec: grew(c.connections, was.map(|w| w.connections)) / elapsed,
+                bytes_sent_per_sec: grew(c.bytes_sent, was.map(|w| w.bytes_sent)) / elapsed,
+                bytes_received_per_sec: grew(c.bytes_received, was.map(|w| w.bytes_received))
                     / elapsed,
             });
             r
@@ -253,15 +244,16 @@ pub fn print_table(out: &mut impl Write, rows: &[StatsRow]) -> std::io::Result<(
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
+            let k = &r.counter;
             let mut c = vec![
-                r.netns_cookie.to_string(),
+                k.netns_cookie.to_string(),
                 r.pod.as_ref().map_or("-".to_string(), ToString::to_string),
-                r.destination.to_string(),
-                r.port.to_string(),
-                r.verdict.to_string(),
-                r.connections.to_string(),
-                r.bytes_sent.to_string(),
-                r.bytes_received.to_string(),
+                k.destination.to_string(),
+                k.port.to_string(),
+                k.verdict.to_string(),
+                k.connections.to_string(),
+                k.bytes_sent.to_string(),
+                k.bytes_received.to_string(),
             ];
             if let Some(x) = r.rates {
                 c.extend([
@@ -301,12 +293,12 @@ mod tests {
         ];
         let pods = std::collections::BTreeMap::new();
         let all = rows(&counters, &pods, None, None);
-        let order: Vec<u64> = all.iter().map(|r| r.connections).collect();
+        let order: Vec<u64> = all.iter().map(|r| r.counter.connections).collect();
         assert_eq!(order, [9, 5, 2]);
         assert_eq!(top(all, 2).len(), 2);
         let one = rows(&counters, &pods, Some(1), Some(VerdictFilter::Redirected));
         assert_eq!(one.len(), 1);
-        assert_eq!(one[0].destination.to_string(), "10.0.0.1");
+        assert_eq!(one[0].counter.destination.to_string(), "10.0.0.1");
     }
 
     #[test]
@@ -333,7 +325,7 @@ mod tests {
         let r = with_rates(&before, now, 2.0);
         let grown = r
             .iter()
-            .find(|r| r.connections == 14)
+            .find(|r| r.counter.connections == 14)
             .unwrap()
             .rates
             .unwrap();
@@ -347,7 +339,7 @@ mod tests {
         );
         let evicted = r
             .iter()
-            .find(|r| r.connections == 2)
+            .find(|r| r.counter.connections == 2)
             .unwrap()
             .rates
             .unwrap();
