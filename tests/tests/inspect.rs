@@ -6,7 +6,8 @@
 //! errors of a reader that is not root or points at nothing.
 
 use std::{
-    net::SocketAddr,
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
     os::unix::process::CommandExt as _,
     process::{Command, Output},
     thread,
@@ -146,59 +147,107 @@ fn stats_and_metrics_count_exact_connections_and_bytes() {
     let (sent, received) = (1_000usize, 5_000usize);
     let kit = testkit_bin();
     let mut servers = Vec::new();
-    let mut server = |place: Placement<'_>, close: &str, addr: &str| {
+    let mut server = |place: Placement<'_>, close: &str, addrs: &[&str]| {
         let (mut cmd, _keep) = command_in(place, &kit).unwrap();
         cmd.args([
             "bytes-server",
             &sent.to_string(),
             &received.to_string(),
             close,
-            addr,
-        ]);
+        ])
+        .args(addrs);
         servers.push(Daemon::spawn("bytes-server", cmd).unwrap());
     };
     let redirected: SocketAddr = SocketAddr::new(s.lab.v4(2), 80);
     let peer = |port| SocketAddr::new(s.lab.v4(2), port);
     let (pass_eof, pass_first) = (peer(9100), peer(9101));
-    for (close, proxy, pass) in [
-        ("eof", "127.0.0.1:15101", pass_eof),
-        ("first", "127.0.0.1:15102", pass_first),
-    ] {
-        server(s.lab.in_client(&s.lab.proxy, None), close, proxy);
-        server(
-            Placement {
-                netns: &s.lab.peer,
-                cgroup: &s.lab.plain,
-                ids: None,
-            },
-            close,
-            &pass.to_string(),
-        );
-    }
+    let (red6, pass6) = (
+        SocketAddr::new(s.lab.v6(2), 80),
+        SocketAddr::new(s.lab.v6(2), 9100),
+    );
+    let peer_ns = || Placement {
+        netns: &s.lab.peer,
+        cgroup: &s.lab.plain,
+        ids: None,
+    };
+    server(
+        s.lab.in_client(&s.lab.proxy, None),
+        "eof",
+        &["127.0.0.1:15101", "[::1]:15101"],
+    );
+    server(
+        peer_ns(),
+        "eof",
+        &[&pass_eof.to_string(), &pass6.to_string()],
+    );
+    server(
+        s.lab.in_client(&s.lab.proxy, None),
+        "first",
+        &["127.0.0.1:15102"],
+    );
+    server(peer_ns(), "first", &[&pass_first.to_string()]);
     wait_listening(
         &s.lab.client,
         &[
             "127.0.0.1:15101".parse().unwrap(),
+            "[::1]:15101".parse().unwrap(),
             "127.0.0.1:15102".parse().unwrap(),
             pass_eof,
+            pass6,
             pass_first,
         ],
         Duration::from_secs(10),
     )
     .unwrap();
+    let mapped = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+        v6 => v6,
+    };
+    let verdict_of = |a: SocketAddr| {
+        if a.port() == 80 {
+            "redirected"
+        } else {
+            "passthrough"
+        }
+    };
     // Each way of closing takes its own path to TCP_CLOSE: the client's FIN
     // first (orphaned, or half-closed and still reading), the server's
-    // first, or a race. The counts must be exact for all of them.
-    let (mut n_red, mut n_eof, mut n_first) = (0, 0, 0);
-    for (proxy_port, pass, mode, red, n_pass) in [
-        ("15101", pass_eof, "close", 4, 2),
-        ("15101", pass_eof, "half", 3, 2),
-        ("15102", pass_first, "last", 2, 1),
-        ("15102", pass_first, "close", 2, 1),
+    // first, or a race. The counts must be exact for all of them, for IPv6,
+    // and for IPv4 dialled as ::ffff:a.b.c.d (counted on the IPv4 row).
+    // Each dial: (the row it counts on, the address dialled, connections).
+    let mut want_n: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+    for (proxy_port, mode, dials) in [
+        (
+            "15101",
+            "close",
+            vec![
+                (redirected, redirected, 4),
+                (pass_eof, pass_eof, 2),
+                (red6, red6, 2),
+                (pass6, pass6, 2),
+                (redirected, mapped(redirected), 1),
+                (pass_eof, mapped(pass_eof), 1),
+            ],
+        ),
+        (
+            "15101",
+            "half",
+            vec![(redirected, redirected, 3), (pass_eof, pass_eof, 2)],
+        ),
+        (
+            "15102",
+            "last",
+            vec![(redirected, redirected, 2), (pass_first, pass_first, 1)],
+        ),
+        (
+            "15102",
+            "close",
+            vec![(redirected, redirected, 2), (pass_first, pass_first, 1)],
+        ),
     ] {
         let out = s.init(&["-p", proxy_port, "-o", "9100,9101", "-i", "*"]);
         assert!(out.status.success(), "init: {}", text(&out.stderr));
-        for (dst, n) in [(redirected, red), (pass, n_pass)] {
+        for (row, dst, n) in dials {
             let (mut cmd, _keep) =
                 command_in(s.lab.in_client(&s.lab.workload, Some((1000, 1000))), &kit).unwrap();
             let out = cmd
@@ -211,17 +260,12 @@ fn stats_and_metrics_count_exact_connections_and_bytes() {
                 "bytes to {dst} ({mode}): {}",
                 text(&out.stdout)
             );
-        }
-        n_red += red;
-        if pass == pass_eof {
-            n_eof += n_pass;
-        } else {
-            n_first += n_pass;
+            *want_n.entry(row).or_default() += n;
         }
     }
     let want = |n: usize| (n as u64, (n * sent) as u64, (n * received) as u64);
-    let got = |rows: &Value, dst, verdict| {
-        row(rows, dst, verdict).map(|r| {
+    let got = |rows: &Value, dst: SocketAddr| {
+        row(rows, dst, verdict_of(dst)).map(|r| {
             (
                 r["connections"].as_u64().unwrap(),
                 r["bytes_sent"].as_u64().unwrap(),
@@ -229,6 +273,7 @@ fn stats_and_metrics_count_exact_connections_and_bytes() {
             )
         })
     };
+    let all_exact = |rows: &Value| want_n.iter().all(|(&d, &n)| got(rows, d) == Some(want(n)));
     let cookie = client_cookie(&s);
     let netns = cookie.to_string();
     // Bytes are counted as each connection reaches TCP_CLOSE, which can
@@ -237,31 +282,16 @@ fn stats_and_metrics_count_exact_connections_and_bytes() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let rows = loop {
         let rows = json(&s, &["stats", "--netns", &netns]);
-        let done = got(&rows, redirected, "redirected") == Some(want(n_red))
-            && got(&rows, pass_eof, "passthrough") == Some(want(n_eof))
-            && got(&rows, pass_first, "passthrough") == Some(want(n_first));
-        if done || Instant::now() > deadline {
+        if all_exact(&rows) || Instant::now() > deadline {
             break rows;
         }
         thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(
-        got(&rows, redirected, "redirected"),
-        Some(want(n_red)),
-        "{rows:#}"
-    );
-    assert_eq!(
-        got(&rows, pass_eof, "passthrough"),
-        Some(want(n_eof)),
-        "{rows:#}"
-    );
-    assert_eq!(
-        got(&rows, pass_first, "passthrough"),
-        Some(want(n_first)),
-        "{rows:#}"
-    );
+    for (&dst, &n) in &want_n {
+        assert_eq!(got(&rows, dst), Some(want(n)), "{dst}: {rows:#}");
+    }
     // This namespace made no other connects.
-    assert_eq!(rows.as_array().unwrap().len(), 3, "{rows:#}");
+    assert_eq!(rows.as_array().unwrap().len(), want_n.len(), "{rows:#}");
     for r in rows.as_array().unwrap() {
         assert_shape("stats", r, STATS_ROW);
     }
@@ -271,7 +301,7 @@ fn stats_and_metrics_count_exact_connections_and_bytes() {
         &s,
         &["stats", "--netns", &netns, "--verdict", "passthrough"],
     );
-    assert_eq!(only_pass.as_array().unwrap().len(), 2, "{only_pass:#}");
+    assert_eq!(only_pass.as_array().unwrap().len(), 3, "{only_pass:#}");
     let top1 = json(&s, &["stats", "--netns", &netns, "--top", "1"]);
     assert_eq!(top1[0]["verdict"], "redirected", "most connections first");
     let table = text(&divert(&s, &["stats", "--netns", &netns]).stdout);
@@ -280,7 +310,7 @@ fn stats_and_metrics_count_exact_connections_and_bytes() {
         .find(|l| l.contains(&redirected.ip().to_string()) && l.contains("redirected"))
         .unwrap_or_else(|| panic!("{table}"));
     let words: Vec<&str> = line.split_whitespace().collect();
-    let (n, tx, rx) = want(n_red);
+    let (n, tx, rx) = want(want_n[&redirected]);
     assert!(
         words.ends_with(&[
             "80",
@@ -295,11 +325,8 @@ fn stats_and_metrics_count_exact_connections_and_bytes() {
     // /metrics: the same figures under Prometheus names.
     let (status, page) = s.http_get("/metrics");
     assert_eq!(status, 200, "{page}");
-    for (dst, verdict, n) in [
-        (redirected, "redirected", n_red),
-        (pass_eof, "passthrough", n_eof),
-        (pass_first, "passthrough", n_first),
-    ] {
+    for (&dst, &n) in &want_n {
+        let verdict = verdict_of(dst);
         let labels = [
             format!("netns_cookie=\"{cookie}\""),
             format!("destination=\"{}\"", dst.ip()),
