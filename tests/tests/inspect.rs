@@ -558,8 +558,24 @@ fn maps_shows_what_init_registered_and_nothing_once_the_namespace_is_gone() {
         "{table}"
     );
 
-    // The namespace goes: the restarted daemon's sweep removes its policy
-    // and its pod, and maps shows nothing of it.
+    // It makes three connects (to its own loopback, refused), counted.
+    gone.ip(&["link", "set", "lo", "up"]).unwrap();
+    let (mut cmd, _keep) = command_in(
+        Placement {
+            netns: &gone,
+            cgroup: &s.lab.workload,
+            ids: None,
+        },
+        testkit_bin(),
+    )
+    .unwrap();
+    let out = cmd.args(["connects", "127.0.0.1:9", "3"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    let counted = json(&s, &["stats", "--netns", &netns]);
+    assert_eq!(counted[0]["connections"], 3, "{counted:#}");
+
+    // The namespace goes: the restarted daemon's sweep removes its policy,
+    // its pod and its counters; maps and stats show nothing of it.
     let _daemon = s.daemon();
     drop(gone);
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -576,6 +592,10 @@ fn maps_shows_what_init_registered_and_nothing_once_the_namespace_is_gone() {
         assert!(Instant::now() < deadline, "still listed: {all:#}");
         thread::sleep(Duration::from_millis(100));
     }
+    assert_eq!(
+        json(&s, &["stats", "--netns", &netns]),
+        serde_json::json!([])
+    );
     let out = divert(&s, &["maps", "--pod", "shop/cart-1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
