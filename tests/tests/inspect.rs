@@ -353,6 +353,62 @@ fn stats_and_metrics_count_exact_connections_and_bytes() {
 }
 
 #[test]
+fn a_connection_closing_after_its_namespace_was_unregistered_is_not_counted() {
+    require_root!();
+    let s = Setup::start();
+    let _daemon = s.daemon();
+    let out = s.init(&["-p", "15101", "-i", "*"]);
+    assert!(out.status.success(), "init: {}", text(&out.stderr));
+    let kit = testkit_bin();
+    let (mut srv, _keep) = command_in(s.lab.in_client(&s.lab.proxy, None), &kit).unwrap();
+    srv.args(["bytes-server", "100", "100", "eof", "127.0.0.1:15101"]);
+    let _srv = Daemon::spawn("bytes-server", srv).unwrap();
+    wait_listening(
+        &s.lab.client,
+        &["127.0.0.1:15101".parse().unwrap()],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let (mut hold, _keep) =
+        command_in(s.lab.in_client(&s.lab.workload, Some((1000, 1000))), &kit).unwrap();
+    let mut hold = hold
+        .args([
+            "hold",
+            &SocketAddr::new(s.lab.v4(2), 80).to_string(),
+            "100",
+            "1000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hold.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "open");
+    let netns = client_cookie(&s).to_string();
+    let rows = json(&s, &["stats", "--netns", &netns]);
+    assert_eq!(rows[0]["connections"], 1, "{rows:#}");
+    // Unregistered while the connection is open: its series go at once...
+    let out = s.init(&["--cleanup"]);
+    assert!(out.status.success(), "cleanup: {}", text(&out.stderr));
+    assert_eq!(
+        json(&s, &["stats", "--netns", &netns]),
+        serde_json::json!([])
+    );
+    // ...and its close (after the client's 1 s, then the server's FIN)
+    // brings no bytes back.
+    assert!(hold.wait().unwrap().success());
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        json(&s, &["stats", "--netns", &netns]),
+        serde_json::json!([])
+    );
+}
+
+#[test]
 fn stats_watch_prints_rates_per_interval() {
     require_root!();
     let s = Setup::start();

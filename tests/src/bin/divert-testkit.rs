@@ -24,6 +24,8 @@
 //!   EOF, close) or `last` (read to EOF, so the server's FIN is first, then
 //!   close). Prints `bytes N sent S*N received R*N`; any short count is an
 //!   error.
+//! * `hold DST S MS`: one connection to DST, writes S bytes, keeps it open
+//!   MS milliseconds (printing `open` once connected), then closes.
 //! * `sockopts DST`: connects and prints, one per line, the results of
 //!   getsockopt calls whose answers do not change from one run to the next,
 //!   for comparing a process under divert's getsockopt program with one that
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         Some("connects") => connects(&args[1], &args[2]),
         Some("bytes-server") => bytes_server(&args[1], &args[2], &args[3], &args[4..]),
         Some("bytes") => bytes(&args[1..]),
+        Some("hold") => hold(&args[1], &args[2], &args[3]),
         _ => Err(
             "usage: divert-testkit server|http|proxy|client|sockopts|connects|bytes-server|bytes …"
                 .into(),
@@ -431,5 +434,16 @@ fn bytes(args: &[String]) -> Result<()> {
         }
     }
     println!("bytes {n} sent {} received {}", s * n, r * n);
+    Ok(())
+}
+
+fn hold(dst: &str, s: &str, ms: &str) -> Result<()> {
+    let dst: SocketAddr = dst.parse()?;
+    let (s, ms): (usize, u64) = (s.parse()?, ms.parse()?);
+    let mut c = TcpStream::connect_timeout(&dst, TIMEOUT)?;
+    c.write_all(&vec![b's'; s])?;
+    println!("open");
+    std::io::stdout().flush()?;
+    thread::sleep(Duration::from_millis(ms));
     Ok(())
 }
