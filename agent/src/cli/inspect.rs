@@ -44,8 +44,8 @@ pub enum Output {
 /// One network namespace, by pod or by netns cookie.
 #[derive(Args, Debug, Clone, Default)]
 pub struct Target {
-    /// The pod's namespace, as `NAMESPACE/NAME` (known once the daemon's pod
-    /// watch has recorded it).
+    /// A pod, as `NAMESPACE/NAME`: its network namespace (pods are known
+    /// once the daemon's pod watch has recorded them).
     #[arg(long, value_name = "NAMESPACE/NAME", value_parser = parse_pod, conflicts_with = "netns")]
     pub pod: Option<PodRef>,
 

@@ -61,6 +61,7 @@ pub enum VerdictFilter {
     /// Left alone: the connection went where the application asked.
     Passthrough,
     /// A proxy connect to the pod's own address, sent to the inbound capture port.
+    #[value(name = "inbound_capture", alias = "inbound-capture")]
     InboundCapture,
 }
 
