@@ -69,6 +69,7 @@ pub struct Explanation {
     pub steps: Vec<Step>,
 }
 
+/// Run `divert explain`: 0, or 2 with the error on stderr.
 pub fn main(args: &ExplainArgs) -> ExitCode {
     match run(args, &mut std::io::stdout().lock()) {
         Ok(()) => ExitCode::SUCCESS,

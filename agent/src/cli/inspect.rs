@@ -37,7 +37,9 @@ pub struct ReadArgs {
 /// `-o`.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
+    /// Columns padded for a terminal.
     Table,
+    /// JSON, one value per line.
     Json,
 }
 

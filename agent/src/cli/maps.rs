@@ -80,6 +80,7 @@ impl From<Registration> for PolicyRow {
     }
 }
 
+/// Run `divert maps`: 0, or 2 with the error on stderr.
 pub fn main(args: &MapsArgs) -> ExitCode {
     match run(args, &mut std::io::stdout().lock()) {
         Ok(()) => ExitCode::SUCCESS,
