@@ -98,8 +98,8 @@ pub struct StatsRow {
     pub rates: Option<Rates>,
 }
 
-/// Run `divert stats`: 0 (with `--watch`, only on an error: it runs until
-/// interrupted), or 2 with the error on stderr.
+/// Run `divert stats`: 0, or 2 with the error on stderr. With `--watch` it
+/// runs until interrupted or an error.
 pub fn main(args: &StatsArgs) -> ExitCode {
     match run(args, &mut std::io::stdout().lock()) {
         Ok(()) => ExitCode::SUCCESS,
