@@ -334,22 +334,22 @@ impl Watch {
         if self.applied.registered.get(&uid) == Some(&(peer.netns_cookie, policy.clone())) {
             return;
         }
-        match self
-            .registry
-            .register_namespace(
-                peer.netns_cookie,
-                policy.clone(),
-                &peer.local_addrs,
-                RegisteredBy::Kubernetes,
-            )
-            .and_then(|()| {
-                self.registry.set_identity(
+        match self.registry.register_namespace(
+            peer.netns_cookie,
+            policy.clone(),
+            &peer.local_addrs,
+            RegisteredBy::Kubernetes,
+        ) {
+            Ok(()) => {
+                // The identity only labels what is shown; the pod is meshed
+                // either way.
+                if let Err(e) = self.registry.set_identity(
                     peer.netns_cookie,
                     &pod.namespace().unwrap_or_default(),
                     &pod.name_any(),
-                )
-            }) {
-            Ok(()) => {
+                ) {
+                    tracing::warn!(pod = %who, error = %format!("{e:#}"), "recording the pod's identity failed: its metrics and `divert maps` show no pod");
+                }
                 tracing::info!(pod = %who, netns_cookie = peer.netns_cookie, "registered from annotations");
                 self.applied
                     .registered
