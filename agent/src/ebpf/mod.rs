@@ -624,38 +624,29 @@ impl Interceptor {
     /// Every trie, port and address key, grouped by the netns cookie it
     /// carries: one walk of each map.
     fn entries_by_netns(&mut self) -> Result<BTreeMap<u64, Entries>> {
+        type Field<K> = fn(&mut Entries) -> &mut Vec<Key<K>>;
+        fn trie_keys<K: aya::Pod>(maps: &mut Maps, name: &'static str) -> Result<Vec<Key<K>>> {
+            let t: LpmTrie<&mut MapData, K, u8> = lpm(maps, name)?;
+            Ok(t.keys().filter_map(|k| k.ok()).collect())
+        }
         let mut by: BTreeMap<u64, Entries> = BTreeMap::new();
-        let trie4 = |maps: &mut Maps, name| -> Result<Vec<Key<LpmKey4>>> {
-            let t: LpmTrie<&mut MapData, LpmKey4, u8> = lpm(maps, name)?;
-            Ok(t.keys().filter_map(|k| k.ok()).collect())
-        };
-        let trie6 = |maps: &mut Maps, name| -> Result<Vec<Key<LpmKey6>>> {
-            let t: LpmTrie<&mut MapData, LpmKey6, u8> = lpm(maps, name)?;
-            Ok(t.keys().filter_map(|k| k.ok()).collect())
-        };
-        for k in trie4(&mut self.maps, maps::INCLUDE_V4)? {
-            by.entry(k.data().netns_cookie)
-                .or_default()
-                .include4
-                .push(k);
+        let v4: [(&'static str, Field<LpmKey4>); 2] = [
+            (maps::INCLUDE_V4, |e| &mut e.include4),
+            (maps::EXCLUDE_V4, |e| &mut e.exclude4),
+        ];
+        for (name, field) in v4 {
+            for k in trie_keys::<LpmKey4>(&mut self.maps, name)? {
+                field(by.entry(k.data().netns_cookie).or_default()).push(k);
+            }
         }
-        for k in trie4(&mut self.maps, maps::EXCLUDE_V4)? {
-            by.entry(k.data().netns_cookie)
-                .or_default()
-                .exclude4
-                .push(k);
-        }
-        for k in trie6(&mut self.maps, maps::INCLUDE_V6)? {
-            by.entry(k.data().netns_cookie)
-                .or_default()
-                .include6
-                .push(k);
-        }
-        for k in trie6(&mut self.maps, maps::EXCLUDE_V6)? {
-            by.entry(k.data().netns_cookie)
-                .or_default()
-                .exclude6
-                .push(k);
+        let v6: [(&'static str, Field<LpmKey6>); 2] = [
+            (maps::INCLUDE_V6, |e| &mut e.include6),
+            (maps::EXCLUDE_V6, |e| &mut e.exclude6),
+        ];
+        for (name, field) in v6 {
+            for k in trie_keys::<LpmKey6>(&mut self.maps, name)? {
+                field(by.entry(k.data().netns_cookie).or_default()).push(k);
+            }
         }
         let ports: HashMap<&mut MapData, PortKey, u8> = hash_map(&mut self.maps, maps::PORTS)?;
         for k in ports.keys().filter_map(|k| k.ok()) {
