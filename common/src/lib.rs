@@ -38,8 +38,10 @@ pub mod maps {
     /// `LruHashMap<u64 socket cookie, OrigDst>`: original destination of each
     /// diverted socket, for `getpeername` and `sock_ops`.
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
-    /// `LruHashMap<TupleKey, OrigDst>`: original destination by the tuple the
-    /// proxy sees as its peer, for `SO_ORIGINAL_DST`.
+    /// `LruHashMap<TupleKey, BoundOrig>`: original destination by the
+    /// connection the proxy accepts (client address and port, proxy port),
+    /// bound to that one connection by the client's initial sequence number,
+    /// for `SO_ORIGINAL_DST`.
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     /// `LruPerCpuHashMap<CounterKey, CounterValue>`: connections and bytes per
     /// destination and verdict.
@@ -206,7 +208,7 @@ pub struct AddrKey {
 }
 
 /// The destination an application dialled: 24 bytes, the value of
-/// `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE`.
+/// `ORIG_BY_COOKIE` (and the first field of `ORIG_BY_TUPLE`'s [`BoundOrig`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDst {
@@ -222,8 +224,9 @@ pub struct OrigDst {
     pub _pad: [u8; 4],
 }
 
-/// Key of `ORIG_BY_TUPLE`: the application's end of a diverted connection as
-/// the proxy sees it (its peer), in the namespace it belongs to. 32 bytes.
+/// Key of `ORIG_BY_TUPLE`: a diverted connection as the proxy sees it on
+/// its accepted socket (the application's end is its peer), in the
+/// namespace it belongs to. 32 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TupleKey {
@@ -232,7 +235,34 @@ pub struct TupleKey {
     pub addr: [u8; 16],
     /// Application's local port, host byte order.
     pub port: u16,
-    pub _pad: [u8; 6],
+    /// The loopback port the connect was rewritten to (the proxy's outbound
+    /// port, or its inbound capture port), host byte order: two diverted
+    /// connections may share a source port when they go to different
+    /// proxy ports.
+    pub proxy_port: u16,
+    pub _pad: [u8; 4],
+}
+
+/// Value of `ORIG_BY_TUPLE`: 32 bytes, host byte order.
+///
+/// A tuple outlives its connection, and the next connection from the same
+/// address and port (diverted or not) has it again. The entry is bound to
+/// the one connection that filed it by the client's initial sequence
+/// number, which the proxy's accepted socket knows as its peer's (`rcv_nxt
+/// - bytes_received - 1`): `getsockopt` answers only a socket whose number
+/// matches, so no later connection is ever told an earlier one's
+/// destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BoundOrig {
+    pub orig: OrigDst,
+    /// The client's initial sequence number, once `established` is 1.
+    pub client_isn: u32,
+    /// 0 from `TCP_CONNECT_CB` until the client's handshake completes (the
+    /// client socket is in `SYN_SENT` and holds the tuple, so only the
+    /// connection it is making can match), then 1 with `client_isn` set.
+    pub established: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Key of `COUNTERS`: 32 bytes. The value is a per-CPU [`CounterValue`];
@@ -301,6 +331,7 @@ mod user {
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for BoundOrig {}
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for PodName {}
@@ -322,6 +353,7 @@ mod tests {
         assert_eq!(size_of::<AddrKey>(), 24);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<TupleKey>(), 32);
+        assert_eq!(size_of::<BoundOrig>(), 32);
         assert_eq!(size_of::<CounterKey>(), 32);
     }
 

@@ -7,13 +7,19 @@
 //!   remember the original destination under the socket cookie, count.
 //! * `divert_sock_ops` (`sockops`): at `TCP_CONNECT_CB` the source port is
 //!   known; file the original destination under the tuple the proxy will see
-//!   as its peer, and ask for state callbacks for every active open of a
-//!   meshed namespace. At `TCP_CLOSE` add the connection's payload bytes,
-//!   both directions, to its counter (see [`account_close`]).
+//!   on its accepted socket, and ask for state callbacks for every active
+//!   open of a meshed namespace. At `ACTIVE_ESTABLISHED_CB` bind the entry to
+//!   this connection with the client's initial sequence number. At
+//!   `TCP_CLOSE` remove the entry unless the proxy may still ask for it, and
+//!   add the connection's payload bytes, both directions, to its counter
+//!   (see [`account_close`]).
 //! * `divert_getsockopt` (`cgroup/getsockopt`): answer `SO_ORIGINAL_DST` for
-//!   those sockets; every other option is left exactly as the kernel returned it.
+//!   the proxy's accepted socket of exactly that connection, in the family
+//!   the application dialled; every other option, and every other socket,
+//!   is left exactly as the kernel returned it.
 //! * `divert_getpeername4|6` (`cgroup/getpeername4|6`): the application sees
-//!   the address it dialled.
+//!   the address it dialled (an MPTCP socket too, whose first subflow was
+//!   diverted).
 //!
 //! Every program allows the operation (returns 1): divert rewrites, it never
 //! refuses. A namespace with no policy is untouched and uncounted.
@@ -25,13 +31,13 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, bpf_sock_addr, bpf_sock_ops, BPF_F_NO_PREALLOC, BPF_NOEXIST,
-        BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, BPF_SOCK_OPS_PARSE_HDR_OPT_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2,
-        BPF_TCP_LAST_ACK,
+        bpf_sock, bpf_sock_addr, bpf_sock_ops, bpf_tcp_sock, BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
+        BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
     },
-    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_tcp_sock},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{
         lpm_trie::{Key, LpmTrie},
@@ -41,8 +47,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use divert_common::{
-    flags, limits, mapped_v4, port_list, verdict, AddrKey, CounterKey, CounterValue, LpmKey4,
-    LpmKey6, OrigDst, PodName, PolicyHeader, PortKey, TupleKey, SO_ORIGINAL_DST,
+    flags, limits, mapped_v4, port_list, verdict, AddrKey, BoundOrig, CounterKey, CounterValue,
+    LpmKey4, LpmKey6, OrigDst, PodName, PolicyHeader, PortKey, TupleKey, SO_ORIGINAL_DST,
 };
 
 /// Load the 32-bit word at `offset_of!($ty, $field) + 4 * $i` of a context or
@@ -105,6 +111,7 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_MPTCP: u32 = 262;
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
 const PAGE_SIZE: i32 = 4096;
@@ -139,7 +146,7 @@ static LOCAL_ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(limits::MAX
 #[map]
 static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(limits::MAX_ORIG, 0);
 #[map]
-static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> =
+static ORIG_BY_TUPLE: LruHashMap<TupleKey, BoundOrig> =
     LruHashMap::with_max_entries(limits::MAX_ORIG, 0);
 #[map]
 static COUNTERS: LruPerCpuHashMap<CounterKey, CounterValue> =
@@ -156,6 +163,18 @@ enum Dst {
 }
 
 impl Dst {
+    /// The address the kernel really dials: `0.0.0.0` and `::` mean the
+    /// local host (`ip_route_connect()` / `tcp_v6_connect()` turn them into
+    /// 127.0.0.1 / ::1 before any packet exists), so they are judged, and
+    /// counted, as that, as istio-iptables' rules see them.
+    #[inline(always)]
+    fn as_dialled(self) -> Dst {
+        match self {
+            Dst::V4([0, 0, 0, 0]) => Dst::V4(LOOPBACK4),
+            Dst::V6(a) if a == [0; 16] => Dst::V6(LOOPBACK6),
+            d => d,
+        }
+    }
     #[inline(always)]
     fn mapped(&self) -> [u8; 16] {
         match self {
@@ -205,14 +224,11 @@ fn judge(
             return verdict::PASSTHROUGH;
         }
     }
-    // -o lo -s 127.0.0.6/32 -j RETURN
-    if src_is_passthrough {
-        return verdict::PASSTHROUGH;
-    }
-    // "-o lo": the destination is one of the namespace's own addresses.
-    // Only the owner rules ask, so without proxy IDs skip the lookup.
+    // "-o lo": the destination is loopback or one of the namespace's own
+    // addresses. Only the passthrough-source and owner rules ask, so
+    // without them skip the lookup.
     let has_owner_rules = p.proxy_uid_count != 0 || p.proxy_gid_count != 0;
-    let local = has_owner_rules
+    let local = (src_is_passthrough || has_owner_rules)
         && (dst.is_loopback()
             || (p.flags & flags::HAS_LOCAL_ADDRS != 0 && {
                 let key = AddrKey {
@@ -221,6 +237,11 @@ fn judge(
                 };
                 unsafe { LOCAL_ADDRS.get(&key) }.is_some()
             }));
+    // -o lo -s 127.0.0.6/32 -j RETURN: only towards a local destination, so
+    // binding ::6 is no way out of the pod.
+    if src_is_passthrough && local {
+        return verdict::PASSTHROUGH;
+    }
     let host_lo = dst.is_host_loopback();
     let lo_return = p.flags & flags::INCLUDE_HAS_LOOPBACK == 0;
     let tunnel = port == p.inbound_tunnel_port;
@@ -367,6 +388,7 @@ fn on_connect<C: EbpfContext>(
     } else {
         load6!(sk, bpf_sock, src_ip6) == PASSTHROUGH_SRC6
     };
+    let dst = dst.as_dialled();
     let v = judge(policy, netns, dst, port, uid, gid, src_is_passthrough);
     let addr = dst.mapped();
     let one = CounterValue {
@@ -417,6 +439,19 @@ fn bytes_to_words(b: [u8; 16]) -> [u32; 4] {
     ]
 }
 
+/// `::ffff:a.b.c.d`.
+#[inline(always)]
+fn is_mapped(a: &[u8; 16]) -> bool {
+    a[..12] == mapped_v4([0; 4])[..12]
+}
+
+/// Whether `a` (16 bytes, IPv4 mapped) is where diverted connects are
+/// rewritten to: 127.0.0.1 or ::1.
+#[inline(always)]
+fn is_proxy_addr(a: &[u8; 16]) -> bool {
+    *a == mapped_v4(LOOPBACK4) || *a == LOOPBACK6
+}
+
 #[inline(always)]
 fn is_tcp(ty: u32, protocol: u32) -> bool {
     ty == SOCK_STREAM && protocol == IPPROTO_TCP
@@ -449,7 +484,7 @@ pub fn divert_connect6(ctx: SockAddrContext) -> i32 {
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     // ::ffff:a.b.c.d is an IPv4 connect through an AF_INET6 socket: judge it
     // as IPv4, so nobody escapes the IPv4 policy by dialling the mapped form.
-    let is_mapped = dst[..12] == mapped_v4([0; 4])[..12];
+    let is_mapped = is_mapped(&dst);
     let judged = if is_mapped {
         on_connect(
             &ctx,
@@ -478,6 +513,7 @@ pub fn divert_sock_ops(ctx: SockOpsContext) -> u32 {
     let ops = ctx.ops;
     match load!(ops, bpf_sock_ops, op) {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_tcp_connect(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => bind_to_connection(&ctx),
         BPF_SOCK_OPS_STATE_CB => {
             // args[0]: old state, args[1]: new state (tcp_set_state()).
             let old = load!(ops, bpf_sock_ops, __bindgen_anon_1, 0);
@@ -505,16 +541,103 @@ pub fn divert_sock_ops(ctx: SockOpsContext) -> u32 {
 
 /// An active open: file the tuple of a diverted socket, and ask for state
 /// callbacks on every socket of a meshed namespace so its bytes are counted
-/// when it closes.
+/// (and a diverted socket's tuple entry removed) when it closes.
 #[inline(always)]
 fn on_tcp_connect(ctx: &SockOpsContext) {
-    let meshed = file_tuple(ctx) || {
-        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-        unsafe { POLICIES.get(&netns) }.is_some()
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let meshed = match unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+        Some(orig) => {
+            // The source port is bound and the SYN not yet sent: file the
+            // original destination under the tuple the proxy will see.
+            let entry = BoundOrig {
+                orig: *orig,
+                client_isn: 0,
+                established: 0,
+                _pad: [0; 3],
+            };
+            let _ = ORIG_BY_TUPLE.insert(&tuple_of(ctx, netns), &entry, 0);
+            true
+        }
+        None => {
+            let meshed = unsafe { POLICIES.get(&netns) }.is_some();
+            // Not diverted, but straight to the proxy's address: the tuple
+            // may be an earlier diverted connection's (same source address
+            // and port). Its entry is for that connection only.
+            if meshed && remote_is_proxy_addr(ctx) {
+                let _ = ORIG_BY_TUPLE.remove(&tuple_of(ctx, netns));
+            }
+            meshed
+        }
     };
     if meshed {
         let cb = load!(ctx.ops, bpf_sock_ops, bpf_sock_ops_cb_flags);
         let _ = ctx.set_cb_flags((cb | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+}
+
+/// The `ORIG_BY_TUPLE` key of a sock_ops socket's connection, from the
+/// socket's own end: (netns, local address, local port, remote port). An
+/// AF_INET6 socket dialling `::ffff:a.b.c.d` runs as IPv4: its source is in
+/// `local_ip4` (`sk_rcv_saddr`; `local_ip6` is mapped only once
+/// `tcp_v6_connect()` returns), which the proxy sees as an IPv4 peer.
+#[inline(always)]
+fn tuple_of(ctx: &SockOpsContext, netns: u64) -> TupleKey {
+    let ops = ctx.ops;
+    let v4 = load!(ops, bpf_sock_ops, family) == AF_INET
+        || is_mapped(&load6!(ops, bpf_sock_ops, remote_ip6));
+    let addr = if v4 {
+        mapped_v4(load!(ops, bpf_sock_ops, local_ip4).to_ne_bytes())
+    } else {
+        load6!(ops, bpf_sock_ops, local_ip6)
+    };
+    // remote_port: the __be16 port in the upper half (little endian).
+    let remote_port = u16::from_be((load!(ops, bpf_sock_ops, remote_port) >> 16) as u16);
+    TupleKey {
+        netns_cookie: netns,
+        addr,
+        port: ctx.local_port() as u16,
+        proxy_port: remote_port,
+        _pad: [0; 4],
+    }
+}
+
+/// Whether a sock_ops socket's peer is 127.0.0.1 / ::1 / ::ffff:127.0.0.1,
+/// the only addresses a diverted connect goes to.
+#[inline(always)]
+fn remote_is_proxy_addr(ctx: &SockOpsContext) -> bool {
+    let ops = ctx.ops;
+    if load!(ops, bpf_sock_ops, family) == AF_INET {
+        load!(ops, bpf_sock_ops, remote_ip4).to_ne_bytes() == LOOPBACK4
+    } else {
+        is_proxy_addr(&load6!(ops, bpf_sock_ops, remote_ip6))
+    }
+}
+
+/// `ACTIVE_ESTABLISHED_CB`: the SYN-ACK is in and our ACK not yet sent, so
+/// the proxy has not accepted yet. Bind a diverted connection's pending
+/// tuple entry to it with the client's initial sequence number
+/// (`snd_una - bytes_acked`: `bytes_acked` counts the SYN and any SYN
+/// data). Only a connection to the proxy's address can have one.
+#[inline(always)]
+fn bind_to_connection(ctx: &SockOpsContext) {
+    if !remote_is_proxy_addr(ctx) {
+        return;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(e) = ORIG_BY_TUPLE.get_ptr_mut(&tuple_of(ctx, netns)) else {
+        return;
+    };
+    let ops = ctx.ops;
+    let isn = load!(ops, bpf_sock_ops, snd_una)
+        .wrapping_sub(load64!(ops, bpf_sock_ops, bytes_acked) as u32);
+    // A pending entry's tuple is held by the SYN_SENT socket that filed
+    // it, which is this one.
+    unsafe {
+        if (*e).established == 0 {
+            (*e).client_isn = isn;
+            (*e).established = 1;
+        }
     }
 }
 
@@ -523,6 +646,13 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
 /// diverted socket (whose `ORIG_BY_COOKIE` entry goes now), else the
 /// socket's peer with verdict passthrough. A namespace unregistered since
 /// is not counted.
+///
+/// A diverted socket's `ORIG_BY_TUPLE` entry goes too, unless we closed
+/// first and the proxy has not (leaving `FIN_WAIT2` without its FIN): then
+/// the proxy's socket lives on and may not even be accepted yet, so its
+/// `SO_ORIGINAL_DST` must still be answered, as conntrack would. That entry
+/// stays bound to this connection by its initial sequence number until the
+/// tuple is dialled again or the LRU reclaims it.
 ///
 /// The socket's `bytes_acked` counts the SYN and, once acknowledged, our
 /// FIN; `bytes_received` counts the peer's FIN. Which of them happened is
@@ -542,8 +672,18 @@ fn account_close(ctx: &SockOpsContext, old: u32) {
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied();
+    let peer_fin = old == BPF_TCP_CLOSE_WAIT
+        || old == BPF_TCP_CLOSING
+        || old == BPF_TCP_LAST_ACK
+        || (old == BPF_TCP_FIN_WAIT2
+            && load!(ops, bpf_sock_ops, bpf_sock_ops_cb_flags)
+                & BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG
+                == 0);
     if orig.is_some() {
         let _ = ORIG_BY_COOKIE.remove(&cookie);
+        if old != BPF_TCP_FIN_WAIT2 || peer_fin {
+            let _ = ORIG_BY_TUPLE.remove(&tuple_of(ctx, netns));
+        }
     }
     // Unregistered since the connect: no longer counted.
     if unsafe { POLICIES.get(&netns) }.is_none() {
@@ -570,13 +710,6 @@ fn account_close(ctx: &SockOpsContext, old: u32) {
     let all_acked = load!(ops, bpf_sock_ops, snd_una) == load!(ops, bpf_sock_ops, snd_nxt);
     let our_fin_acked = old == BPF_TCP_FIN_WAIT2
         || ((old == BPF_TCP_CLOSING || old == BPF_TCP_LAST_ACK) && all_acked);
-    let peer_fin = old == BPF_TCP_CLOSE_WAIT
-        || old == BPF_TCP_CLOSING
-        || old == BPF_TCP_LAST_ACK
-        || (old == BPF_TCP_FIN_WAIT2
-            && load!(ops, bpf_sock_ops, bpf_sock_ops_cb_flags)
-                & BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG
-                == 0);
     let syn = (acked > 0) as u64;
     let add = CounterValue {
         connections: 0,
@@ -584,35 +717,6 @@ fn account_close(ctx: &SockOpsContext, old: u32) {
         bytes_received: received.saturating_sub(peer_fin as u64),
     };
     count(netns, addr, port, v, &add);
-}
-
-/// At `TCP_CONNECT_CB` the source port is bound and the SYN not yet sent:
-/// file the original destination under (netns, source address, source port),
-/// which is what the proxy will see as its accepted socket's peer. Returns
-/// whether the socket was diverted.
-#[inline(always)]
-fn file_tuple(ctx: &SockOpsContext) -> bool {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
-        return false;
-    };
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // A mapped connect on an AF_INET6 socket runs as IPv4: its source is in
-    // local_ip4 (sk_rcv_saddr), which the proxy sees as an IPv4 peer.
-    let ops = ctx.ops;
-    let addr = if orig.is_v4 != 0 {
-        mapped_v4(load!(ops, bpf_sock_ops, local_ip4).to_ne_bytes())
-    } else {
-        load6!(ops, bpf_sock_ops, local_ip6)
-    };
-    let key = TupleKey {
-        netns_cookie: netns,
-        addr,
-        port: ctx.local_port() as u16,
-        _pad: [0; 6],
-    };
-    let _ = ORIG_BY_TUPLE.insert(&key, orig, 0);
-    true
 }
 
 #[repr(C)]
@@ -648,6 +752,14 @@ pub fn divert_getsockopt(ctx: SockoptContext) -> i32 {
     1
 }
 
+/// Answer `SO_ORIGINAL_DST` when the socket is the proxy's end of a
+/// diverted connection: its local address is the proxy address, its
+/// (peer, local port) tuple has an entry, and that entry is bound to this
+/// very connection (the peer's initial sequence number, `rcv_nxt -
+/// bytes_received - 1`, is the one the client filed). `SOL_IP` answers an
+/// IPv4 original only and `SOL_IPV6` an IPv6 one, as conntrack's
+/// `getorigdst()` and `ipv6_getorigdst()` do; anything else keeps the
+/// kernel's own answer (`ENOENT`, `ENOPROTOOPT`).
 #[inline(always)]
 fn answer_original_dst(ctx: &SockoptContext) {
     let so = unsafe { &mut *ctx.sockopt };
@@ -659,29 +771,47 @@ fn answer_original_dst(ctx: &SockoptContext) {
     if protocol != IPPROTO_TCP {
         return;
     }
-    let peer = match family {
-        AF_INET => mapped_v4(load!(sk, bpf_sock, dst_ip4).to_ne_bytes()),
-        AF_INET6 => load6!(sk, bpf_sock, dst_ip6),
+    let (peer, local) = match family {
+        AF_INET => (
+            mapped_v4(load!(sk, bpf_sock, dst_ip4).to_ne_bytes()),
+            mapped_v4(load!(sk, bpf_sock, src_ip4).to_ne_bytes()),
+        ),
+        AF_INET6 => (load6!(sk, bpf_sock, dst_ip6), load6!(sk, bpf_sock, src_ip6)),
         _ => return,
     };
-    // dst_port: __be16 followed by 16 bits of zero padding.
-    let peer_port = u16::from_be(load!(sk, bpf_sock, dst_port) as u16);
+    if !is_proxy_addr(&local) {
+        return;
+    }
+    // dst_port: __be16 followed by 16 bits of zero padding; src_port: host order.
     let key = TupleKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         addr: peer,
-        port: peer_port,
-        _pad: [0; 6],
+        port: u16::from_be(load!(sk, bpf_sock, dst_port) as u16),
+        proxy_port: load!(sk, bpf_sock, src_port) as u16,
+        _pad: [0; 4],
     };
-    let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(&key) }) else {
+    let Some(entry) = (unsafe { ORIG_BY_TUPLE.get(&key) }) else {
         return;
     };
+    if entry.established != 0 {
+        let tp = unsafe { bpf_tcp_sock(sk) };
+        if tp.is_null() {
+            return;
+        }
+        let irs = load!(tp, bpf_tcp_sock, rcv_nxt)
+            .wrapping_sub(load64!(tp, bpf_tcp_sock, bytes_received) as u32)
+            .wrapping_sub(1);
+        if irs != entry.client_isn {
+            return;
+        }
+    }
+    let orig = &entry.orig;
+    if (so.level == SOL_IP) != (orig.is_v4 != 0) {
+        return;
+    }
     let optval = unsafe { so.__bindgen_anon_2.optval } as usize;
     let optval_end = unsafe { so.__bindgen_anon_3.optval_end } as usize;
     if so.level == SOL_IP {
-        // An IPv6 original has no sockaddr_in form: leave the kernel's answer.
-        if orig.is_v4 == 0 {
-            return;
-        }
         let len = core::mem::size_of::<SockaddrIn>();
         if optval + len > optval_end {
             return;
@@ -712,10 +842,38 @@ fn answer_original_dst(ctx: &SockoptContext) {
     so.retval = 0;
 }
 
-#[cgroup_sock_addr(getpeername4)]
-pub fn divert_getpeername4(ctx: SockAddrContext) -> i32 {
+/// The original destination of the socket a `getpeername` is about: by its
+/// cookie, or, for an MPTCP socket, by the tuple of its first subflow (a
+/// TCP socket with a cookie of its own, whose connect was the one judged;
+/// the MPTCP socket carries its addresses).
+#[inline(always)]
+fn orig_of(ctx: &SockAddrContext) -> Option<OrigDst> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+        return Some(*orig);
+    }
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() || load!(sk, bpf_sock, protocol) != IPPROTO_MPTCP {
+        return None;
+    }
+    let addr = if load!(sk, bpf_sock, family) == AF_INET {
+        mapped_v4(load!(sk, bpf_sock, src_ip4).to_ne_bytes())
+    } else {
+        load6!(sk, bpf_sock, src_ip6)
+    };
+    let key = TupleKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        addr,
+        port: load!(sk, bpf_sock, src_port) as u16,
+        proxy_port: u16::from_be(load!(sk, bpf_sock, dst_port) as u16),
+        _pad: [0; 4],
+    };
+    unsafe { ORIG_BY_TUPLE.get(&key) }.map(|e| e.orig)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn divert_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = orig_of(&ctx) {
         let sa = unsafe { &mut *ctx.sock_addr };
         if orig.is_v4 != 0 {
             sa.user_ip4 =
@@ -728,8 +886,7 @@ pub fn divert_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn divert_getpeername6(ctx: SockAddrContext) -> i32 {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+    if let Some(orig) = orig_of(&ctx) {
         let sa = unsafe { &mut *ctx.sock_addr };
         sa.user_ip6 = bytes_to_words(orig.addr);
         sa.user_port = orig.port.to_be() as u32;

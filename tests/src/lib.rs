@@ -452,19 +452,28 @@ impl Lab {
     /// destination as `::ffff:a.b.c.d` through an AF_INET6 socket.
     /// Returns its one line of output: who answered.
     pub fn dial(&self, dst: SocketAddr, uid: u32, gid: u32, mapped: bool) -> Result<String> {
-        let (mut cmd, _keep) = command_in(
-            self.in_client(&self.workload, Some((uid, gid))),
-            testkit_bin(),
-        )?;
-        cmd.arg("client").arg(dst.to_string());
-        if mapped {
-            cmd.arg("--mapped");
-        }
+        let opts: &[&str] = if mapped { &["--mapped"] } else { &[] };
+        self.dial_with(&self.workload, dst, Some((uid, gid)), opts)
+    }
+
+    /// Dial `dst` with the testkit client from `cgroup` of the client
+    /// namespace, as `ids` (or root), with client options (`--bind ADDR`,
+    /// `--close rst|last|now`, `--mptcp`, `--mapped`; see divert-testkit).
+    /// Returns its one line of output.
+    pub fn dial_with(
+        &self,
+        cgroup: &Cgroup,
+        dst: SocketAddr,
+        ids: Option<(u32, u32)>,
+        opts: &[&str],
+    ) -> Result<String> {
+        let (mut cmd, _keep) = command_in(self.in_client(cgroup, ids), testkit_bin())?;
+        cmd.arg("client").arg(dst.to_string()).args(opts);
         let out: Output = cmd.output().context("running the testkit client")?;
         let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if !out.status.success() {
             bail!(
-                "client to {dst} as {uid}/{gid} failed: {text} {}",
+                "client to {dst} as {ids:?} {opts:?} failed: {text} {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }

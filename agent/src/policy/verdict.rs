@@ -140,7 +140,7 @@ pub fn verdict(policy: &Policy, destination: SocketAddr, uid: u32, gid: u32) -> 
 /// istio-iptables' `ISTIO_OUTPUT` chain:
 ///
 /// 1. port in `-o` → pass through;
-/// 2. bound to 127.0.0.6 / ::6 → pass through;
+/// 2. bound to 127.0.0.6 / ::6 and the destination is local → pass through;
 /// 3. for each proxy UID U in order: owner U, local destination other than
 ///    127.0.0.1/::1, port not the tunnel port → inbound capture; local
 ///    destination and owner not U (rule absent when an include range is
@@ -153,7 +153,8 @@ pub fn verdict(policy: &Policy, destination: SocketAddr, uid: u32, gid: u32) -> 
 /// 9. pass through.
 ///
 /// "Local" is what iptables' `-o lo` matches: 127.0.0.0/8, ::1 and the
-/// namespace's own addresses.
+/// namespace's own addresses. `0.0.0.0` and `::` are judged as 127.0.0.1
+/// and ::1, which is what the kernel dials for them ([`as_dialled`]).
 pub fn verdict_for(policy: &Policy, c: &Connect) -> Verdict {
     decide(policy, c, &mut |_| {})
 }
@@ -180,7 +181,7 @@ pub fn explain_for(policy: &Policy, c: &Connect) -> (Verdict, Vec<Step>) {
 }
 
 fn decide(policy: &Policy, c: &Connect, step: &mut dyn FnMut(Step)) -> Verdict {
-    let dst = canonical(c.destination.ip());
+    let dst = as_dialled(canonical(c.destination.ip()));
     let port = c.destination.port();
     let mut tried = |rule: String, matched: bool| {
         step(Step { rule, matched });
@@ -222,13 +223,17 @@ fn decide(policy: &Policy, c: &Connect, step: &mut dyn FnMut(Step)) -> Verdict {
     } else {
         "::6/128"
     };
+    let local = dst.is_loopback() || policy.local_addrs.contains(&dst);
+    // "-o lo": only towards a local destination; bound to ::6, a connect to
+    // anywhere else goes on down the chain.
     if tried(
         format!("-o lo -s {passthrough_src} -j RETURN"),
-        bound == Some(IpAddr::V4(PASSTHROUGH_SRC4)) || bound == Some(IpAddr::V6(PASSTHROUGH_SRC6)),
+        local
+            && (bound == Some(IpAddr::V4(PASSTHROUGH_SRC4))
+                || bound == Some(IpAddr::V6(PASSTHROUGH_SRC6))),
     ) {
         return pass(Rule::InboundPassthroughSource);
     }
-    let local = dst.is_loopback() || policy.local_addrs.contains(&dst);
     let host_loopback = is_host_loopback(dst);
     let lo_return = !policy.include_ranges.has_loopback();
     let tunnel = port == policy.inbound_tunnel_port;
@@ -327,6 +332,18 @@ fn decide(policy: &Policy, c: &Connect, step: &mut dyn FnMut(Step)) -> Verdict {
 /// iptables chain, an IPv6 range in the ip6tables chain).
 fn same_family(net: &IpNetwork, ip: IpAddr) -> bool {
     net.is_ipv4() == ip.is_ipv4()
+}
+
+/// The address the kernel dials for `ip`: the unspecified addresses
+/// `0.0.0.0` and `::` mean the local host (Linux's `ip_route_connect()` and
+/// `tcp_v6_connect()` turn them into 127.0.0.1 and ::1 before any packet
+/// exists, so istio-iptables' rules only ever see those).
+pub fn as_dialled(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) if a.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(a) if a.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        a => a,
+    }
 }
 
 fn is_host_loopback(ip: IpAddr) -> bool {
@@ -587,6 +604,71 @@ mod tests {
             bound_source: Some("127.0.0.6".parse().unwrap()),
         };
         assert_eq!(verdict_for(&p, &c).rule, Rule::InboundPassthroughSource);
+    }
+
+    #[test]
+    fn inbound_passthrough_source_is_no_way_out_of_the_pod() {
+        // istio-iptables: `-o lo -s ::6/128 -j RETURN`. Bound to ::6 (or
+        // 127.0.0.6), a connect to a remote address is judged like any other.
+        let p = Policy {
+            include_ranges: IncludeRanges::All,
+            ..base()
+        };
+        for (src, dst) in [
+            ("::6", "[2001:db8::1]:443"),
+            ("127.0.0.6", "10.0.0.1:443"),
+            ("::6", "[::ffff:10.0.0.1]:443"),
+        ] {
+            let c = Connect {
+                destination: sa(dst),
+                uid: APP,
+                gid: APP,
+                bound_source: Some(src.parse().unwrap()),
+            };
+            let v = verdict_for(&p, &c);
+            assert_eq!(v.action, Action::Redirect(15001), "{src} -> {dst}: {v:?}");
+            assert_eq!(v.rule, Rule::IncludeAll, "{src} -> {dst}");
+        }
+        for dst in ["[::1]:8080", "[fd00:211::1]:8080", "127.0.0.1:8080"] {
+            let c = Connect {
+                destination: sa(dst),
+                uid: APP,
+                gid: APP,
+                bound_source: Some("::6".parse().unwrap()),
+            };
+            assert_eq!(
+                verdict_for(&p, &c).rule,
+                Rule::InboundPassthroughSource,
+                "{dst}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_unspecified_address_is_the_local_host() {
+        // The kernel dials 127.0.0.1 / ::1 for 0.0.0.0 / ::, so
+        // istio-iptables' `-d 127.0.0.1/32 -j RETURN` decides.
+        let p = Policy {
+            include_ranges: IncludeRanges::All,
+            ..base()
+        };
+        let no_ids = Policy {
+            proxy_uids: vec![],
+            proxy_gids: vec![],
+            ..p.clone()
+        };
+        for (dst, host) in [
+            ("0.0.0.0:80", "127.0.0.1:80"),
+            ("[::]:80", "[::1]:80"),
+            ("[::ffff:0.0.0.0]:80", "127.0.0.1:80"),
+        ] {
+            for uid in [APP, 1337] {
+                let v = verdict(&p, sa(dst), uid, uid);
+                assert_eq!(v, verdict(&p, sa(host), uid, uid), "{dst} as {uid}");
+                assert_eq!(v.action, Action::PassThrough, "{dst} as {uid}");
+            }
+            assert_eq!(verdict(&no_ids, sa(dst), APP, APP).rule, Rule::HostLoopback);
+        }
     }
 
     #[test]

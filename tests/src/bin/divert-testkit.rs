@@ -7,10 +7,21 @@
 //! * `proxy ADDR…`: a transparent proxy's front half: for each accepted
 //!   connection it asks `SO_ORIGINAL_DST` (SOL_IP or SOL_IPV6 by the socket's
 //!   family), as Envoy and squid do, and answers
-//!   `proxy <its local address> orig=<original destination or none>`.
-//! * `client DST [--mapped]`: connects (with `--mapped`, an IPv4 DST through
-//!   an AF_INET6 socket as `::ffff:a.b.c.d`), prints the line it got and
-//!   ` peer=<getpeername()>`; exit 1 with `error …` otherwise.
+//!   `proxy <its local address> orig=<original destination or none>`. When
+//!   the call of the other family answers too (which the kernel's never
+//!   does), ` also=<its answer>` follows.
+//! * `late-proxy ADDR MS`: accepts, waits MS milliseconds, then asks
+//!   `SO_ORIGINAL_DST` and prints `late orig=<…>` on stdout (one line per
+//!   connection): a proxy that asks after the client may have gone.
+//! * `client DST [--mapped] [--mptcp] [--bind ADDR] [--close rst|last|now]`:
+//!   connects (with `--mapped`, an IPv4 DST through an AF_INET6 socket as
+//!   `::ffff:a.b.c.d`; with `--mptcp`, an IPPROTO_MPTCP socket; with
+//!   `--bind`, from that address and port, SO_REUSEADDR), prints the line it
+//!   got and ` peer=<getpeername()>`; exit 1 with `error …` otherwise.
+//!   `--close` ends the connection: `rst` (SO_LINGER 0 after the line),
+//!   `last` (read to the server's EOF, so its FIN is first), `now` (close
+//!   right after connecting, before any answer: our FIN first; prints
+//!   `closed peer=…`).
 //! * `connects DST N`: N connects to DST one after another, each closed at
 //!   once; a refused connect counts as made (the kernel judged it). Prints
 //!   `connects N refused R`.
@@ -56,10 +67,8 @@ fn main() -> ExitCode {
         Some("server") => server(&args[1..]),
         Some("http") => http(&args[1], args[2].clone()),
         Some("proxy") => proxy(&args[1..]),
-        Some("client") => client(
-            &args[1],
-            args.get(2).map(String::as_str) == Some("--mapped"),
-        ),
+        Some("client") => client(&args[1], &args[2..]),
+        Some("late-proxy") => late_proxy(&args[1], &args[2]),
         Some("sockopts") => sockopts(&args[1]),
         Some("connects") => connects(&args[1], &args[2]),
         Some("bytes-server") => bytes_server(&args[1], &args[2], &args[3], &args[4..]),
@@ -168,15 +177,31 @@ fn proxy(addrs: &[String]) -> Result<()> {
     }
     serve(ls, |s| {
         let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let orig = match original_dst(
-            s.as_raw_fd(),
-            s.local_addr().map(|a| a.is_ipv6()).unwrap_or(false),
-        ) {
+        let v6 = s.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+        let orig = match original_dst(s.as_raw_fd(), v6) {
             Ok(a) => a.to_string(),
             Err(e) => format!("none({e})"),
         };
-        format!("proxy {local} orig={orig}")
+        match original_dst(s.as_raw_fd(), !v6) {
+            Ok(also) => format!("proxy {local} orig={orig} also={also}"),
+            Err(_) => format!("proxy {local} orig={orig}"),
+        }
     })
+}
+
+fn late_proxy(addr: &str, ms: &str) -> Result<()> {
+    let l = listen(addr.parse()?)?;
+    let wait = Duration::from_millis(ms.parse()?);
+    for s in l.incoming() {
+        let Ok(s) = s else { continue };
+        thread::sleep(wait);
+        let v6 = s.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+        match original_dst(s.as_raw_fd(), v6) {
+            Ok(a) => println!("late orig={a}"),
+            Err(e) => println!("late orig=none({e})"),
+        }
+    }
+    Ok(())
 }
 
 /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` for IPv4 sockets,
@@ -227,33 +252,68 @@ fn original_dst(fd: RawFd, v6: bool) -> std::io::Result<SocketAddr> {
 }
 
 fn connect(dst: SocketAddr, mapped: bool) -> Result<Socket> {
+    connect_with(dst, mapped, Protocol::TCP, None)
+}
+
+fn connect_with(
+    dst: SocketAddr,
+    mapped: bool,
+    protocol: Protocol,
+    bind: Option<SocketAddr>,
+) -> Result<Socket> {
     let target: SocketAddr = match (dst, mapped) {
         (SocketAddr::V4(v4), true) => {
             SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
         }
         _ => dst,
     };
-    let s = Socket::new(
-        Domain::for_address(target),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
+    let s = Socket::new(Domain::for_address(target), Type::STREAM, Some(protocol))?;
     if target.is_ipv6() {
         s.set_only_v6(false)?;
+    }
+    if let Some(src) = bind {
+        s.set_reuse_address(true)?;
+        s.bind(&src.into())?;
     }
     s.connect_timeout(&target.into(), TIMEOUT)?;
     s.set_read_timeout(Some(TIMEOUT))?;
     Ok(s)
 }
 
-fn client(dst: &str, mapped: bool) -> Result<()> {
-    let s = connect(dst.parse()?, mapped)?;
+fn client(dst: &str, opts: &[String]) -> Result<()> {
+    let (mut mapped, mut protocol, mut bind, mut close) = (false, Protocol::TCP, None, None);
+    let mut it = opts.iter();
+    while let Some(o) = it.next() {
+        match o.as_str() {
+            "--mapped" => mapped = true,
+            "--mptcp" => protocol = Protocol::MPTCP,
+            "--bind" => bind = Some(it.next().ok_or("--bind ADDR")?.parse()?),
+            "--close" => close = Some(it.next().ok_or("--close MODE")?.clone()),
+            o => return Err(format!("unknown client option {o:?}").into()),
+        }
+    }
+    let s = connect_with(dst.parse()?, mapped, protocol, bind)?;
     let peer = s
         .peer_addr()?
         .as_socket()
         .ok_or("peer is not an IP socket")?;
+    if close.as_deref() == Some("now") {
+        drop(s);
+        println!("closed peer={peer}");
+        return Ok(());
+    }
     let mut line = String::new();
-    BufReader::new(TcpStream::from(s)).read_line(&mut line)?;
+    let mut r = BufReader::new(TcpStream::from(s.try_clone()?));
+    r.read_line(&mut line)?;
+    match close.as_deref() {
+        None => {}
+        Some("rst") => s.set_linger(Some(Duration::ZERO))?,
+        Some("last") => {
+            let mut rest = Vec::new();
+            r.read_to_end(&mut rest)?;
+        }
+        Some(m) => return Err(format!("unknown close mode {m:?}").into()),
+    }
     println!("{} peer={peer}", line.trim());
     Ok(())
 }
