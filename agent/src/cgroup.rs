@@ -25,6 +25,8 @@ pub enum Error {
     },
     #[error("{0} is not a cgroup v2 directory (no cgroup.procs in it)")]
     NotACgroup(PathBuf),
+    #[error("{path} is {what}, not cgroup v2: divert's programs attach to the unified hierarchy only (on a hybrid host it is mounted apart, e.g. at /sys/fs/cgroup/unified)")]
+    NotCgroup2 { path: PathBuf, what: &'static str },
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -76,10 +78,37 @@ fn unescape(s: &str) -> String {
 
 /// Open a cgroup v2 directory (for attaching programs), checking it is one.
 pub fn open(path: &Path) -> Result<File> {
+    require_v2(path)?;
     if !path.join("cgroup.procs").exists() {
         return Err(Error::NotACgroup(path.to_owned()));
     }
     File::open(path).map_err(io_err(path))
+}
+
+/// `CGROUP2_SUPER_MAGIC` and `CGROUP_SUPER_MAGIC` (cgroup v1), from the
+/// kernel's uapi `magic.h`.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
+
+/// `path` must be a directory of the cgroup v2 filesystem: a cgroup v1
+/// hierarchy (whose directories also hold `cgroup.procs`) or any other
+/// filesystem is refused with a message that says so.
+pub fn require_v2(path: &Path) -> Result<()> {
+    let st = nix::sys::statfs::statfs(path).map_err(|e| Error::Io {
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    match st.filesystem_type().0 as i64 {
+        CGROUP2_SUPER_MAGIC => Ok(()),
+        CGROUP_SUPER_MAGIC => Err(Error::NotCgroup2 {
+            path: path.to_owned(),
+            what: "a cgroup v1 hierarchy",
+        }),
+        _ => Err(Error::NotCgroup2 {
+            path: path.to_owned(),
+            what: "not on a cgroup filesystem",
+        }),
+    }
 }
 
 /// A child cgroup this process created and removes again when dropped:

@@ -124,6 +124,11 @@ impl Setup {
         d
     }
 
+    /// Where the last started daemon serves its HTTP endpoint.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics.get().expect("a daemon was started")
+    }
+
     /// GET `path` from the daemon's HTTP endpoint: (status, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
         let addr = self.metrics.get().expect("a daemon was started");

@@ -7,6 +7,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Args;
+use nix::sys::signal::{SigSet, Signal};
 
 use crate::{
     daemon::{self, proto, Registry},
@@ -87,6 +88,23 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // Signals go to one thread that waits for them (blocked here, before
+    // any thread starts, so every thread inherits the mask).
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals
+        .thread_block()
+        .context("blocking SIGTERM and SIGINT")?;
+
+    // Everything that can be wrong with the input is found before bpffs or
+    // the kernel is touched: a refused start leaves nothing behind.
+    if !(args.gc_interval > 0.0 && args.gc_interval.is_finite()) {
+        anyhow::bail!(
+            "--gc-interval {}: must be a positive number of seconds",
+            args.gc_interval
+        );
+    }
     let node = match (args.kubernetes, std::env::var("NODE_NAME")) {
         (false, _) => None,
         (true, Ok(n)) if !n.is_empty() => Some(n),
@@ -94,10 +112,18 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
             "--kubernetes needs NODE_NAME (set it from the downward API: spec.nodeName)"
         ),
     };
+    let mesh = match node {
+        Some(_) => Some(daemon::kube::MeshConfig::load_checked(&args.mesh_config)?),
+        None => None,
+    };
     let cgroup_root = match &args.cgroup_root {
         Some(p) => p.clone(),
         None => crate::cgroup::cgroup2_mount().context("finding the cgroup v2 mount")?,
     };
+    crate::cgroup::open(&cgroup_root).context("--cgroup-root")?;
+    let http = daemon::metrics::bind(args.metrics_addr).context("--metrics-addr")?;
+    let endpoint = daemon::Endpoint::bind(&args.socket).context("--socket")?;
+
     let (interceptor, opened) = pinned::open(&args.bpffs_dir, &cgroup_root)?;
     match opened {
         Opened::Installed => tracing::info!(
@@ -111,33 +137,44 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
             cgroup_root.display()
         ),
     }
-    if !(args.gc_interval > 0.0 && args.gc_interval.is_finite()) {
-        anyhow::bail!(
-            "--gc-interval {}: must be a positive number of seconds",
-            args.gc_interval
-        );
-    }
     let registry = Arc::new(Registry::new(interceptor)?);
+    let ready = endpoint.readiness();
+    {
+        let (registry, ready, bpffs) = (registry.clone(), ready.clone(), args.bpffs_dir.clone());
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let signal = signals.wait();
+                // No registration is half-written while we hold the maps.
+                let _maps = registry.hold();
+                ready.remove_socket();
+                tracing::info!(
+                    signal = ?signal.ok(),
+                    "stopping: the programs stay attached and pinned under {}, so interception goes on; a restarted daemon adopts them",
+                    bpffs.display()
+                );
+                std::process::exit(0);
+            })
+            .context("starting the signal thread")?;
+    }
     let gc = registry.clone();
     let interval = std::time::Duration::from_secs_f64(args.gc_interval);
     std::thread::spawn(move || gc.collect_garbage(interval));
-    let listener = daemon::bind(&args.socket)?;
-    // Ready means registrations are taken: the endpoint starts after the
-    // socket is bound.
+    let bound = http.local_addr()?;
     let metrics = Arc::new(daemon::metrics::Metrics::new(args.metrics_top));
-    let bound = daemon::metrics::serve(args.metrics_addr, registry.clone(), metrics)?;
+    daemon::metrics::serve(http, registry.clone(), metrics, ready)?;
     tracing::info!("metrics on http://{bound}/metrics, readiness on /healthz/ready");
     tracing::info!("serving registrations on {}", args.socket.display());
-    if let Some(node) = node {
+    if let (Some(node), Some(mesh)) = (node, mesh) {
         let registry = registry.clone();
-        let mesh = args.mesh_config.clone();
+        let mesh_file = args.mesh_config.display().to_string();
         tracing::info!(node = %node, "watching this node's pods");
         std::thread::spawn(move || {
-            if let Err(e) = daemon::kube::run(registry, node, &mesh) {
+            if let Err(e) = daemon::kube::run(registry, node, mesh, mesh_file) {
                 tracing::error!(error = %format!("{e:#}"), "the Kubernetes pod watch stopped");
                 std::process::exit(crate::cli::EXIT_SETUP.into());
             }
         });
     }
-    daemon::serve(listener, registry)
+    daemon::serve(endpoint, registry)
 }

@@ -31,7 +31,7 @@ pub struct ExplainArgs {
     /// The destination as the application dials it: `10.0.0.1:80`,
     /// `[fd00::1]:443` (`[::ffff:a.b.c.d]:P` is judged as IPv4, as the
     /// kernel does).
-    #[arg(value_name = "DEST:PORT")]
+    #[arg(value_name = "DEST:PORT", value_parser = parse_destination)]
     pub destination: SocketAddr,
 
     /// Real UID of the connecting process.
@@ -169,4 +169,15 @@ fn print(out: &mut impl Write, e: &Explanation) -> std::io::Result<()> {
     }
     writeln!(out, "verdict: {} to {}", e.verdict, e.to)?;
     writeln!(out, "rule: {}", e.rule)
+}
+
+/// `DEST:PORT` with a port from 1 to 65535: nothing connects to port 0.
+fn parse_destination(s: &str) -> Result<SocketAddr, String> {
+    let a: SocketAddr = s
+        .parse()
+        .map_err(|e| format!("{e}: write ADDRESS:PORT, e.g. 10.0.0.1:80 or [fd00::1]:443"))?;
+    if a.port() == 0 {
+        return Err("port 0: ports are whole numbers from 1 to 65535".into());
+    }
+    Ok(a)
 }

@@ -121,6 +121,16 @@ impl MeshConfig {
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
+
+    /// [`MeshConfig::load`], and every value held to the rules pod
+    /// policies are (as a pod with no annotation would get them), so a bad
+    /// mesh default stops the daemon's start rather than each pod.
+    pub fn load_checked(path: &Path) -> anyhow::Result<MeshConfig> {
+        let mesh = MeshConfig::load(path)?;
+        pod_policy(&Pod::default(), &mesh, &path.display().to_string())
+            .map_err(|e| anyhow::anyhow!("mesh config {}: {e}", path.display()))?;
+        Ok(mesh)
+    }
 }
 
 /// A pod annotation that could not be used.
@@ -399,8 +409,12 @@ impl Watch {
 
 /// Watch this node's pods forever (on a runtime of its own). Errors: no
 /// Kubernetes configuration (in-cluster or KUBECONFIG).
-pub fn run(registry: Arc<Registry>, node: String, mesh_file: &Path) -> anyhow::Result<()> {
-    let mesh = MeshConfig::load(mesh_file)?;
+pub fn run(
+    registry: Arc<Registry>,
+    node: String,
+    mesh: MeshConfig,
+    mesh_file: String,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -415,7 +429,7 @@ pub fn run(registry: Arc<Registry>, node: String, mesh_file: &Path) -> anyhow::R
             client,
             registry,
             mesh,
-            mesh_file: mesh_file.display().to_string(),
+            mesh_file,
             node,
             applied: Applied::default(),
         };

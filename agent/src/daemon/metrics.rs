@@ -32,6 +32,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     thread,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -41,7 +42,7 @@ use prometheus_client::{
     registry::Registry as PromRegistry,
 };
 
-use super::Registry;
+use super::{Readiness, Registry};
 use crate::ebpf;
 
 /// Default listen address: loopback of the node (the DaemonSet runs with
@@ -212,44 +213,136 @@ impl Registry {
     }
 }
 
-/// Serve `/metrics` and `/healthz/ready` on `addr` on a thread of its own.
-/// Returns the bound address (useful with port 0).
+/// At most this many HTTP connections are open at once; one more is closed
+/// as soon as it is accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection must have sent a request's headers this long after it
+/// opened (or after its last response).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// No connection is kept longer than this, busy or idle (Prometheus and the
+/// kubelet connect again).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Bind the HTTP endpoint's address. Done before anything touches the
+/// kernel, so an address in use fails the start with nothing left behind.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("listening for metrics on {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Serve `/metrics` and `/healthz/ready` on `listener` (from [`bind`]),
+/// HTTP/1.1 (hyper) on a tokio runtime of its own thread: one task per
+/// connection, at most [`MAX_CONNECTIONS`], each closed after
+/// [`HEADER_TIMEOUT`] without a request or [`CONNECTION_LIFETIME`] in all.
+/// `/healthz/ready` answers 200 while `ready` holds (registrations are
+/// served by this daemon), 503 otherwise.
 pub fn serve(
-    addr: SocketAddr,
+    listener: std::net::TcpListener,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<SocketAddr> {
-    let server = tiny_http::Server::http(addr)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("listening for metrics on {addr}"))?;
-    let bound = server
-        .server_addr()
-        .to_ip()
-        .context("the metrics listener has no IP address")?;
-    thread::spawn(move || {
-        for req in server.incoming_requests() {
-            let path = req.url().split('?').next().unwrap_or("").to_string();
-            let resp = match (req.method(), path.as_str()) {
-                (tiny_http::Method::Get, "/metrics") => match registry.refresh(&metrics) {
-                    Ok(()) => tiny_http::Response::from_string(metrics.render()).with_header(
-                        "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
-                            .parse::<tiny_http::Header>()
-                            .expect("a valid header"),
-                    ),
+    ready: Readiness,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("the metrics runtime")?;
+    thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
                     Err(e) => {
-                        tiny_http::Response::from_string(format!("reading the maps: {e:#}\n"))
-                            .with_status_code(500)
+                        tracing::error!(error = %e, "the metrics listener");
+                        return;
                     }
-                },
-                (tiny_http::Method::Get, "/healthz/ready") => {
-                    tiny_http::Response::from_string("ok\n")
+                };
+                let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+                loop {
+                    let stream = match listener.accept().await {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept on the metrics endpoint");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        continue; // dropped: closed at once
+                    };
+                    let (registry, metrics, ready) =
+                        (registry.clone(), metrics.clone(), ready.clone());
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let (registry, metrics, ready) =
+                                (registry.clone(), metrics.clone(), ready.clone());
+                            async move {
+                                Ok::<_, std::convert::Infallible>(
+                                    respond(&req, registry, metrics, &ready).await,
+                                )
+                            }
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(HEADER_TIMEOUT)
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                        let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                        drop(permit);
+                    });
                 }
-                _ => tiny_http::Response::from_string("not found\n").with_status_code(404),
-            };
-            let _ = req.respond(resp);
+            })
+        })
+        .context("starting the metrics thread")?;
+    Ok(())
+}
+
+type Reply = hyper::Response<http_body_util::Full<hyper::body::Bytes>>;
+
+fn reply(status: u16, content_type: &str, body: String) -> Reply {
+    hyper::Response::builder()
+        .status(status)
+        .header("Content-Type", content_type)
+        .body(http_body_util::Full::new(body.into()))
+        .expect("a valid response")
+}
+
+async fn respond<B>(
+    req: &hyper::Request<B>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    ready: &Readiness,
+) -> Reply {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    match (req.method(), req.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => {
+            // Reading the maps blocks: off the runtime's thread.
+            let read = tokio::task::spawn_blocking(move || {
+                registry.refresh(&metrics).map(|()| metrics.render())
+            })
+            .await;
+            match read {
+                Ok(Ok(text)) => reply(
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                ),
+                Ok(Err(e)) => reply(500, TEXT, format!("reading the maps: {e:#}\n")),
+                Err(e) => reply(500, TEXT, format!("reading the maps: {e}\n")),
+            }
         }
-    });
-    Ok(bound)
+        (&hyper::Method::GET, "/healthz/ready") if ready.ready() => reply(200, TEXT, "ok\n".into()),
+        (&hyper::Method::GET, "/healthz/ready") => reply(
+            503,
+            TEXT,
+            format!(
+                "registrations are not served: {} is not this daemon's socket\n",
+                ready.path.display()
+            ),
+        ),
+        _ => reply(404, TEXT, "not found\n".into()),
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,15 @@
 //! reads its netns cookie (`SO_NETNS_COOKIE`) and its own addresses. The
 //! daemon's own network namespace (the host's: the DaemonSet runs with
 //! `hostNetwork`) is refused.
+//!
+//! What a client can make the daemon spend is bounded: a request is at most
+//! [`proto::MAX_REQUEST_BYTES`] and must arrive within
+//! [`proto::REQUEST_DEADLINE`], at most [`MAX_CLIENTS`] connections are
+//! served at once (one more is answered "busy" at once), a request's policy
+//! is held to the command line's rules ([`crate::policy::Policy::validate`])
+//! before anything is written, and a panic while serving one request is
+//! caught, logged and answered as an error, never left to the client or
+//! the other requests.
 
 pub mod gc;
 pub mod kube;
@@ -16,14 +25,21 @@ pub mod proto;
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
+    io::{Read, Write},
     os::{
         fd::AsFd,
-        unix::net::{UnixListener, UnixStream},
+        unix::{
+            fs::MetadataExt,
+            net::{UnixListener, UnixStream},
+        },
     },
-    path::Path,
-    sync::{Arc, Mutex},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     thread,
+    time::Instant,
 };
 
 use anyhow::Context as _;
@@ -32,6 +48,7 @@ use nix::sched::{setns, CloneFlags};
 use crate::{
     ebpf::{Interceptor, PodRef, RegisteredBy},
     netns,
+    policy::Source,
 };
 use proto::{Op, Request, Response, VERSION};
 
@@ -99,6 +116,11 @@ impl Registry {
         Ok(self.lock().pods()?)
     }
 
+    /// Hold the maps: no registration is under way while the guard lives.
+    pub fn hold(&self) -> std::sync::MutexGuard<'_, Interceptor> {
+        self.lock()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Interceptor> {
         self.interceptor.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -130,7 +152,37 @@ impl Registry {
             netns_cookie: Some(peer.netns_cookie),
             ..Response::default()
         };
-        let outcome = (|| -> anyhow::Result<bool> {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.decide(peer, req)
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(pid = peer.pid, netns_cookie = peer.netns_cookie, panic = %what, "a request handler panicked (a bug): answered as an error");
+            Err(anyhow::anyhow!(
+                "internal error in the divert daemon (logged there); nothing was changed"
+            ))
+        });
+        match outcome {
+            Ok(registered) => {
+                r.ok = true;
+                r.registered = registered;
+            }
+            Err(e) => {
+                tracing::warn!(pid = peer.pid, netns_cookie = peer.netns_cookie, error = %format!("{e:#}"), "request refused");
+                r.error = Some(format!("{e:#}"));
+            }
+        }
+        r
+    }
+
+    /// What a request does. Maps are written only after the request is
+    /// known good; a write that fails removes what it wrote.
+    fn decide(&self, peer: &Peer, req: Request) -> anyhow::Result<bool> {
+        {
             if req.version != VERSION {
                 anyhow::bail!(
                     "protocol version {} is not spoken here (this daemon speaks {VERSION})",
@@ -146,6 +198,7 @@ impl Registry {
             }
             match req.op {
                 Op::Register { policy } => {
+                    policy.validate(&|field| Source::Request(field.to_string()))?;
                     self.register_namespace(
                         peer.netns_cookie,
                         *policy,
@@ -171,66 +224,188 @@ impl Registry {
                 }
                 Op::Status => Ok(self.lock().is_registered(peer.netns_cookie)?),
             }
-        })();
-        match outcome {
-            Ok(registered) => {
-                r.ok = true;
-                r.registered = registered;
-            }
-            Err(e) => {
-                tracing::warn!(pid = peer.pid, netns_cookie = peer.netns_cookie, error = %format!("{e:#}"), "request refused");
-                r.error = Some(format!("{e:#}"));
-            }
         }
-        r
     }
 
+    /// Read one request and answer it. Whatever the client sends, it gets
+    /// one answer line (unless it is gone); its request is never echoed.
     fn serve_one(&self, stream: UnixStream) -> anyhow::Result<()> {
-        stream.set_read_timeout(Some(proto::TIMEOUT))?;
         stream.set_write_timeout(Some(proto::TIMEOUT))?;
-        let peer = identify(&stream);
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line)?;
-        let response = match (peer, Request::parse(&line)) {
-            (Ok(peer), Ok(req)) => self.handle(&peer, req),
-            (Err(e), _) => Response {
-                version: VERSION,
-                error: Some(format!("cannot identify the caller: {e:#}")),
-                ..Response::default()
-            },
-            (_, Err(e)) => Response {
-                version: VERSION,
-                error: Some(format!("bad request {:?}: {e}", line.trim())),
-                ..Response::default()
+        let response = match read_request(&stream) {
+            Err(e) => refusal(e),
+            Ok(line) => match (identify(&stream), Request::parse(&line)) {
+                (Ok(peer), Ok(req)) => self.handle(&peer, req),
+                (Err(e), _) => refusal(format!("cannot identify the caller: {e:#}")),
+                (_, Err(e)) => refusal(format!("bad request ({} bytes): {e}", line.len())),
             },
         };
-        let mut out = serde_json::to_string(&response)?;
-        out.push('\n');
-        (&stream).write_all(out.as_bytes())?;
-        Ok(())
+        answer(&stream, &response)
     }
 }
 
-/// Bind the registration socket at `path` (its directory is created; a
-/// stale socket file is replaced), mode 0660.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+fn refusal(error: String) -> Response {
+    Response {
+        version: VERSION,
+        error: Some(error),
+        ..Response::default()
     }
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-    }
-    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o660))?;
-    Ok(l)
 }
 
-/// Serve requests forever, one thread per connection.
-pub fn serve(listener: UnixListener, registry: Arc<Registry>) -> anyhow::Result<()> {
-    for stream in listener.incoming() {
+fn answer(mut stream: &UnixStream, response: &Response) -> anyhow::Result<()> {
+    let mut out = serde_json::to_string(response)?;
+    out.push('\n');
+    stream.write_all(out.as_bytes())?;
+    Ok(())
+}
+
+/// Read one request line: at most [`proto::MAX_REQUEST_BYTES`] before the
+/// newline, all of it within [`proto::REQUEST_DEADLINE`]. The error says
+/// which bound was hit, never what was sent.
+fn read_request(mut stream: &UnixStream) -> Result<String, String> {
+    let deadline = Instant::now() + proto::REQUEST_DEADLINE;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no complete request line within {:?}",
+                proto::REQUEST_DEADLINE
+            ));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => return Err("the connection closed before a complete request line".into()),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(format!("reading the request: {e}")),
+        };
+        let end = chunk[..n].iter().position(|&b| b == b'\n');
+        buf.extend_from_slice(&chunk[..end.unwrap_or(n)]);
+        if buf.len() > proto::MAX_REQUEST_BYTES {
+            return Err(format!(
+                "request line longer than {} bytes",
+                proto::MAX_REQUEST_BYTES
+            ));
+        }
+        if end.is_some() {
+            return String::from_utf8(buf).map_err(|_| "the request is not UTF-8".to_string());
+        }
+    }
+}
+
+/// At most this many registration connections are served at once; one
+/// more is answered "busy" straight away. Each is done within
+/// [`proto::REQUEST_DEADLINE`] plus the registration itself.
+pub const MAX_CLIENTS: usize = 64;
+
+/// The registration socket, bound and held: the lock that makes this
+/// daemon the only one serving the path, and what readiness checks.
+pub struct Endpoint {
+    listener: UnixListener,
+    path: PathBuf,
+    /// The socket file's inode when bound: the path still leads here.
+    ino: u64,
+    /// `<path>.lock`, flock'd for as long as this daemon lives.
+    _lock: nix::fcntl::Flock<fs::File>,
+}
+
+impl Endpoint {
+    /// Take the registration socket at `path` (its directory is created,
+    /// mode 0660). Another daemon serving it is refused, whether it holds
+    /// the lock file `<path>.lock` or merely answers on the socket; a socket
+    /// file nobody serves (a daemon that was killed) is replaced.
+    pub fn bind(path: &Path) -> anyhow::Result<Endpoint> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "another divert daemon serves {} (it holds {}): stop it first",
+                    path.display(),
+                    lock_path.display()
+                )
+            })?;
+        if UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "something already serves {} (holding no divert lock): stop it first",
+                path.display()
+            );
+        }
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+        let listener =
+            UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o660))?;
+        let ino = fs::metadata(path)?.ino();
+        Ok(Endpoint {
+            listener,
+            path: path.to_path_buf(),
+            ino,
+            _lock: lock,
+        })
+    }
+
+    /// What tells whether registrations are served here.
+    pub fn readiness(&self) -> Readiness {
+        Readiness {
+            path: self.path.clone(),
+            ino: self.ino,
+        }
+    }
+}
+
+/// Whether this daemon serves registrations: the socket file at its path is
+/// the one it bound (not removed, not replaced).
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    pub path: PathBuf,
+    pub ino: u64,
+}
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        fs::metadata(&self.path)
+            .map(|m| m.ino() == self.ino)
+            .unwrap_or(false)
+    }
+
+    /// Remove the socket file if it is still this daemon's.
+    pub fn remove_socket(&self) {
+        if self.ready() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Serve requests forever, a short-lived thread per connection, at most
+/// [`MAX_CLIENTS`] at once.
+pub fn serve(endpoint: Endpoint, registry: Arc<Registry>) -> anyhow::Result<()> {
+    let busy = Arc::new(AtomicUsize::new(0));
+    for stream in endpoint.listener.incoming() {
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
@@ -238,11 +413,24 @@ pub fn serve(listener: UnixListener, registry: Arc<Registry>) -> anyhow::Result<
                 continue;
             }
         };
+        if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            busy.fetch_sub(1, Ordering::SeqCst);
+            let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(100)));
+            let _ = answer(
+                &stream,
+                &refusal(format!(
+                    "the divert daemon is serving {MAX_CLIENTS} requests already: try again"
+                )),
+            );
+            continue;
+        }
         let registry = registry.clone();
+        let busy = busy.clone();
         thread::spawn(move || {
             if let Err(e) = registry.serve_one(stream) {
                 tracing::warn!(error = %format!("{e:#}"), "registration connection");
             }
+            busy.fetch_sub(1, Ordering::SeqCst);
         });
     }
     Ok(())

@@ -12,8 +12,12 @@
 //! A request names no namespace, and a field the protocol does not define
 //! is refused: the daemon takes the caller's network namespace from the
 //! socket's `SO_PEERCRED` (pid → /proc/pid/ns/net), so a pod can only
-//! configure itself. `policy.local_addrs` is ignored; the daemon reads the
-//! namespace's own addresses.
+//! configure itself. `policy` is held to the rules of the command line
+//! ([`crate::policy::Policy::validate`]); `policy.local_addrs` must be empty
+//! (the daemon reads the namespace's own addresses).
+//!
+//! A request line is at most [`MAX_REQUEST_BYTES`] and must arrive whole
+//! within [`REQUEST_DEADLINE`]; a refusal never quotes what was sent.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -33,6 +37,12 @@ pub const VERSION: u32 = 1;
 pub const DEFAULT_SOCKET: &str = "/var/run/divert/divert.sock";
 /// No read or write on the socket waits longer than this.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest request line the daemon reads, newline excluded: 64 KiB,
+/// room for about 3,000 IPv4 ranges (Istio's own limits are far lower).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// A request line must have arrived whole this long after the connection
+/// was accepted, however slowly it trickles in.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 
 /// What a caller asks for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -57,18 +67,42 @@ pub struct Request {
 impl Request {
     /// Parse one request line, refusing any field the protocol does not
     /// define (a request naming a namespace, a pid, …).
+    ///
+    /// Errors say what is wrong and where (line and column), never what
+    /// was sent: the text is the caller's, and may be anything.
     pub fn parse(line: &str) -> Result<Request, String> {
         let v: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(line).map_err(|e| e.to_string())?;
-        if let Some(k) = v
-            .keys()
-            .find(|k| !["version", "op", "policy"].contains(&k.as_str()))
+            serde_json::from_str(line).map_err(|e| described(&e))?;
+        if v.keys()
+            .any(|k| !["version", "op", "policy"].contains(&k.as_str()))
         {
-            return Err(format!(
-                "field {k:?} is not part of the protocol (the daemon identifies the caller itself)"
-            ));
+            return Err(
+                "a field that is not part of the protocol (only version, op and policy are; the daemon identifies the caller itself)"
+                    .into(),
+            );
         }
-        serde_json::from_value(serde_json::Value::Object(v)).map_err(|e| e.to_string())
+        serde_json::from_value(serde_json::Value::Object(v)).map_err(|e| {
+            format!(
+                "not a request of protocol version {VERSION}: {}",
+                described(&e)
+            )
+        })
+    }
+}
+
+/// A JSON error without the input it quotes: its kind and position.
+fn described(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "unreadable",
+        Category::Syntax => "not JSON",
+        Category::Data => "a value of the wrong type, a missing field or an unknown op",
+        Category::Eof => "cut short",
+    };
+    if e.line() == 0 {
+        what.to_string()
+    } else {
+        format!("{what} (line {} column {})", e.line(), e.column())
     }
 }
 
@@ -104,6 +138,8 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the request for the divert daemon at {path} is {len} bytes, more than the {} it reads: register fewer ranges or ports", MAX_REQUEST_BYTES)]
+    TooLong { path: String, len: usize },
     #[error("the divert daemon at {path} answered {line:?}: {source}")]
     Answer {
         path: String,
@@ -116,6 +152,18 @@ pub enum ClientError {
 /// Send `op` to the daemon at `socket` and read its answer.
 pub fn call(socket: &Path, op: Op) -> Result<Response, ClientError> {
     let path = socket.display().to_string();
+    let mut line = serde_json::to_string(&Request {
+        version: VERSION,
+        op,
+    })
+    .expect("a request serialises");
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(ClientError::TooLong {
+            path,
+            len: line.len(),
+        });
+    }
+    line.push('\n');
     let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
         path: path.clone(),
         source,
@@ -126,12 +174,6 @@ pub fn call(socket: &Path, op: Op) -> Result<Response, ClientError> {
     };
     stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
-    let mut line = serde_json::to_string(&Request {
-        version: VERSION,
-        op,
-    })
-    .expect("a request serialises");
-    line.push('\n');
     (&stream).write_all(line.as_bytes()).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
@@ -173,5 +215,132 @@ mod tests {
         ] {
             assert!(Request::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    use crate::policy::{PolicyArgs, Source};
+    use proptest::prelude::*;
+
+    fn request_origin(field: &str) -> Source {
+        Source::Request(field.to_string())
+    }
+
+    /// A command-line policy (random flag values the parser accepts).
+    fn cli_policy() -> impl Strategy<Value = Policy> {
+        let ports = prop::collection::vec(1u16.., 0..5);
+        let ids = prop::collection::vec(any::<u32>(), 1..=8);
+        let cidr = (any::<[u8; 4]>(), 0u8..=32)
+            .prop_map(|(a, l)| format!("{}.{}.{}.{}/{l}", a[0], a[1], a[2], a[3]));
+        let cidrs = prop::collection::vec(cidr, 0..4);
+        (
+            1u16..,
+            ids,
+            ports.clone(),
+            ports,
+            cidrs.clone(),
+            cidrs,
+            any::<bool>(),
+        )
+            .prop_filter_map(
+                "a policy the flags give",
+                |(port, uids, q, o, i, x, all)| {
+                    let join = |v: Vec<String>| v.join(",");
+                    let nums = |v: &[u16]| join(v.iter().map(u16::to_string).collect());
+                    PolicyArgs {
+                        proxy_port: port.to_string(),
+                        inbound_capture_port: "15006".into(),
+                        inbound_tunnel_port: "15008".into(),
+                        proxy_uids: join(uids.iter().map(u32::to_string).collect()),
+                        proxy_gids: String::new(),
+                        include_ranges: if all { "*".into() } else { join(i) },
+                        exclude_ranges: join(x),
+                        include_ports: nums(&q),
+                        exclude_ports: nums(&o),
+                    }
+                    .to_policy_from(&request_origin)
+                    .ok()
+                },
+            )
+    }
+
+    proptest! {
+        /// Every policy the command line gives is accepted on the socket,
+        /// exactly as it is.
+        #[test]
+        fn command_line_policies_are_valid_requests(p in cli_policy()) {
+            prop_assert!(p.validate(&request_origin).is_ok());
+            let line = serde_json::to_string(&Request { version: VERSION, op: Op::Register { policy: Box::new(p.clone()) } }).unwrap();
+            let back = Request::parse(&line).unwrap();
+            prop_assert_eq!(back.op, Op::Register { policy: Box::new(p) });
+        }
+
+        /// Random and mutated request lines never panic the parser or the
+        /// validation, and every request accepted is a policy the command
+        /// line itself gives (its flags parse back to it) and whose kernel
+        /// header can be built.
+        #[test]
+        fn mutated_requests_never_panic_and_accepted_ones_are_command_line_policies(
+            p in cli_policy(),
+            cuts in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+            junk in ".{0,40}",
+        ) {
+            let mut line = serde_json::to_string(&Request { version: VERSION, op: Op::Register { policy: Box::new(p) } }).unwrap().into_bytes();
+            for (at, byte) in cuts {
+                let i = at.index(line.len());
+                line[i] = byte;
+            }
+            for text in [String::from_utf8_lossy(&line).into_owned(), junk] {
+                if let Ok(Request { op: Op::Register { policy }, .. }) = Request::parse(&text) {
+                    if policy.validate(&request_origin).is_ok() {
+                        let again = PolicyArgs::of(&policy).to_policy_from(&request_origin).unwrap();
+                        prop_assert_eq!(&again, policy.as_ref());
+                        let _ = crate::ebpf::header(&policy);
+                    }
+                }
+            }
+        }
+
+        /// Whatever a request's numbers are, validation answers (never
+        /// panics), and refuses every value the flags refuse.
+        #[test]
+        fn out_of_range_values_are_refused(
+            uids in prop::collection::vec(any::<u32>(), 0..20),
+            port in any::<u16>(),
+            exclude in prop::collection::vec(any::<u16>(), 0..4),
+        ) {
+            let p = Policy { proxy_uids: uids.clone(), proxy_port: port, exclude_ports: exclude.clone(), ..Policy::default() };
+            let ok = p.validate(&request_origin).is_ok();
+            let mut dedup = uids.clone();
+            dedup.sort_unstable();
+            dedup.dedup();
+            let mut ex = exclude.clone();
+            ex.sort_unstable();
+            ex.dedup();
+            let want = port != 0 && !uids.is_empty() && uids.len() <= 8 && dedup.len() == uids.len()
+                && !exclude.contains(&0) && ex.len() == exclude.len();
+            prop_assert_eq!(ok, want, "{:?}", p.validate(&request_origin));
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_the_field_and_never_quotes_the_request() {
+        let secret = "SECRET-42";
+        for line in [
+            format!("{secret}"),
+            format!(r#"{{"version":1,"op":"status","{secret}":1}}"#),
+            format!(r#"{{"version":1,"op":"{secret}"}}"#),
+            format!(r#"{{"version":"{secret}","op":"status"}}"#),
+        ] {
+            let e = Request::parse(&line).unwrap_err();
+            assert!(!e.contains(secret), "{line}: {e}");
+        }
+        let p = Policy {
+            local_addrs: vec!["10.1.1.1".parse().unwrap()],
+            ..Policy::default()
+        };
+        let e = p.validate(&request_origin).unwrap_err().to_string();
+        assert!(
+            e.contains("policy.local_addrs of the registration request"),
+            "{e}"
+        );
     }
 }

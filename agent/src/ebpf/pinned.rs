@@ -189,13 +189,14 @@ fn has_entries(p: &Path) -> bool {
 /// Open the pinned instance under `dir` for `cgroup_root` (see the module
 /// documentation for what is installed, adopted or refused).
 pub fn open(dir: &Path, cgroup_root: &Path) -> Result<(Interceptor, Opened)> {
-    ensure_bpffs(dir)?;
-    let [maps_dir, progs_dir, links_dir] = dirs(dir);
+    // The cgroup first: a bad root must leave no bpffs mount behind.
     let cgroup = crate::cgroup::open(cgroup_root).map_err(|e| PinnedError::Io {
         what: "opening the cgroup root",
         path: cgroup_root.to_path_buf(),
         source: std::io::Error::other(e),
     })?;
+    ensure_bpffs(dir)?;
+    let [maps_dir, progs_dir, links_dir] = dirs(dir);
     let fresh = Interceptor::load()?;
     if has_entries(&links_dir) {
         let relinked = adopt_check(dir, &fresh, cgroup.as_fd(), cgroup_root)?;

@@ -28,6 +28,9 @@ pub enum Source {
     /// The node daemon's mesh-wide defaults file, e.g. `includeIPRanges` in
     /// `/etc/divert/mesh/config.json`.
     MeshConfig { file: String, key: String },
+    /// A field of the policy in a registration request on the daemon's
+    /// socket, e.g. `proxy_port`.
+    Request(String),
 }
 
 impl fmt::Display for Source {
@@ -40,6 +43,7 @@ impl fmt::Display for Source {
                 write!(f, "annotation {annotation} of pod {pod}")
             }
             Source::MeshConfig { file, key } => write!(f, "{key} in {file}"),
+            Source::Request(field) => write!(f, "policy.{field} of the registration request"),
         }
     }
 }
@@ -74,6 +78,8 @@ pub enum PolicyError {
         max: usize,
         origin: Source,
     },
+    #[error("{origin} is not what the command line would give: {reason}")]
+    NotCanonical { origin: Source, reason: String },
     #[error("{origin} is empty: at least one proxy UID is needed, or the proxy's own connections loop back into it")]
     NoProxyUid { origin: Source },
     #[error(
@@ -407,6 +413,112 @@ impl CaptureArgs {
         policy.inbound = inbound;
         policy.kube_virt_interfaces = kube_virt;
         policy.exclude_interfaces = exclude;
+        Ok(())
+    }
+}
+
+impl PolicyArgs {
+    /// The flag values that give `policy`'s outbound settings (the inverse
+    /// of [`PolicyArgs::to_policy_from`] for every policy it returns): lists
+    /// comma-joined, ranges as CIDRs, `*` for all.
+    pub fn of(policy: &Policy) -> PolicyArgs {
+        let join = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
+        PolicyArgs {
+            proxy_port: policy.proxy_port.to_string(),
+            inbound_capture_port: policy.inbound_capture_port.to_string(),
+            inbound_tunnel_port: policy.inbound_tunnel_port.to_string(),
+            proxy_uids: join(&mut policy.proxy_uids.iter().map(u32::to_string)),
+            proxy_gids: join(&mut policy.proxy_gids.iter().map(u32::to_string)),
+            include_ranges: match &policy.include_ranges {
+                IncludeRanges::All => "*".to_string(),
+                IncludeRanges::List(l) => join(&mut l.iter().map(IpNetwork::to_string)),
+            },
+            exclude_ranges: join(&mut policy.exclude_ranges.iter().map(IpNetwork::to_string)),
+            include_ports: join(&mut policy.include_ports.iter().map(u16::to_string)),
+            exclude_ports: join(&mut policy.exclude_ports.iter().map(u16::to_string)),
+        }
+    }
+}
+
+const NOT_FLAG_FORM: &str = "a value is repeated, or an element is not one value";
+
+impl Policy {
+    /// Hold a policy that did not come from the flags (a request on the
+    /// daemon's socket) to exactly the rules the flags are held to: it is
+    /// written back as its flag values ([`PolicyArgs::of`]), those are
+    /// parsed again by the command line's own parser, and the result must
+    /// be this policy. So every value is checked by the one parser (ports
+    /// 1–65535, 1 to 8 proxy UIDs and at most 8 GIDs, no IPv4-mapped
+    /// range, interface names as iptables takes them, …), and what the
+    /// parser never returns is refused too: a repeated value, and local
+    /// addresses (the daemon reads a namespace's own). `origin` names each
+    /// field (`proxy_port`, `inbound.ports`, …) in the error.
+    pub fn validate(&self, origin: &dyn Fn(&str) -> Source) -> Result<(), PolicyError> {
+        let parsed = PolicyArgs::of(self).to_policy_from(origin)?;
+        let join = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
+        let ports = |v: &[u16]| join(&mut v.iter().map(u16::to_string));
+        let inbound = Inbound {
+            mode: self.inbound.mode,
+            ports: match &self.inbound.ports {
+                InboundPorts::None => InboundPorts::None,
+                InboundPorts::All => InboundPorts::All,
+                InboundPorts::List(l) => {
+                    InboundPorts::List(parse_ports(&ports(l), origin("inbound.ports"))?)
+                }
+            },
+            exclude_ports: parse_ports(
+                &ports(&self.inbound.exclude_ports),
+                origin("inbound.exclude_ports"),
+            )?,
+        };
+        let interfaces = |v: &[String], field: &str| parse_interfaces(&v.join(","), origin(field));
+        let again = Policy {
+            local_addrs: Vec::new(),
+            inbound,
+            kube_virt_interfaces: interfaces(&self.kube_virt_interfaces, "kube_virt_interfaces")?,
+            exclude_interfaces: interfaces(&self.exclude_interfaces, "exclude_interfaces")?,
+            ..parsed
+        };
+        let differs = |field: &str, reason: &str| PolicyError::NotCanonical {
+            origin: origin(field),
+            reason: reason.to_string(),
+        };
+        if !self.local_addrs.is_empty() {
+            return Err(differs(
+                "local_addrs",
+                "local addresses are not given, the daemon reads the namespace's own",
+            ));
+        }
+        for (field, same) in [
+            ("proxy_uids", again.proxy_uids == self.proxy_uids),
+            ("proxy_gids", again.proxy_gids == self.proxy_gids),
+            (
+                "include_ranges",
+                again.include_ranges == self.include_ranges,
+            ),
+            (
+                "exclude_ranges",
+                again.exclude_ranges == self.exclude_ranges,
+            ),
+            ("include_ports", again.include_ports == self.include_ports),
+            ("exclude_ports", again.exclude_ports == self.exclude_ports),
+            ("inbound", again.inbound == self.inbound),
+            (
+                "kube_virt_interfaces",
+                again.kube_virt_interfaces == self.kube_virt_interfaces,
+            ),
+            (
+                "exclude_interfaces",
+                again.exclude_interfaces == self.exclude_interfaces,
+            ),
+        ] {
+            if !same {
+                return Err(differs(field, NOT_FLAG_FORM));
+            }
+        }
+        if again != *self {
+            return Err(differs("policy", NOT_FLAG_FORM));
+        }
         Ok(())
     }
 }

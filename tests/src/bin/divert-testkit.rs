@@ -37,6 +37,9 @@
 //!   error.
 //! * `hold DST S MS`: one connection to DST, writes S bytes, keeps it open
 //!   MS milliseconds (printing `open` once connected), then closes.
+//! * `send SOCKET`: sends standard input as it is to the Unix socket
+//!   SOCKET, shuts down writing, and prints the one line answered (or
+//!   `error …` when the socket was closed without one).
 //! * `sockopts DST`: connects and prints, one per line, the results of
 //!   getsockopt calls whose answers do not change from one run to the next,
 //!   for comparing a process under divert's getsockopt program with one that
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Some("proxy") => proxy(&args[1..]),
         Some("client") => client(&args[1], &args[2..]),
         Some("late-proxy") => late_proxy(&args[1], &args[2]),
+        Some("send") => send(&args[1]),
         Some("sockopts") => sockopts(&args[1]),
         Some("connects") => connects(&args[1], &args[2]),
         Some("bytes-server") => bytes_server(&args[1], &args[2], &args[3], &args[4..]),
@@ -187,6 +191,23 @@ fn proxy(addrs: &[String]) -> Result<()> {
             Err(_) => format!("proxy {local} orig={orig}"),
         }
     })
+}
+
+fn send(socket: &str) -> Result<()> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut input = Vec::new();
+    std::io::stdin().read_to_end(&mut input)?;
+    // The daemon may answer (and close) before it has read everything.
+    let _ = s.write_all(&input);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err("closed without an answer".into());
+    }
+    println!("{}", line.trim());
+    Ok(())
 }
 
 fn late_proxy(addr: &str, ms: &str) -> Result<()> {
