@@ -248,10 +248,10 @@ pub struct TupleKey {
 /// A tuple outlives its connection, and the next connection from the same
 /// address and port (diverted or not) has it again. The entry is bound to
 /// the one connection that filed it by the client's initial sequence
-/// number, which the proxy's accepted socket knows as its peer's (`rcv_nxt
-/// - bytes_received - 1`): `getsockopt` answers only a socket whose number
-/// matches, so no later connection is ever told an earlier one's
-/// destination.
+/// number, which the proxy's accepted socket knows as its peer's
+/// (`rcv_nxt` minus `bytes_received` minus 1): `getsockopt` answers only a
+/// socket whose number matches, so no later connection is ever told an
+/// earlier one's destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BoundOrig {

@@ -42,7 +42,7 @@ fn daemon_cmd(lab: &Lab, bpffs: &Bpffs, socket: &Path, extra: &[&str]) -> Comman
 
 fn on_bpffs(p: &Path) -> bool {
     nix::sys::statfs::statfs(p)
-        .map(|s| s.filesystem_type().0 as i64 == 0xcafe4a11)
+        .map(|s| s.filesystem_type().0 == 0xcafe4a11)
         .unwrap_or(false)
 }
 
@@ -61,7 +61,8 @@ fn a_refused_start_leaves_nothing_behind() {
     std::fs::write(&not_json, "includeIPRanges: *").unwrap();
     let not_cgroup = dir.path().join("not-a-cgroup");
     std::fs::create_dir(&not_cgroup).unwrap();
-    let cases: Vec<(Vec<String>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<String>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["--gc-interval".into(), "0".into()],
             vec![],
@@ -161,7 +162,7 @@ fn one_daemon_per_socket() {
     assert!(!on_bpffs(&other.path()), "the refused daemon mounted bpffs");
     s.assert_attached_once("after the refused second daemon");
     assert_eq!(s.http_get("/healthz/ready").0, 200);
-    let out = s.init(&divert_tests::INJECTOR.to_vec());
+    let out = s.init(divert_tests::INJECTOR);
     assert!(out.status.success(), "{}", text(&out.stderr));
     s.assert_redirected("registered through the first daemon");
     // Readiness means registrations are served: without its socket, not ready.
@@ -207,7 +208,7 @@ fn every_request_is_held_to_the_command_line_rules() {
     require_root!();
     let s = Setup::start();
     let _d = s.daemon();
-    let out = s.init(&divert_tests::INJECTOR.to_vec());
+    let out = s.init(divert_tests::INJECTOR);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let before = maps_json(&s);
     let good = divert::policy::Policy::default();
@@ -287,7 +288,7 @@ fn sigterm_stops_the_daemon_promptly_and_cleanly() {
     require_root!();
     let s = Setup::start();
     let mut d = s.daemon();
-    let out = s.init(&divert_tests::INJECTOR.to_vec());
+    let out = s.init(divert_tests::INJECTOR);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
     let t = Instant::now();
@@ -351,7 +352,7 @@ fn the_daemon_under_abuse() {
     let d = s.daemon();
     let pid = d.child.id();
     // Warm up: one registration and one scrape.
-    assert!(s.init(&divert_tests::INJECTOR.to_vec()).status.success());
+    assert!(s.init(divert_tests::INJECTOR).status.success());
     assert_eq!(s.http_get("/metrics").0, 200);
     let before = rss_and_threads(pid);
 

@@ -325,7 +325,7 @@ mod tests {
     fn a_refusal_names_the_field_and_never_quotes_the_request() {
         let secret = "SECRET-42";
         for line in [
-            format!("{secret}"),
+            secret.to_string(),
             format!(r#"{{"version":1,"op":"status","{secret}":1}}"#),
             format!(r#"{{"version":1,"op":"{secret}"}}"#),
             format!(r#"{{"version":"{secret}","op":"status"}}"#),
