@@ -18,6 +18,10 @@
 //! read and write the maps.
 #![no_std]
 
+pub mod chain;
+
+pub use chain::Verdict;
+
 /// Map names, as the kernel object declares them and the loader looks them up.
 pub mod maps {
     /// `HashMap<u64 netns cookie, PolicyHeader>`: the meshed network namespaces.
@@ -62,6 +66,80 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "divert_getpeername6";
 }
 
+/// The kind of a kernel program, which decides how it is loaded and
+/// attached (aya's `CgroupSockAddr`, `SockOps`, `CgroupSockopt`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramKind {
+    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`.
+    CgroupSockAddr,
+    /// `BPF_PROG_TYPE_SOCK_OPS`.
+    SockOps,
+    /// `BPF_PROG_TYPE_CGROUP_SOCKOPT`.
+    CgroupSockopt,
+}
+
+/// Which cgroup a program is attached to: the workload's (its connects are
+/// judged) or the proxy's (its `getsockopt` is answered). The node daemon
+/// attaches both at the cgroup root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Workload,
+    Proxy,
+}
+
+/// One kernel program: its name in the object, kind, attach type (uapi
+/// `enum bpf_attach_type`) and the side it serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Program {
+    pub name: &'static str,
+    pub kind: ProgramKind,
+    /// uapi `enum bpf_attach_type`, as `BPF_LINK_CREATE` and
+    /// `bpf_link_info.cgroup.attach_type` spell it.
+    pub attach_type: u32,
+    pub side: Side,
+}
+
+/// Every program of the object, in the order they are loaded, attached and
+/// pinned. Loading, attaching, pinning and adopting all read this table.
+pub const PROGRAMS: [Program; 6] = [
+    Program {
+        name: programs::CONNECT4,
+        kind: ProgramKind::CgroupSockAddr,
+        attach_type: 10, // BPF_CGROUP_INET4_CONNECT
+        side: Side::Workload,
+    },
+    Program {
+        name: programs::CONNECT6,
+        kind: ProgramKind::CgroupSockAddr,
+        attach_type: 11, // BPF_CGROUP_INET6_CONNECT
+        side: Side::Workload,
+    },
+    Program {
+        name: programs::GETPEERNAME4,
+        kind: ProgramKind::CgroupSockAddr,
+        attach_type: 29, // BPF_CGROUP_INET4_GETPEERNAME
+        side: Side::Workload,
+    },
+    Program {
+        name: programs::GETPEERNAME6,
+        kind: ProgramKind::CgroupSockAddr,
+        attach_type: 30, // BPF_CGROUP_INET6_GETPEERNAME
+        side: Side::Workload,
+    },
+    Program {
+        name: programs::SOCK_OPS,
+        kind: ProgramKind::SockOps,
+        attach_type: 3, // BPF_CGROUP_SOCK_OPS
+        side: Side::Workload,
+    },
+    Program {
+        name: programs::GETSOCKOPT,
+        kind: ProgramKind::CgroupSockopt,
+        attach_type: 21, // BPF_CGROUP_GETSOCKOPT
+        side: Side::Proxy,
+    },
+];
+
 /// Capacity of each map, in entries.
 pub mod limits {
     /// Registered network namespaces (pods) per node.
@@ -99,26 +177,46 @@ pub mod flags {
     pub const HAS_LOCAL_ADDRS: u32 = 1 << 8;
 }
 
-/// Who registered a policy, as stored in [`PolicyHeader::registered_by`].
-pub mod registered_by {
+/// Who registered a policy, as stored in [`PolicyHeader::registered_by`]
+/// (`as u8`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum RegisteredBy {
     /// Not recorded.
-    pub const UNKNOWN: u8 = 0;
+    Unknown = 0,
     /// `divert init` in the pod, through the daemon's socket.
-    pub const INIT: u8 = 1;
+    Init = 1,
     /// The daemon's Kubernetes pod watch (`divert daemon --kubernetes`).
-    pub const KUBERNETES: u8 = 2;
+    Kubernetes = 2,
     /// `divert run`, for the namespace it runs in.
-    pub const RUN: u8 = 3;
+    Run = 3,
 }
 
-/// What happened to a connect, as stored in [`OrigDst`] and [`CounterKey`].
-pub mod verdict {
-    /// Left alone: the connection goes where the application asked.
-    pub const PASSTHROUGH: u8 = 0;
-    /// Rewritten to the outbound proxy port (istio-iptables' `ISTIO_REDIRECT`).
-    pub const REDIRECT: u8 = 1;
-    /// Rewritten to the inbound capture port (istio-iptables' `ISTIO_IN_REDIRECT`).
-    pub const INBOUND: u8 = 2;
+impl RegisteredBy {
+    /// The value stored as `code`; an unknown code reads as `Unknown`.
+    pub const fn from_code(code: u8) -> RegisteredBy {
+        match code {
+            1 => RegisteredBy::Init,
+            2 => RegisteredBy::Kubernetes,
+            3 => RegisteredBy::Run,
+            _ => RegisteredBy::Unknown,
+        }
+    }
+
+    /// The name `divert maps` prints (`init`, `kubernetes`, `run`, `unknown`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            RegisteredBy::Unknown => "unknown",
+            RegisteredBy::Init => "init",
+            RegisteredBy::Kubernetes => "kubernetes",
+            RegisteredBy::Run => "run",
+        }
+    }
 }
 
 /// `PortKey::list` values.
@@ -155,7 +253,7 @@ pub struct PolicyHeader {
     pub proxy_uid_count: u8,
     /// How many of `proxy_gids` are set.
     pub proxy_gid_count: u8,
-    /// One of [`registered_by`].
+    /// A [`RegisteredBy`] `as u8`.
     pub registered_by: u8,
     pub _pad: [u8; 3],
     pub proxy_uids: [u32; limits::MAX_PROXY_IDS],
@@ -165,8 +263,14 @@ pub struct PolicyHeader {
     pub registered_at_unix_ns: u64,
 }
 
+/// Bits of an LPM trie key that hold the netns cookie: every trie key's
+/// prefix length is this plus the CIDR's, so the cookie always matches
+/// exactly, and a lookup's is this plus 32 (IPv4) or 128 (IPv6).
+pub const COOKIE_PREFIX_BITS: u32 = 64;
+
 /// Key data of the IPv4 LPM tries: 12 bytes, matched with prefix length
-/// `64 + CIDR length`, so the netns cookie always matches exactly.
+/// [`COOKIE_PREFIX_BITS`] `+ CIDR length`, so the netns cookie always
+/// matches exactly.
 #[repr(C, packed)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LpmKey4 {
@@ -176,7 +280,8 @@ pub struct LpmKey4 {
     pub addr: [u8; 4],
 }
 
-/// Key data of the IPv6 LPM tries: 24 bytes, prefix length `64 + CIDR length`.
+/// Key data of the IPv6 LPM tries: 24 bytes, prefix length
+/// [`COOKIE_PREFIX_BITS`] `+ CIDR length`.
 #[repr(C, packed)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LpmKey6 {
@@ -219,7 +324,7 @@ pub struct OrigDst {
     /// 1 when the connection was judged and diverted as IPv4 (an AF_INET
     /// socket, or an AF_INET6 socket dialling `::ffff:a.b.c.d`).
     pub is_v4: u8,
-    /// One of [`verdict`].
+    /// A [`Verdict`] `as u8`.
     pub verdict: u8,
     pub _pad: [u8; 4],
 }
@@ -275,7 +380,7 @@ pub struct CounterKey {
     pub addr: [u8; 16],
     /// Destination port as dialled, host byte order.
     pub port: u16,
-    /// One of [`verdict`].
+    /// A [`Verdict`] `as u8`.
     pub verdict: u8,
     pub _pad: [u8; 5],
 }

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use divert::policy::{Action, IncludeRanges, IpNetwork, Policy};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng};
 
-use crate::Lab;
+use crate::Addrs;
 
 /// The UID and GID of an ordinary (non-proxy) application.
 pub const APP: u32 = 1000;
@@ -51,8 +51,9 @@ pub fn expected(action: Action, dst: SocketAddr, mapped: bool) -> String {
     }
 }
 
-/// The named Istio cases, for `lab`'s addresses.
-pub fn istio_matrix(lab: &Lab) -> Vec<Case> {
+/// The named Istio cases, for a lab's addresses (`&Lab` or [`Addrs`]).
+pub fn istio_matrix(lab: impl Into<Addrs>) -> Vec<Case> {
+    let lab: Addrs = lab.into();
     let n = lab.n;
     let (own, p2, p3) = (lab.v4(1), lab.v4(2), lab.v4(3));
     let (p6, p6b) = (lab.v6(2), lab.v6(3));
@@ -358,7 +359,9 @@ pub struct Generator {
 }
 
 impl Generator {
-    pub fn new(lab: &Lab) -> Generator {
+    /// Over a lab's addresses (`&Lab` or [`Addrs`]).
+    pub fn new(lab: impl Into<Addrs>) -> Generator {
+        let lab: Addrs = lab.into();
         let n = lab.n;
         let include_pool: Vec<String> = vec![
             format!("10.211.{n}.0/24"),

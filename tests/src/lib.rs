@@ -313,6 +313,30 @@ pub fn wait_listening(ns: &Netns, addrs: &[SocketAddr], within: Duration) -> Res
     ok.map_err(anyhow::Error::msg)
 }
 
+/// The addresses of lab number N: 10.211.N.0/24 and fd00:211:N::/64, the
+/// client namespace at host 1, the peer at 2 and 3. The connect cases are
+/// written over these, so they also run without a [`Lab`] (no root).
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    pub n: u32,
+}
+
+impl Addrs {
+    pub fn v4(&self, host: u8) -> IpAddr {
+        format!("10.211.{}.{host}", self.n).parse().unwrap()
+    }
+
+    pub fn v6(&self, host: u8) -> IpAddr {
+        format!("fd00:211:{}::{host}", self.n).parse().unwrap()
+    }
+}
+
+impl From<&Lab> for Addrs {
+    fn from(lab: &Lab) -> Addrs {
+        Addrs { n: lab.n }
+    }
+}
+
 /// Two namespaces joined by a veth pair, and a cgroup subtree, all removed
 /// on drop.
 pub struct Lab {
@@ -384,11 +408,11 @@ impl Lab {
 
     /// The peer's first address (10.211.N.2) or one of the others.
     pub fn v4(&self, host: u8) -> IpAddr {
-        format!("10.211.{}.{host}", self.n).parse().unwrap()
+        Addrs::from(self).v4(host)
     }
 
     pub fn v6(&self, host: u8) -> IpAddr {
-        format!("fd00:211:{}::{host}", self.n).parse().unwrap()
+        Addrs::from(self).v6(host)
     }
 
     /// Placement in the client namespace.

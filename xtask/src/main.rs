@@ -66,6 +66,7 @@ fn main() -> Result<()> {
             setup()?;
             require_root("cargo xtask test")?;
             cargo(&["build", "--bins"])?;
+            clippy_kernel()?;
             let mut a = vec!["test"];
             a.extend(args.iter().map(String::as_str));
             cargo_test(&a)
@@ -173,6 +174,32 @@ fn cargo_test(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Lint the kernel crate, which builds only for `bpfel-unknown-none` (it
+/// is not a default member, so `cargo clippy` alone never sees it): warnings
+/// are errors.
+fn clippy_kernel() -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "+nightly",
+        "clippy",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ])
+    .current_dir(root_dir().join("ebpf"))
+    // The workspace's cargo sets these for its own toolchain; the nightly
+    // cargo must choose its own.
+    .env_remove("RUSTC")
+    .env_remove("RUSTC_WRAPPER")
+    .env_remove("CARGO")
+    .env_remove("RUSTUP_TOOLCHAIN");
+    run(cmd)
+}
+
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd).args(args).output().ok()?;
     out.status
@@ -218,11 +245,23 @@ fn nightly() -> Result<()> {
         &["component", "list", "--toolchain", "nightly", "--installed"],
     );
     match installed {
-        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
-        Some(_) => {
-            eprintln!("xtask setup: adding rust-src to the nightly toolchain");
+        Some(list) => {
+            // rust-src builds `core` for the BPF target; clippy lints the
+            // kernel crate (`cargo xtask test`).
+            let missing: Vec<&str> = ["rust-src", "clippy"]
+                .into_iter()
+                .filter(|c| !list.lines().any(|l| l.starts_with(c)))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            eprintln!(
+                "xtask setup: adding {} to the nightly toolchain",
+                missing.join(" ")
+            );
             let mut c = Command::new("rustup");
-            c.args(["component", "add", "rust-src", "--toolchain", "nightly"]);
+            c.args(["component", "add", "--toolchain", "nightly"])
+                .args(&missing);
             run(c)
         }
         None => {
@@ -236,6 +275,8 @@ fn nightly() -> Result<()> {
                 "minimal",
                 "--component",
                 "rust-src",
+                "--component",
+                "clippy",
             ]);
             run(c)
         }

@@ -16,8 +16,12 @@ use serde::Serialize;
 
 use super::inspect::{self, Output, ReadArgs, Target};
 use crate::{
-    ebpf::{verdict_name, PodRef},
-    policy::{canonical, explain_for, Action, Connect, IncludeRanges, IpNetwork, Policy, Step},
+    ebpf::PodRef,
+    iptables::{self, Family},
+    policy::{
+        as_dialled, canonical, verdict_for, Action, Connect, Inbound, IncludeRanges, IpNetwork,
+        Policy, Verdict,
+    },
 };
 
 /// Arguments of `divert explain`.
@@ -119,7 +123,7 @@ fn run(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
         port: args.destination.port(),
         uid: args.uid,
         gid: args.gid,
-        verdict: verdict_name(v.action.code()),
+        verdict: v.action.kernel().name(),
         rule: v.rule.to_string(),
         to: match v.action {
             Action::Redirect(p) | Action::InboundCapture(p) => lo(p),
@@ -131,6 +135,62 @@ fn run(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
         Output::Json => inspect::json(out, &e),
         Output::Table => Ok(print(out, &e)?),
     }
+}
+
+/// One rule of `ISTIO_OUTPUT` as [`explain_for`] walked it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Step {
+    /// The rule as the iptables backend writes it for this policy
+    /// (`-A ISTIO_OUTPUT …`), or the chain's end.
+    pub rule: String,
+    /// Whether it matched the connect; the last step is the one that did
+    /// (or the chain's end).
+    pub matched: bool,
+}
+
+/// [`verdict_for`] with the rules of istio-iptables' `ISTIO_OUTPUT` chain
+/// for the destination's family that a connect passes, in order: those
+/// that did not match, then the one that decided (or the chain's end).
+/// The rules are [`iptables::render`]'s, so a policy's rules are listed as
+/// istio-iptables writes them (no rule for an empty list; one `-p tcp` and
+/// one `-p udp` rule per chunk of exclude ports).
+pub fn explain_for(policy: &Policy, c: &Connect) -> (Verdict, Vec<Step>) {
+    let v = verdict_for(policy, c);
+    let family = if as_dialled(canonical(c.destination.ip())).is_ipv4() {
+        Family::V4
+    } else {
+        Family::V6
+    };
+    // Only ISTIO_OUTPUT is walked: inbound settings and interfaces do not
+    // change it (and TPROXY, which the iptables backend refuses, is not
+    // the outbound chain's business).
+    let outbound = Policy {
+        inbound: Inbound::default(),
+        kube_virt_interfaces: Vec::new(),
+        exclude_interfaces: Vec::new(),
+        ..policy.clone()
+    };
+    let rules = iptables::render(&outbound, family).expect("REDIRECT mode always renders");
+    let mut steps = Vec::new();
+    for r in rules
+        .rules
+        .iter()
+        .filter(|r| r.chain == iptables::ISTIO_OUTPUT)
+    {
+        let matched = r.decides.contains(&v.rule);
+        steps.push(Step {
+            rule: r.line(),
+            matched,
+        });
+        if matched {
+            return (v, steps);
+        }
+    }
+    steps.push(Step {
+        rule: format!("end of {}: RETURN", iptables::ISTIO_OUTPUT),
+        matched: true,
+    });
+    (v, steps)
 }
 
 /// Order the include and exclude ranges most specific first. The tries do
@@ -180,4 +240,112 @@ fn parse_destination(s: &str) -> Result<SocketAddr, String> {
         return Err("port 0: ports are whole numbers from 1 to 65535".into());
     }
     Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Rule;
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn explain_walks_the_rules_as_the_iptables_backend_writes_them() {
+        let p = Policy {
+            exclude_ranges: vec![net("10.96.0.0/12"), net("fd00::/8")],
+            include_ranges: IncludeRanges::List(vec![net("10.211.0.0/16")]),
+            exclude_ports: vec![5432, 9090],
+            include_ports: vec![8080, 8443],
+            local_addrs: vec!["10.211.0.1".parse().unwrap()],
+            ..Policy::default()
+        };
+        let c = Connect {
+            destination: "10.211.0.2:80".parse().unwrap(),
+            uid: 1000,
+            gid: 1000,
+            bound_source: None,
+        };
+        let (v, steps) = explain_for(&p, &c);
+        assert_eq!(v, verdict_for(&p, &c));
+        let rules: Vec<(&str, bool)> = steps.iter().map(|s| (s.rule.as_str(), s.matched)).collect();
+        assert_eq!(
+            rules,
+            [
+                ("-A ISTIO_OUTPUT -p tcp -m multiport --dports 5432,9090 -j RETURN", false),
+                ("-A ISTIO_OUTPUT -p udp -m multiport --dports 5432,9090 -j RETURN", false),
+                ("-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN", false),
+                ("-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT", false),
+                ("-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN", false),
+                ("-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN", false),
+                ("-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT", false),
+                ("-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN", false),
+                ("-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN", false),
+                ("-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN", false),
+                ("-A ISTIO_OUTPUT -d 10.96.0.0/12 -j RETURN", false),
+                ("-A ISTIO_OUTPUT -p tcp --dport 8080 -j ISTIO_REDIRECT", false),
+                ("-A ISTIO_OUTPUT -p tcp --dport 8443 -j ISTIO_REDIRECT", false),
+                ("-A ISTIO_OUTPUT -d 10.211.0.0/16 -j ISTIO_REDIRECT", true),
+            ]
+        );
+        // The proxy's own connect stops at its owner rule.
+        let (v, steps) = explain_for(&p, &Connect { uid: 1337, ..c });
+        assert_eq!(v.rule, Rule::ProxyUid(1337));
+        assert_eq!(steps.iter().filter(|s| s.matched).count(), 1);
+        assert_eq!(
+            steps.last().unwrap().rule,
+            "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN"
+        );
+    }
+
+    #[test]
+    fn an_exclude_port_stops_at_its_tcp_rule_as_iptables_writes_it() {
+        // One port: `--dport`, as istio-iptables writes it (not multiport).
+        let p = Policy {
+            exclude_ports: vec![22],
+            ..Policy::default()
+        };
+        let c = Connect {
+            destination: "[fd00::1]:22".parse().unwrap(),
+            uid: 1000,
+            gid: 1000,
+            bound_source: None,
+        };
+        let (v, steps) = explain_for(&p, &c);
+        assert_eq!(v.rule, Rule::ExcludeOutboundPort(22));
+        assert_eq!(
+            steps,
+            [Step {
+                rule: "-A ISTIO_OUTPUT -p tcp --dport 22 -j RETURN".into(),
+                matched: true
+            }]
+        );
+        // Past the chain's end: every rule of the family, then RETURN.
+        let p = Policy {
+            include_ranges: IncludeRanges::List(vec![net("10.0.0.0/8")]),
+            proxy_gids: vec![],
+            ..Policy::default()
+        };
+        let (v, steps) = explain_for(
+            &p,
+            &Connect {
+                destination: "[fd00::1]:80".parse().unwrap(),
+                ..c
+            },
+        );
+        assert_eq!(v.rule, Rule::NoMatch);
+        let rules: Vec<&str> = steps.iter().map(|s| s.rule.as_str()).collect();
+        assert_eq!(
+            rules,
+            [
+                "-A ISTIO_OUTPUT -o lo -s ::6/128 -j RETURN",
+                "-A ISTIO_OUTPUT -o lo ! -d ::1/128 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
+                "-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN",
+                "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+                "-A ISTIO_OUTPUT -d ::1/128 -j RETURN",
+                "end of ISTIO_OUTPUT: RETURN",
+            ]
+        );
+    }
 }

@@ -19,14 +19,17 @@ use aya::{
     Ebpf, EbpfError,
 };
 use divert_common::{
-    flags, mapped_v4, maps, port_list, programs, registered_by, AddrKey, CounterKey, CounterValue,
-    LpmKey4, LpmKey6, PodName, PolicyHeader, PortKey, POD_NAMESPACE_LEN, POD_NAME_LEN,
+    maps, AddrKey, CounterKey, CounterValue, LpmKey4, LpmKey6, PodName, PolicyHeader, PortKey,
+    ProgramKind, Side, Verdict, POD_NAMESPACE_LEN, POD_NAME_LEN, PROGRAMS,
 };
-use ipnetwork::IpNetwork;
 
-use crate::policy::{canonical, IncludeRanges, Policy};
+use crate::policy::{canonical, Policy};
 
+mod encode;
 pub mod pinned;
+
+pub use encode::{header, Entries};
+use encode::{policy_from, stamped};
 
 /// Attachments are bpf links (Linux 5.7+), which the kernel always runs
 /// beside other programs (`BPF_F_ALLOW_MULTI` semantics); link_create takes
@@ -108,48 +111,7 @@ pub struct Counter {
 }
 
 /// Who registered a namespace's policy (the header's `registered_by`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RegisteredBy {
-    /// Not recorded.
-    Unknown,
-    /// `divert init` in the pod, through the daemon's socket.
-    Init,
-    /// The daemon's Kubernetes pod watch.
-    Kubernetes,
-    /// `divert run`.
-    Run,
-}
-
-impl RegisteredBy {
-    fn code(self) -> u8 {
-        match self {
-            RegisteredBy::Unknown => registered_by::UNKNOWN,
-            RegisteredBy::Init => registered_by::INIT,
-            RegisteredBy::Kubernetes => registered_by::KUBERNETES,
-            RegisteredBy::Run => registered_by::RUN,
-        }
-    }
-
-    fn of(code: u8) -> RegisteredBy {
-        match code {
-            registered_by::INIT => RegisteredBy::Init,
-            registered_by::KUBERNETES => RegisteredBy::Kubernetes,
-            registered_by::RUN => RegisteredBy::Run,
-            _ => RegisteredBy::Unknown,
-        }
-    }
-
-    /// The name `divert maps` prints (`init`, `kubernetes`, `run`, `unknown`).
-    pub fn name(self) -> &'static str {
-        match self {
-            RegisteredBy::Unknown => "unknown",
-            RegisteredBy::Init => "init",
-            RegisteredBy::Kubernetes => "kubernetes",
-            RegisteredBy::Run => "run",
-        }
-    }
-}
+pub use divert_common::RegisteredBy;
 
 /// A Kubernetes pod: namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -304,28 +266,23 @@ impl Interceptor {
             nix::sys::resource::RLIM_INFINITY,
         );
         let mut ebpf = Ebpf::load(OBJECT)?;
-        for name in [
-            programs::CONNECT4,
-            programs::CONNECT6,
-            programs::GETPEERNAME4,
-            programs::GETPEERNAME6,
-        ] {
-            let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?;
-            p.load().map_err(|source| Error::Program {
-                program: name,
+        for p in PROGRAMS {
+            let failed = |source| Error::Program {
+                program: p.name,
                 source,
-            })?;
+            };
+            match p.kind {
+                ProgramKind::CgroupSockAddr => prog::<CgroupSockAddr>(&mut ebpf, p.name)?
+                    .load()
+                    .map_err(failed)?,
+                ProgramKind::SockOps => {
+                    prog::<SockOps>(&mut ebpf, p.name)?.load().map_err(failed)?
+                }
+                ProgramKind::CgroupSockopt => prog::<CgroupSockopt>(&mut ebpf, p.name)?
+                    .load()
+                    .map_err(failed)?,
+            }
         }
-        let p: &mut SockOps = prog(&mut ebpf, programs::SOCK_OPS)?;
-        p.load().map_err(|source| Error::Program {
-            program: programs::SOCK_OPS,
-            source,
-        })?;
-        let p: &mut CgroupSockopt = prog(&mut ebpf, programs::GETSOCKOPT)?;
-        p.load().map_err(|source| Error::Program {
-            program: programs::GETSOCKOPT,
-            source,
-        })?;
         let mut maps = BTreeMap::new();
         for name in MAP_NAMES {
             maps.insert(name, ebpf.take_map(name).ok_or(Error::MissingMap(name))?);
@@ -344,36 +301,37 @@ impl Interceptor {
     /// to `cgroup` (an open cgroup v2 directory), beside any other programs
     /// attached there.
     pub fn attach_workload(&mut self, cgroup: impl AsFd) -> Result<()> {
-        let fd = cgroup.as_fd();
-        let ebpf = self.ebpf()?;
-        for name in [
-            programs::CONNECT4,
-            programs::CONNECT6,
-            programs::GETPEERNAME4,
-            programs::GETPEERNAME6,
-        ] {
-            let p: &mut CgroupSockAddr = prog(ebpf, name)?;
-            p.attach(fd, LINK_MODE).map_err(|source| Error::Program {
-                program: name,
-                source,
-            })?;
-        }
-        let p: &mut SockOps = prog(ebpf, programs::SOCK_OPS)?;
-        p.attach(fd, LINK_MODE).map_err(|source| Error::Program {
-            program: programs::SOCK_OPS,
-            source,
-        })?;
-        Ok(())
+        self.attach(Side::Workload, cgroup.as_fd())
     }
 
     /// Attach the getsockopt program to the proxy's cgroup.
     pub fn attach_proxy(&mut self, cgroup: impl AsFd) -> Result<()> {
-        let p: &mut CgroupSockopt = prog(self.ebpf()?, programs::GETSOCKOPT)?;
-        p.attach(cgroup.as_fd(), LINK_MODE)
-            .map_err(|source| Error::Program {
-                program: programs::GETSOCKOPT,
+        self.attach(Side::Proxy, cgroup.as_fd())
+    }
+
+    /// Attach every program of `side` in [`PROGRAMS`] to `cgroup`.
+    fn attach(&mut self, side: Side, cgroup: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        let ebpf = self.ebpf()?;
+        for p in PROGRAMS.iter().filter(|p| p.side == side) {
+            let failed = |source| Error::Program {
+                program: p.name,
                 source,
-            })?;
+            };
+            match p.kind {
+                ProgramKind::CgroupSockAddr => prog::<CgroupSockAddr>(ebpf, p.name)?
+                    .attach(cgroup, LINK_MODE)
+                    .map(drop)
+                    .map_err(failed)?,
+                ProgramKind::SockOps => prog::<SockOps>(ebpf, p.name)?
+                    .attach(cgroup, LINK_MODE)
+                    .map(drop)
+                    .map_err(failed)?,
+                ProgramKind::CgroupSockopt => prog::<CgroupSockopt>(ebpf, p.name)?
+                    .attach(cgroup, LINK_MODE)
+                    .map(drop)
+                    .map_err(failed)?,
+            }
+        }
         Ok(())
     }
 
@@ -535,7 +493,7 @@ impl Interceptor {
             .map(|(cookie, h)| Registration {
                 netns_cookie: cookie,
                 pod: pods.remove(&cookie),
-                registered_by: RegisteredBy::of(h.registered_by),
+                registered_by: RegisteredBy::from_code(h.registered_by),
                 registered_at: (h.registered_at_unix_ns != 0)
                     .then(|| UNIX_EPOCH + Duration::from_nanos(h.registered_at_unix_ns)),
                 policy: policy_from(&h, &entries.remove(&cookie).unwrap_or_default()),
@@ -727,7 +685,7 @@ impl Interceptor {
                 netns_cookie: k.netns_cookie,
                 destination: canonical(IpAddr::from(k.addr)),
                 port: k.port,
-                verdict: verdict_name(k.verdict),
+                verdict: Verdict::from_code(k.verdict).name(),
                 connections: v.connections,
                 bytes_sent: v.bytes_sent,
                 bytes_received: v.bytes_received,
@@ -843,129 +801,6 @@ impl Interceptor {
     }
 }
 
-/// Every map entry (besides the header) that one namespace's policy owns.
-#[derive(Default)]
-struct Entries {
-    include4: Vec<Key<LpmKey4>>,
-    exclude4: Vec<Key<LpmKey4>>,
-    include6: Vec<Key<LpmKey6>>,
-    exclude6: Vec<Key<LpmKey6>>,
-    ports: Vec<PortKey>,
-    addrs: Vec<AddrKey>,
-}
-
-impl Entries {
-    /// The entries of `self` that `other` does not have.
-    fn minus(&self, other: &Entries) -> Entries {
-        use std::collections::HashSet;
-        fn lpm_minus<K: aya::Pod>(a: &[Key<K>], b: &[Key<K>]) -> Vec<Key<K>> {
-            // Compare keys as (prefix length, key bytes).
-            let ident = |k: &Key<K>| {
-                let d = k.data();
-                // SAFETY: K is a plain-old-data map key; reading its bytes is sound.
-                let bytes = unsafe {
-                    std::slice::from_raw_parts(
-                        (&d as *const K).cast::<u8>(),
-                        std::mem::size_of::<K>(),
-                    )
-                }
-                .to_vec();
-                (k.prefix_len(), bytes)
-            };
-            let have: HashSet<_> = b.iter().map(ident).collect();
-            a.iter()
-                .filter(|k| !have.contains(&ident(k)))
-                .copied()
-                .collect()
-        }
-        let ports: HashSet<&PortKey> = other.ports.iter().collect();
-        let addrs: HashSet<&AddrKey> = other.addrs.iter().collect();
-        Entries {
-            include4: lpm_minus(&self.include4, &other.include4),
-            exclude4: lpm_minus(&self.exclude4, &other.exclude4),
-            include6: lpm_minus(&self.include6, &other.include6),
-            exclude6: lpm_minus(&self.exclude6, &other.exclude6),
-            ports: self
-                .ports
-                .iter()
-                .filter(|k| !ports.contains(k))
-                .copied()
-                .collect(),
-            addrs: self
-                .addrs
-                .iter()
-                .filter(|k| !addrs.contains(k))
-                .copied()
-                .collect(),
-        }
-    }
-
-    fn of(netns: u64, policy: &Policy) -> Entries {
-        let port = |port, list| PortKey {
-            netns_cookie: netns,
-            port,
-            list,
-            _pad: [0; 5],
-        };
-        let (include4, include6) = lpm_keys(netns, policy.include_ranges.cidrs());
-        let (exclude4, exclude6) = lpm_keys(netns, &policy.exclude_ranges);
-        Entries {
-            include4,
-            exclude4,
-            include6,
-            exclude6,
-            ports: policy
-                .exclude_ports
-                .iter()
-                .map(|&p| port(p, port_list::EXCLUDE))
-                .chain(
-                    policy
-                        .include_ports
-                        .iter()
-                        .map(|&p| port(p, port_list::INCLUDE)),
-                )
-                .collect(),
-            addrs: policy
-                .local_addrs
-                .iter()
-                .map(|a| AddrKey {
-                    netns_cookie: netns,
-                    addr: match canonical(*a) {
-                        IpAddr::V4(v4) => mapped_v4(v4.octets()),
-                        IpAddr::V6(v6) => v6.octets(),
-                    },
-                })
-                .collect(),
-        }
-    }
-}
-
-/// LPM keys of `nets` for `netns`, by family: prefix length 64 (the cookie)
-/// plus the CIDR's, address masked to the network.
-fn lpm_keys(netns: u64, nets: &[IpNetwork]) -> (Vec<Key<LpmKey4>>, Vec<Key<LpmKey6>>) {
-    let (mut v4, mut v6) = (Vec::new(), Vec::new());
-    for n in nets {
-        let prefix_len = 64 + u32::from(n.prefix());
-        match n {
-            IpNetwork::V4(n) => v4.push(Key::new(
-                prefix_len,
-                LpmKey4 {
-                    netns_cookie: netns,
-                    addr: n.network().octets(),
-                },
-            )),
-            IpNetwork::V6(n) => v6.push(Key::new(
-                prefix_len,
-                LpmKey6 {
-                    netns_cookie: netns,
-                    addr: n.network().octets(),
-                },
-            )),
-        }
-    }
-    (v4, v6)
-}
-
 fn insert_all<K: aya::Pod>(
     mut map: HashMap<&mut MapData, K, u8>,
     name: &'static str,
@@ -985,120 +820,6 @@ fn absent(e: &MapError) -> bool {
         MapError::KeyNotFound => true,
         MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
         _ => false,
-    }
-}
-
-/// `h` with who registered it and the current time.
-fn stamped(mut h: PolicyHeader, by: RegisteredBy) -> PolicyHeader {
-    h.registered_by = by.code();
-    h.registered_at_unix_ns = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    h
-}
-
-/// The policy a header and its entries hold (see [`Interceptor::policy_of`]).
-fn policy_from(h: &PolicyHeader, e: &Entries) -> Policy {
-    let net4 = |k: &Key<LpmKey4>| {
-        IpNetwork::new(IpAddr::from(k.data().addr), (k.prefix_len() - 64) as u8)
-            .expect("a prefix the trie accepted")
-    };
-    let net6 = |k: &Key<LpmKey6>| {
-        IpNetwork::new(IpAddr::from(k.data().addr), (k.prefix_len() - 64) as u8)
-            .expect("a prefix the trie accepted")
-    };
-    let mut include: Vec<IpNetwork> = e
-        .include4
-        .iter()
-        .map(net4)
-        .chain(e.include6.iter().map(net6))
-        .collect();
-    let mut exclude: Vec<IpNetwork> = e
-        .exclude4
-        .iter()
-        .map(net4)
-        .chain(e.exclude6.iter().map(net6))
-        .collect();
-    include.sort();
-    exclude.sort();
-    let ports = |list: u8| {
-        let mut v: Vec<u16> = e
-            .ports
-            .iter()
-            .filter(|k| k.list == list)
-            .map(|k| k.port)
-            .collect();
-        v.sort_unstable();
-        v
-    };
-    let mut local_addrs: Vec<IpAddr> = e
-        .addrs
-        .iter()
-        .map(|k| canonical(IpAddr::from(k.addr)))
-        .collect();
-    local_addrs.sort();
-    Policy {
-        proxy_port: h.proxy_port,
-        inbound_capture_port: h.inbound_capture_port,
-        inbound_tunnel_port: h.inbound_tunnel_port,
-        proxy_uids: h.proxy_uids[..h.proxy_uid_count as usize].to_vec(),
-        proxy_gids: h.proxy_gids[..h.proxy_gid_count as usize].to_vec(),
-        include_ranges: if h.flags & flags::INCLUDE_ALL != 0 {
-            IncludeRanges::All
-        } else {
-            IncludeRanges::List(include)
-        },
-        exclude_ranges: exclude,
-        include_ports: ports(port_list::INCLUDE),
-        exclude_ports: ports(port_list::EXCLUDE),
-        local_addrs,
-        ..Policy::default()
-    }
-}
-
-/// The kernel's policy header for `policy`.
-pub fn header(policy: &Policy) -> PolicyHeader {
-    let mut h = PolicyHeader {
-        proxy_port: policy.proxy_port,
-        inbound_capture_port: policy.inbound_capture_port,
-        inbound_tunnel_port: policy.inbound_tunnel_port,
-        proxy_uid_count: policy.proxy_uids.len() as u8,
-        proxy_gid_count: policy.proxy_gids.len() as u8,
-        ..Default::default()
-    };
-    h.proxy_uids[..policy.proxy_uids.len()].copy_from_slice(&policy.proxy_uids);
-    h.proxy_gids[..policy.proxy_gids.len()].copy_from_slice(&policy.proxy_gids);
-    let e = Entries::of(0, policy);
-    for (cond, bit) in [
-        (
-            policy.include_ranges == IncludeRanges::All,
-            flags::INCLUDE_ALL,
-        ),
-        (
-            policy.include_ranges.has_loopback(),
-            flags::INCLUDE_HAS_LOOPBACK,
-        ),
-        (!policy.exclude_ports.is_empty(), flags::HAS_EXCLUDE_PORTS),
-        (!policy.include_ports.is_empty(), flags::HAS_INCLUDE_PORTS),
-        (!e.include4.is_empty(), flags::HAS_INCLUDE_V4),
-        (!e.exclude4.is_empty(), flags::HAS_EXCLUDE_V4),
-        (!e.include6.is_empty(), flags::HAS_INCLUDE_V6),
-        (!e.exclude6.is_empty(), flags::HAS_EXCLUDE_V6),
-        (!policy.local_addrs.is_empty(), flags::HAS_LOCAL_ADDRS),
-    ] {
-        if cond {
-            h.flags |= bit;
-        }
-    }
-    h
-}
-
-/// The name of a kernel verdict code, as counters and `--stats` show it.
-pub fn verdict_name(code: u8) -> &'static str {
-    match code {
-        divert_common::verdict::REDIRECT => "redirected",
-        divert_common::verdict::INBOUND => "inbound_capture",
-        _ => "passthrough",
     }
 }
 
@@ -1132,58 +853,4 @@ fn lpm<'a, K: aya::Pod>(
 ) -> Result<LpmTrie<&'a mut MapData, K, u8>> {
     let m = maps.get_mut(name).ok_or(Error::MissingMap(name))?;
     LpmTrie::try_from(m).map_err(|source| Error::Map { map: name, source })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_flags_follow_the_policy() {
-        let p = Policy {
-            include_ranges: IncludeRanges::List(vec![
-                "127.0.0.0/8".parse().unwrap(),
-                "fd00::/8".parse().unwrap(),
-            ]),
-            exclude_ranges: vec!["10.0.0.0/8".parse().unwrap()],
-            include_ports: vec![80],
-            proxy_uids: vec![1, 2, 3],
-            proxy_gids: vec![],
-            ..Policy::default()
-        };
-        let h = header(&p);
-        assert_eq!(
-            h.flags,
-            flags::INCLUDE_HAS_LOOPBACK
-                | flags::HAS_INCLUDE_PORTS
-                | flags::HAS_INCLUDE_V4
-                | flags::HAS_INCLUDE_V6
-                | flags::HAS_EXCLUDE_V4
-        );
-        assert_eq!((h.proxy_uid_count, h.proxy_gid_count), (3, 0));
-        assert_eq!(&h.proxy_uids[..4], &[1, 2, 3, 0]);
-    }
-
-    #[test]
-    fn lpm_keys_mask_host_bits_and_prefix_the_cookie() {
-        let p = Policy {
-            include_ranges: IncludeRanges::List(vec!["10.211.9.9/16".parse().unwrap()]),
-            exclude_ranges: vec!["fd00:211::1/64".parse().unwrap()],
-            ..Policy::default()
-        };
-        let e = Entries::of(7, &p);
-        assert_eq!(
-            (
-                e.include4.len(),
-                e.exclude4.len(),
-                e.include6.len(),
-                e.exclude6.len()
-            ),
-            (1, 0, 0, 1)
-        );
-        assert_eq!(e.include4[0].prefix_len(), 80);
-        assert_eq!(e.include4[0].data().addr, [10, 211, 0, 0]);
-        assert_eq!({ e.include4[0].data().netns_cookie }, 7);
-        assert_eq!(e.exclude6[0].prefix_len(), 128);
-    }
 }

@@ -41,23 +41,12 @@ use aya::{
     maps::{Map, MapData, MapError},
     programs::{ProgramError, ProgramInfo},
 };
-use divert_common::{maps, programs};
+use divert_common::{maps, Program, PROGRAMS};
 
 use super::{Interceptor, MAP_NAMES};
 
 /// `BPF_FS_MAGIC` from the kernel's uapi `magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
-/// Each program and the cgroup attach type it is linked with (uapi `enum
-/// bpf_attach_type`).
-pub const ATTACHMENTS: [(&str, u32); 6] = [
-    (programs::CONNECT4, 10),     // BPF_CGROUP_INET4_CONNECT
-    (programs::CONNECT6, 11),     // BPF_CGROUP_INET6_CONNECT
-    (programs::GETPEERNAME4, 29), // BPF_CGROUP_INET4_GETPEERNAME
-    (programs::GETPEERNAME6, 30), // BPF_CGROUP_INET6_GETPEERNAME
-    (programs::SOCK_OPS, 3),      // BPF_CGROUP_SOCK_OPS
-    (programs::GETSOCKOPT, 21),   // BPF_CGROUP_GETSOCKOPT
-];
 
 /// Opening, adopting or removing the pinned instance failed.
 #[derive(Debug, thiserror::Error)]
@@ -234,7 +223,7 @@ fn install(dir: &Path, i: &mut Interceptor, cgroup: BorrowedFd<'_>) -> Result<()
         })?;
     }
     let ebpf = i.ebpf()?;
-    for (name, _) in ATTACHMENTS {
+    for Program { name, .. } in PROGRAMS {
         let path = progs_dir.join(name);
         let p = ebpf.program_mut(name).ok_or(super::Error::Program {
             program: name,
@@ -246,7 +235,10 @@ fn install(dir: &Path, i: &mut Interceptor, cgroup: BorrowedFd<'_>) -> Result<()
             source: std::io::Error::other(e),
         })?;
     }
-    for (name, attach_type) in ATTACHMENTS {
+    for &Program {
+        name, attach_type, ..
+    } in &PROGRAMS
+    {
         let p = ebpf.program(name).expect("pinned above");
         let fd = p.fd().map_err(|source| PinnedError::Program {
             path: progs_dir.join(name),
@@ -322,7 +314,10 @@ fn adopt_check(
         .ino();
     let ebpf = fresh.ebpf.as_ref().expect("a fresh load");
     let mut relinked = 0;
-    for (name, attach_type) in ATTACHMENTS {
+    for &Program {
+        name, attach_type, ..
+    } in &PROGRAMS
+    {
         let prog_path = progs_dir.join(name);
         let pinned = ProgramInfo::from_pin(&prog_path).map_err(|source| PinnedError::Program {
             path: prog_path.clone(),
@@ -417,12 +412,15 @@ pub fn uninstall(dir: &Path) -> Result<bool> {
 
 /// How many programs of each of our attach types run at `cgroup_root`
 /// (`BPF_PROG_QUERY`, effective programs excluded): `(attach type, count)`
-/// for every entry of [`ATTACHMENTS`].
+/// for every program of [`PROGRAMS`].
 pub fn attachment_counts(cgroup_root: &Path) -> std::io::Result<Vec<(u32, u32)>> {
     let cg = fs::File::open(cgroup_root)?;
-    ATTACHMENTS
+    PROGRAMS
         .iter()
-        .map(|&(_, t)| Ok((t, sys::prog_query_count(cg.as_fd(), t)?)))
+        .map(|p| {
+            let t = p.attach_type;
+            Ok((t, sys::prog_query_count(cg.as_fd(), t)?))
+        })
         .collect()
 }
 

@@ -22,7 +22,7 @@ pub use apply::{apply, cleanup, detect, Iptables};
 
 use std::fmt::Write as _;
 
-use crate::policy::{InboundPorts, InterceptionMode, IpNetwork, Policy};
+use crate::policy::{self, InboundPorts, InterceptionMode, IpNetwork, Policy};
 
 /// Chains this backend owns in the nat table, in istio-iptables' names.
 /// Nothing else is ever created, flushed or deleted.
@@ -115,6 +115,12 @@ pub struct Rule {
     pub insert_first: bool,
     /// Matches and target, e.g. `["-p", "tcp", "-j", "ISTIO_REDIRECT"]`.
     pub spec: Vec<String>,
+    /// For a rule of `ISTIO_OUTPUT`: the decisions of
+    /// [`crate::policy::verdict()`] it is the rule for (a multiport rule
+    /// stands for each of its ports). Empty for the other chains, and for
+    /// rules no TCP connect matches (the `-p udp` exclude ports). `divert
+    /// explain` finds the deciding rule by it.
+    pub decides: Vec<policy::Rule>,
 }
 
 impl Rule {
@@ -123,6 +129,14 @@ impl Rule {
             chain,
             insert_first: false,
             spec: spec.iter().map(|s| s.to_string()).collect(),
+            decides: Vec::new(),
+        }
+    }
+
+    fn deciding(self, decides: impl IntoIterator<Item = policy::Rule>) -> Rule {
+        Rule {
+            decides: decides.into_iter().collect(),
+            ..self
         }
     }
 
@@ -332,81 +346,125 @@ pub fn render(policy: &Policy, family: Family) -> Result<RuleSet, RenderError> {
     }
 
     rules.push(Rule::append("OUTPUT", &["-j", ISTIO_OUTPUT]));
-    for m in port_matches(&policy.exclude_ports) {
+    for (m, ports) in port_matches(&policy.exclude_ports)
+        .into_iter()
+        .zip(policy.exclude_ports.chunks(MULTIPORT_MAX))
+    {
         for proto in ["tcp", "udp"] {
             let mut spec = vec!["-p", proto];
             spec.extend(m.iter().map(String::as_str));
             spec.extend(["-j", "RETURN"]);
-            rules.push(Rule::append(ISTIO_OUTPUT, &spec));
+            let rule = Rule::append(ISTIO_OUTPUT, &spec);
+            rules.push(if proto == "tcp" {
+                rule.deciding(ports.iter().map(|&p| policy::Rule::ExcludeOutboundPort(p)))
+            } else {
+                rule
+            });
         }
     }
-    rules.push(Rule::append(
-        ISTIO_OUTPUT,
-        &[
-            "-o",
-            "lo",
-            "-s",
-            family.inbound_passthrough_source(),
-            "-j",
-            "RETURN",
-        ],
-    ));
+    rules.push(
+        Rule::append(
+            ISTIO_OUTPUT,
+            &[
+                "-o",
+                "lo",
+                "-s",
+                family.inbound_passthrough_source(),
+                "-j",
+                "RETURN",
+            ],
+        )
+        .deciding([policy::Rule::InboundPassthroughSource]),
+    );
     let loopback_included = policy.include_ranges.has_loopback();
-    for (ids, owner) in [
-        (&policy.proxy_uids, "--uid-owner"),
-        (&policy.proxy_gids, "--gid-owner"),
-    ] {
-        for id in ids {
-            let id = id.to_string();
-            rules.push(Rule::append(
-                ISTIO_OUTPUT,
-                &[
-                    "-o",
-                    "lo",
-                    "!",
-                    "-d",
-                    lo,
-                    "-p",
-                    "tcp",
-                    "!",
-                    "--dport",
-                    &tunnel,
-                    "-m",
-                    "owner",
-                    owner,
-                    &id,
-                    "-j",
-                    ISTIO_IN_REDIRECT,
-                ],
-            ));
-            if !loopback_included {
-                rules.push(Rule::append(
+    type Decides = fn(u32) -> policy::Rule;
+    let owners: [(&Vec<u32>, &str, [Decides; 3]); 2] = [
+        (
+            &policy.proxy_uids,
+            "--uid-owner",
+            [
+                policy::Rule::ProxyUidToLocal,
+                policy::Rule::LocalNotProxyUid,
+                policy::Rule::ProxyUid,
+            ],
+        ),
+        (
+            &policy.proxy_gids,
+            "--gid-owner",
+            [
+                policy::Rule::ProxyGidToLocal,
+                policy::Rule::LocalNotProxyGid,
+                policy::Rule::ProxyGid,
+            ],
+        ),
+    ];
+    for (ids, owner, [to_local, local_not_owner, is_owner]) in owners {
+        for &n in ids {
+            let id = n.to_string();
+            rules.push(
+                Rule::append(
                     ISTIO_OUTPUT,
-                    &["-o", "lo", "-m", "owner", "!", owner, &id, "-j", "RETURN"],
-                ));
+                    &[
+                        "-o",
+                        "lo",
+                        "!",
+                        "-d",
+                        lo,
+                        "-p",
+                        "tcp",
+                        "!",
+                        "--dport",
+                        &tunnel,
+                        "-m",
+                        "owner",
+                        owner,
+                        &id,
+                        "-j",
+                        ISTIO_IN_REDIRECT,
+                    ],
+                )
+                .deciding([to_local(n)]),
+            );
+            if !loopback_included {
+                rules.push(
+                    Rule::append(
+                        ISTIO_OUTPUT,
+                        &["-o", "lo", "-m", "owner", "!", owner, &id, "-j", "RETURN"],
+                    )
+                    .deciding([local_not_owner(n)]),
+                );
             }
-            rules.push(Rule::append(
-                ISTIO_OUTPUT,
-                &["-m", "owner", owner, &id, "-j", "RETURN"],
-            ));
+            rules.push(
+                Rule::append(ISTIO_OUTPUT, &["-m", "owner", owner, &id, "-j", "RETURN"])
+                    .deciding([is_owner(n)]),
+            );
         }
     }
-    rules.push(Rule::append(ISTIO_OUTPUT, &["-d", lo, "-j", "RETURN"]));
+    rules.push(
+        Rule::append(ISTIO_OUTPUT, &["-d", lo, "-j", "RETURN"])
+            .deciding([policy::Rule::HostLoopback]),
+    );
     for net in policy.exclude_ranges.iter().filter(|n| family.owns(n)) {
-        rules.push(Rule::append(
-            ISTIO_OUTPUT,
-            &["-d", &net.to_string(), "-j", "RETURN"],
-        ));
+        rules.push(
+            Rule::append(ISTIO_OUTPUT, &["-d", &net.to_string(), "-j", "RETURN"])
+                .deciding([policy::Rule::ExcludeRange(*net)]),
+        );
     }
-    for p in &policy.include_ports {
-        rules.push(Rule::append(
-            ISTIO_OUTPUT,
-            &["-p", "tcp", "--dport", &p.to_string(), "-j", ISTIO_REDIRECT],
-        ));
+    for &p in &policy.include_ports {
+        rules.push(
+            Rule::append(
+                ISTIO_OUTPUT,
+                &["-p", "tcp", "--dport", &p.to_string(), "-j", ISTIO_REDIRECT],
+            )
+            .deciding([policy::Rule::IncludeOutboundPort(p)]),
+        );
     }
     match &policy.include_ranges {
         crate::policy::IncludeRanges::All => {
-            rules.push(Rule::append(ISTIO_OUTPUT, &["-j", ISTIO_REDIRECT]));
+            rules.push(
+                Rule::append(ISTIO_OUTPUT, &["-j", ISTIO_REDIRECT])
+                    .deciding([policy::Rule::IncludeAll]),
+            );
             for ifc in &policy.kube_virt_interfaces {
                 rules.push(Rule::insert(
                     "PREROUTING",
@@ -415,18 +473,18 @@ pub fn render(policy: &Policy, family: Family) -> Result<RuleSet, RenderError> {
             }
         }
         crate::policy::IncludeRanges::List(nets) => {
-            for net in nets.iter().filter(|n| family.owns(n)) {
-                let net = net.to_string();
+            for n in nets.iter().filter(|n| family.owns(n)) {
+                let net = n.to_string();
                 for ifc in &policy.kube_virt_interfaces {
                     rules.push(Rule::insert(
                         "PREROUTING",
                         &["-i", ifc, "-d", &net, "-j", ISTIO_REDIRECT],
                     ));
                 }
-                rules.push(Rule::append(
-                    ISTIO_OUTPUT,
-                    &["-d", &net, "-j", ISTIO_REDIRECT],
-                ));
+                rules.push(
+                    Rule::append(ISTIO_OUTPUT, &["-d", &net, "-j", ISTIO_REDIRECT])
+                        .deciding([policy::Rule::IncludeRange(*n)]),
+                );
             }
         }
     }

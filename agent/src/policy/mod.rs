@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 pub use ipnetwork::IpNetwork;
 pub use parse::{CaptureArgs, PolicyArgs, PolicyError, Source};
-pub use verdict::{explain_for, verdict, verdict_for, Action, Connect, Rule, Step, Verdict};
+pub use verdict::{as_dialled, verdict, verdict_for, Action, Connect, Rule, Verdict};
 
 /// Environment variables are process-wide: unit tests that parse flags
 /// (which read them) take turns with the tests that set them.

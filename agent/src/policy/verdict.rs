@@ -1,18 +1,16 @@
-//! [`verdict()`]: istio-iptables' `ISTIO_OUTPUT` chain as a function.
+//! [`verdict()`]: istio-iptables' `ISTIO_OUTPUT` chain as a function of a
+//! [`Policy`], the kernel's own decision ([`divert_common::chain`]).
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
+use divert_common::chain::{self, Hit, Owner};
 use ipnetwork::IpNetwork;
 use serde::Serialize;
 
-use super::{canonical, IncludeRanges, Policy};
-
-/// 127.0.0.6 / ::6: the source Envoy binds for inbound passthrough connects.
-const PASSTHROUGH_SRC4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
-const PASSTHROUGH_SRC6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+use super::{canonical, Policy};
 
 /// What happens to a connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -27,12 +25,12 @@ pub enum Action {
 }
 
 impl Action {
-    /// The kernel's code for this action (`divert_common::verdict`).
-    pub fn code(self) -> u8 {
+    /// The kernel's verdict for this action.
+    pub fn kernel(self) -> chain::Verdict {
         match self {
-            Action::PassThrough => divert_common::verdict::PASSTHROUGH,
-            Action::Redirect(_) => divert_common::verdict::REDIRECT,
-            Action::InboundCapture(_) => divert_common::verdict::INBOUND,
+            Action::PassThrough => chain::Verdict::PassThrough,
+            Action::Redirect(_) => chain::Verdict::Redirect,
+            Action::InboundCapture(_) => chain::Verdict::InboundCapture,
         }
     }
 }
@@ -136,218 +134,115 @@ pub fn verdict(policy: &Policy, destination: SocketAddr, uid: u32, gid: u32) -> 
     )
 }
 
-/// The verdict for one connect, first match wins, in the order of
-/// istio-iptables' `ISTIO_OUTPUT` chain:
+/// The verdict for one connect: the kernel programs' own decision,
+/// [`divert_common::chain::judge`] (istio-iptables' `ISTIO_OUTPUT` chain,
+/// first match wins; its doc lists the rules), over `policy`'s header as
+/// the kernel holds it and lookups in its lists.
 ///
-/// 1. port in `-o` → pass through;
-/// 2. bound to 127.0.0.6 / ::6 and the destination is local → pass through;
-/// 3. for each proxy UID U in order: owner U, local destination other than
-///    127.0.0.1/::1, port not the tunnel port → inbound capture; local
-///    destination and owner not U (rule absent when an include range is
-///    written with a loopback address) → pass through; owner U → pass through;
-/// 4. the same for each proxy GID;
-/// 5. 127.0.0.1 / ::1 → pass through;
-/// 6. in an exclude range → pass through;
-/// 7. port in `-q` → redirect;
-/// 8. include `*`, or in an include range → redirect;
-/// 9. pass through.
-///
-/// "Local" is what iptables' `-o lo` matches: 127.0.0.0/8, ::1 and the
-/// namespace's own addresses. `0.0.0.0` and `::` are judged as 127.0.0.1
-/// and ::1, which is what the kernel dials for them ([`as_dialled`]).
+/// `0.0.0.0` and `::` are judged as 127.0.0.1 and ::1, which is what the
+/// kernel dials for them ([`as_dialled`]). Where several ranges match,
+/// the rule named is the first in the policy's order.
 pub fn verdict_for(policy: &Policy, c: &Connect) -> Verdict {
-    decide(policy, c, &mut |_| {})
-}
-
-/// One rule of the chain as [`explain_for`] walked it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Step {
-    /// The rule in istio-iptables' spelling (`ISTIO_OUTPUT`), with this
-    /// policy's values.
-    pub rule: String,
-    /// Whether it matched the connect; the last step is the one that did
-    /// (or the chain's end).
-    pub matched: bool,
-}
-
-/// [`verdict_for`] with every rule it tried, in chain order: the rules that
-/// did not match, then the one that decided. Rules the policy does not
-/// have (an empty port list, no proxy GIDs) are not listed, as
-/// istio-iptables does not write them.
-pub fn explain_for(policy: &Policy, c: &Connect) -> (Verdict, Vec<Step>) {
-    let mut steps = Vec::new();
-    let v = decide(policy, c, &mut |s| steps.push(s));
-    (v, steps)
-}
-
-fn decide(policy: &Policy, c: &Connect, step: &mut dyn FnMut(Step)) -> Verdict {
     let dst = as_dialled(canonical(c.destination.ip()));
     let port = c.destination.port();
-    let mut tried = |rule: String, matched: bool| {
-        step(Step { rule, matched });
-        matched
+    let passthrough_src = [
+        IpAddr::from(chain::PASSTHROUGH_SRC4),
+        IpAddr::from(chain::PASSTHROUGH_SRC6),
+    ];
+    let connect = chain::Connect {
+        dst: chain_dst(dst),
+        port,
+        uid: c.uid,
+        gid: c.gid,
+        src_is_passthrough: c
+            .bound_source
+            .is_some_and(|b| passthrough_src.contains(&canonical(b))),
     };
-    let pass = |rule| Verdict {
-        action: Action::PassThrough,
-        rule,
+    let mut lists = Lists {
+        policy,
+        range: None,
     };
-    let redirect = |rule| Verdict {
-        action: Action::Redirect(policy.proxy_port),
-        rule,
+    let (v, hit) = chain::judge(&crate::ebpf::header(policy), &connect, &mut lists);
+    let by_owner = |owner, uid: fn(u32) -> Rule, gid: fn(u32) -> Rule, id| match owner {
+        Owner::Uid => uid(id),
+        Owner::Gid => gid(id),
     };
-    let inbound = |rule| Verdict {
-        action: Action::InboundCapture(policy.inbound_capture_port),
-        rule,
+    let rule = match hit {
+        Hit::ExcludeOutboundPort => Rule::ExcludeOutboundPort(port),
+        Hit::InboundPassthroughSource => Rule::InboundPassthroughSource,
+        Hit::ProxyToLocal(o, id) => by_owner(o, Rule::ProxyUidToLocal, Rule::ProxyGidToLocal, id),
+        Hit::LocalNotProxy(o, id) => {
+            by_owner(o, Rule::LocalNotProxyUid, Rule::LocalNotProxyGid, id)
+        }
+        Hit::Proxy(o, id) => by_owner(o, Rule::ProxyUid, Rule::ProxyGid, id),
+        Hit::HostLoopback => Rule::HostLoopback,
+        Hit::ExcludeRange => Rule::ExcludeRange(lists.range.expect("the lookup found it")),
+        Hit::IncludeOutboundPort => Rule::IncludeOutboundPort(port),
+        Hit::IncludeAll => Rule::IncludeAll,
+        Hit::IncludeRange => Rule::IncludeRange(lists.range.expect("the lookup found it")),
+        Hit::End => Rule::NoMatch,
     };
-    let lo = if dst.is_ipv4() {
-        "127.0.0.1/32"
-    } else {
-        "::1/128"
+    let action = match v {
+        chain::Verdict::PassThrough => Action::PassThrough,
+        chain::Verdict::Redirect => Action::Redirect(policy.proxy_port),
+        chain::Verdict::InboundCapture => Action::InboundCapture(policy.inbound_capture_port),
     };
-    let joined = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+    Verdict { action, rule }
+}
 
-    if !policy.exclude_ports.is_empty()
-        && tried(
-            format!(
-                "-p tcp -m multiport --dports {} -j RETURN",
-                joined(&policy.exclude_ports)
-            ),
-            policy.exclude_ports.contains(&port),
-        )
-    {
-        return pass(Rule::ExcludeOutboundPort(port));
-    }
-    let bound = c.bound_source.map(canonical);
-    let passthrough_src = if dst.is_ipv4() {
-        "127.0.0.6/32"
-    } else {
-        "::6/128"
-    };
-    let local = dst.is_loopback() || policy.local_addrs.contains(&dst);
-    // "-o lo": only towards a local destination; bound to ::6, a connect to
-    // anywhere else goes on down the chain.
-    if tried(
-        format!("-o lo -s {passthrough_src} -j RETURN"),
-        local
-            && (bound == Some(IpAddr::V4(PASSTHROUGH_SRC4))
-                || bound == Some(IpAddr::V6(PASSTHROUGH_SRC6))),
-    ) {
-        return pass(Rule::InboundPassthroughSource);
-    }
-    let host_loopback = is_host_loopback(dst);
-    let lo_return = !policy.include_ranges.has_loopback();
-    let tunnel = port == policy.inbound_tunnel_port;
-    // Per ID, istio-iptables emits three rules in turn: inbound capture,
-    // "-o lo ! --uid-owner" RETURN, "--uid-owner" RETURN (then the same per GID).
-    let mut owner_rules = |ids: &[u32],
-                           id: u32,
-                           kind: &str,
-                           to_local: fn(u32) -> Rule,
-                           local_not_owner: fn(u32) -> Rule,
-                           owner_rule: fn(u32) -> Rule| {
-        for &x in ids {
-            let owner = id == x;
-            if tried(
-                format!(
-                    "-o lo ! -d {lo} -p tcp ! --dport {} -m owner --{kind}-owner {x} -j ISTIO_IN_REDIRECT",
-                    policy.inbound_tunnel_port
-                ),
-                owner && local && !host_loopback && !tunnel,
-            ) {
-                return Some(inbound(to_local(x)));
-            }
-            if lo_return
-                && tried(
-                    format!("-o lo -m owner ! --{kind}-owner {x} -j RETURN"),
-                    local && !owner,
-                )
-            {
-                return Some(pass(local_not_owner(x)));
-            }
-            if tried(format!("-m owner --{kind}-owner {x} -j RETURN"), owner) {
-                return Some(pass(owner_rule(x)));
-            }
-        }
-        None
-    };
-    if let Some(v) = owner_rules(
-        &policy.proxy_uids,
-        c.uid,
-        "uid",
-        Rule::ProxyUidToLocal,
-        Rule::LocalNotProxyUid,
-        Rule::ProxyUid,
-    ) {
-        return v;
-    }
-    if let Some(v) = owner_rules(
-        &policy.proxy_gids,
-        c.gid,
-        "gid",
-        Rule::ProxyGidToLocal,
-        Rule::LocalNotProxyGid,
-        Rule::ProxyGid,
-    ) {
-        return v;
-    }
-    if tried(format!("-d {lo} -j RETURN"), host_loopback) {
-        return pass(Rule::HostLoopback);
-    }
-    for n in &policy.exclude_ranges {
-        if same_family(n, dst) && tried(format!("-d {n} -j RETURN"), contains(n, dst)) {
-            return pass(Rule::ExcludeRange(*n));
-        }
-    }
-    if !policy.include_ports.is_empty()
-        && tried(
-            format!(
-                "-p tcp -m multiport --dports {} -j ISTIO_REDIRECT",
-                joined(&policy.include_ports)
-            ),
-            policy.include_ports.contains(&port),
-        )
-    {
-        return redirect(Rule::IncludeOutboundPort(port));
-    }
-    match &policy.include_ranges {
-        IncludeRanges::All => {
-            tried("-j ISTIO_REDIRECT".to_string(), true);
-            redirect(Rule::IncludeAll)
-        }
-        IncludeRanges::List(list) => {
-            for n in list {
-                if same_family(n, dst)
-                    && tried(format!("-d {n} -j ISTIO_REDIRECT"), contains(n, dst))
-                {
-                    return redirect(Rule::IncludeRange(*n));
-                }
-            }
-            tried("end of ISTIO_OUTPUT: RETURN".to_string(), true);
-            pass(Rule::NoMatch)
-        }
+/// [`chain::Lookups`] over a policy's lists, remembering the range that
+/// matched (the first of the policy's order).
+struct Lists<'a> {
+    policy: &'a Policy,
+    range: Option<IpNetwork>,
+}
+
+impl Lists<'_> {
+    fn first_containing(&mut self, nets: &[IpNetwork], dst: chain::Dst) -> bool {
+        let ip = ip_of(dst);
+        self.range = nets.iter().find(|n| contains(n, ip)).copied();
+        self.range.is_some()
     }
 }
 
-/// Whether `net` is written in `ip`'s family (an IPv4 range sits in the
-/// iptables chain, an IPv6 range in the ip6tables chain).
-fn same_family(net: &IpNetwork, ip: IpAddr) -> bool {
-    net.is_ipv4() == ip.is_ipv4()
+impl chain::Lookups for Lists<'_> {
+    fn exclude_port(&mut self, port: u16) -> bool {
+        self.policy.exclude_ports.contains(&port)
+    }
+    fn include_port(&mut self, port: u16) -> bool {
+        self.policy.include_ports.contains(&port)
+    }
+    fn own_address(&mut self, dst: chain::Dst) -> bool {
+        self.policy.local_addrs.contains(&ip_of(dst))
+    }
+    fn exclude_range(&mut self, dst: chain::Dst) -> bool {
+        self.first_containing(&self.policy.exclude_ranges, dst)
+    }
+    fn include_range(&mut self, dst: chain::Dst) -> bool {
+        self.first_containing(self.policy.include_ranges.cidrs(), dst)
+    }
 }
 
-/// The address the kernel dials for `ip`: the unspecified addresses
-/// `0.0.0.0` and `::` mean the local host (Linux's `ip_route_connect()` and
-/// `tcp_v6_connect()` turn them into 127.0.0.1 and ::1 before any packet
-/// exists, so istio-iptables' rules only ever see those).
-pub fn as_dialled(ip: IpAddr) -> IpAddr {
+/// A canonical address (no IPv4-mapped IPv6) as the chain's destination.
+fn chain_dst(ip: IpAddr) -> chain::Dst {
     match ip {
-        IpAddr::V4(a) if a.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(a) if a.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        a => a,
+        IpAddr::V4(a) => chain::Dst::V4(a.octets()),
+        IpAddr::V6(a) => chain::Dst::V6(a.octets()),
     }
 }
 
-fn is_host_loopback(ip: IpAddr) -> bool {
-    ip == IpAddr::V4(Ipv4Addr::LOCALHOST) || ip == IpAddr::V6(Ipv6Addr::LOCALHOST)
+fn ip_of(dst: chain::Dst) -> IpAddr {
+    match dst {
+        chain::Dst::V4(a) => IpAddr::from(a),
+        chain::Dst::V6(a) => IpAddr::from(a),
+    }
+}
+
+/// The address the kernel dials for a canonical `ip` (no IPv4-mapped
+/// IPv6): `0.0.0.0` and `::` are 127.0.0.1 and ::1
+/// ([`chain::Dst::as_dialled`]).
+pub fn as_dialled(ip: IpAddr) -> IpAddr {
+    ip_of(chain_dst(ip).as_dialled())
 }
 
 /// Family-strict containment: an IPv4 range never matches an IPv6 address.
@@ -362,6 +257,7 @@ fn contains(net: &IpNetwork, ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::IncludeRanges;
 
     fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()
@@ -379,46 +275,6 @@ mod tests {
         }
     }
     const APP: u32 = 1000;
-
-    #[test]
-    fn explain_walks_the_chain_to_the_deciding_rule() {
-        let p = Policy {
-            exclude_ranges: vec![net("10.96.0.0/12"), net("fd00::/8")],
-            include_ranges: IncludeRanges::List(vec![net("10.211.0.0/16")]),
-            exclude_ports: vec![5432, 9090],
-            ..base()
-        };
-        let c = Connect {
-            destination: sa("10.211.0.2:80"),
-            uid: APP,
-            gid: APP,
-            bound_source: None,
-        };
-        let (v, steps) = explain_for(&p, &c);
-        assert_eq!(v, verdict_for(&p, &c));
-        let rules: Vec<(&str, bool)> = steps.iter().map(|s| (s.rule.as_str(), s.matched)).collect();
-        assert_eq!(
-            rules,
-            [
-                ("-p tcp -m multiport --dports 5432,9090 -j RETURN", false),
-                ("-o lo -s 127.0.0.6/32 -j RETURN", false),
-                ("-o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT", false),
-                ("-o lo -m owner ! --uid-owner 1337 -j RETURN", false),
-                ("-m owner --uid-owner 1337 -j RETURN", false),
-                ("-o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT", false),
-                ("-o lo -m owner ! --gid-owner 1337 -j RETURN", false),
-                ("-m owner --gid-owner 1337 -j RETURN", false),
-                ("-d 127.0.0.1/32 -j RETURN", false),
-                ("-d 10.96.0.0/12 -j RETURN", false),
-                ("-d 10.211.0.0/16 -j ISTIO_REDIRECT", true),
-            ]
-        );
-        // The proxy's own connect stops at its owner rule.
-        let (v, steps) = explain_for(&p, &Connect { uid: 1337, ..c });
-        assert_eq!(v.rule, Rule::ProxyUid(1337));
-        assert_eq!(steps.iter().filter(|s| s.matched).count(), 1);
-        assert!(steps.last().unwrap().matched);
-    }
 
     #[test]
     fn include_all_redirects_to_the_proxy_port() {

@@ -1,0 +1,144 @@
+//! The connect hook's glue to the one `ISTIO_OUTPUT` chain
+//! (`divert_common::chain::judge`): its lookups over this object's maps,
+//! and what happens to a judged connect.
+
+use aya_ebpf::{
+    bindings::bpf_sock,
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    maps::lpm_trie::Key,
+    EbpfContext,
+};
+use divert_common::{
+    chain::{self, Connect, Dst, Lookups, PASSTHROUGH_SRC4, PASSTHROUGH_SRC6},
+    mapped_v4, port_list, AddrKey, CounterValue, LpmKey4, LpmKey6, OrigDst, PortKey, Verdict,
+    COOKIE_PREFIX_BITS,
+};
+
+use crate::{
+    counters::count,
+    maps::{
+        EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_ADDRS, ORIG_BY_COOKIE, POLICIES,
+        PORTS,
+    },
+};
+
+/// The chain's lookups in one namespace's entries of the shared maps.
+struct MapLookups {
+    netns: u64,
+}
+
+impl MapLookups {
+    #[inline(always)]
+    fn port(&self, port: u16, list: u8) -> bool {
+        let key = PortKey {
+            netns_cookie: self.netns,
+            port,
+            list,
+            _pad: [0; 5],
+        };
+        unsafe { PORTS.get(&key) }.is_some()
+    }
+
+    #[inline(always)]
+    fn range(&self, dst: Dst, include: bool) -> bool {
+        match dst {
+            Dst::V4(addr) => {
+                let trie = if include { &INCLUDE_V4 } else { &EXCLUDE_V4 };
+                let data = LpmKey4 {
+                    netns_cookie: self.netns,
+                    addr,
+                };
+                trie.get(&Key::new(COOKIE_PREFIX_BITS + 32, data)).is_some()
+            }
+            Dst::V6(addr) => {
+                let trie = if include { &INCLUDE_V6 } else { &EXCLUDE_V6 };
+                let data = LpmKey6 {
+                    netns_cookie: self.netns,
+                    addr,
+                };
+                trie.get(&Key::new(COOKIE_PREFIX_BITS + 128, data))
+                    .is_some()
+            }
+        }
+    }
+}
+
+impl Lookups for MapLookups {
+    #[inline(always)]
+    fn exclude_port(&mut self, port: u16) -> bool {
+        self.port(port, port_list::EXCLUDE)
+    }
+    #[inline(always)]
+    fn include_port(&mut self, port: u16) -> bool {
+        self.port(port, port_list::INCLUDE)
+    }
+    #[inline(always)]
+    fn own_address(&mut self, dst: Dst) -> bool {
+        let key = AddrKey {
+            netns_cookie: self.netns,
+            addr: dst.mapped(),
+        };
+        unsafe { LOCAL_ADDRS.get(&key) }.is_some()
+    }
+    #[inline(always)]
+    fn exclude_range(&mut self, dst: Dst) -> bool {
+        self.range(dst, false)
+    }
+    #[inline(always)]
+    fn include_range(&mut self, dst: Dst) -> bool {
+        self.range(dst, true)
+    }
+}
+
+/// Judge a connect in this namespace to `dst:port`, count it, and remember
+/// the original destination of a diverted socket. Returns the loopback
+/// port the connect must be rewritten to, or `None` to leave it alone
+/// (also when the namespace has no policy).
+#[inline(always)]
+pub fn on_connect<C: EbpfContext>(ctx: &C, sk: *mut bpf_sock, dst: Dst, port: u16) -> Option<u16> {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let policy = unsafe { POLICIES.get(&netns) }?;
+    let uid_gid = bpf_get_current_uid_gid();
+    let is_v4 = matches!(dst, Dst::V4(_));
+    let src_is_passthrough = if sk.is_null() {
+        false
+    } else if is_v4 {
+        let src = load!(sk, bpf_sock, src_ip4).to_ne_bytes();
+        // An AF_INET6 socket bound to ::ffff:127.0.0.6 reports it in src_ip6.
+        src == PASSTHROUGH_SRC4 || load6!(sk, bpf_sock, src_ip6) == mapped_v4(PASSTHROUGH_SRC4)
+    } else {
+        load6!(sk, bpf_sock, src_ip6) == PASSTHROUGH_SRC6
+    };
+    let dst = dst.as_dialled();
+    let connect = Connect {
+        dst,
+        port,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        src_is_passthrough,
+    };
+    let (v, _) = chain::judge(policy, &connect, &mut MapLookups { netns });
+    let addr = dst.mapped();
+    let one = CounterValue {
+        connections: 1,
+        ..CounterValue::default()
+    };
+    count(netns, addr, port, v, &one);
+    let target_port = match v {
+        Verdict::Redirect => policy.proxy_port,
+        Verdict::InboundCapture => policy.inbound_capture_port,
+        Verdict::PassThrough => return None,
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr,
+        port,
+        is_v4: is_v4 as u8,
+        verdict: v as u8,
+        _pad: [0; 4],
+    };
+    // An LRU map evicts rather than fails; a failed insert only costs the
+    // proxy its SO_ORIGINAL_DST answer, never the connect.
+    let _ = ORIG_BY_COOKIE.insert(&cookie, &orig, 0);
+    Some(target_port)
+}
