@@ -47,7 +47,7 @@ use serde::Deserialize;
 
 use super::Registry;
 use crate::ebpf::RegisteredBy;
-use crate::policy::{Policy, PolicyArgs, Source};
+use crate::policy::{self, Policy, PolicyArgs, Source};
 
 /// Istio's injection annotation.
 pub const INJECT: &str = "sidecar.istio.io/inject";
@@ -100,10 +100,10 @@ impl Default for MeshConfig {
             exclude_ip_ranges: String::new(),
             include_outbound_ports: String::new(),
             exclude_outbound_ports: String::new(),
-            proxy_uid: "1337".into(),
+            proxy_uid: policy::DEFAULT_PROXY_ID.to_string(),
             proxy_gid: String::new(),
-            proxy_port: 15001,
-            inbound_capture_port: 15006,
+            proxy_port: policy::DEFAULT_PROXY_PORT,
+            inbound_capture_port: policy::DEFAULT_INBOUND_CAPTURE_PORT,
         }
     }
 }
@@ -214,7 +214,7 @@ pub fn pod_policy(pod: &Pod, mesh: &MeshConfig, mesh_file: &str) -> Result<Polic
     let args = PolicyArgs {
         proxy_port: mesh.proxy_port.to_string(),
         inbound_capture_port: mesh.inbound_capture_port.to_string(),
-        inbound_tunnel_port: "15008".into(),
+        inbound_tunnel_port: policy::DEFAULT_INBOUND_TUNNEL_PORT.to_string(),
         proxy_uids: mesh.proxy_uid.clone(),
         proxy_gids: mesh.proxy_gid.clone(),
         include_ranges: value("include_ranges"),
@@ -240,11 +240,13 @@ pub fn pod_policy(pod: &Pod, mesh: &MeshConfig, mesh_file: &str) -> Result<Polic
     };
     args.to_policy_from(&origin).map_err(|e| {
         // Name the annotation when one is to blame.
-        let (annotation, value) = settings
-            .iter()
-            .find(|(_, ann, _, _)| a.contains_key(*ann) && e.to_string().contains(*ann))
-            .map(|(_, ann, _, _)| (ann.to_string(), a[*ann].clone()))
-            .unwrap_or_else(|| (format!("(mesh config {mesh_file})"), String::new()));
+        let (annotation, value) = match e.origin() {
+            Source::Annotation { annotation, .. } => (
+                annotation.clone(),
+                a.get(annotation).cloned().unwrap_or_default(),
+            ),
+            _ => (format!("(mesh config {mesh_file})"), String::new()),
+        };
         BadAnnotation {
             annotation,
             value,

@@ -11,7 +11,10 @@ use std::{fmt, str::FromStr};
 use clap::{parser::ValueSource, ArgMatches, Args};
 use ipnetwork::IpNetwork;
 
-use super::{Inbound, InboundPorts, IncludeRanges, InterceptionMode, Policy, MAX_PROXY_IDS};
+use super::{
+    Inbound, InboundPorts, IncludeRanges, InterceptionMode, Policy, DEFAULT_INBOUND_CAPTURE_PORT,
+    DEFAULT_INBOUND_TUNNEL_PORT, DEFAULT_PROXY_ID, DEFAULT_PROXY_PORT, MAX_PROXY_IDS,
+};
 
 /// Where a setting's value came from, for error messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,6 +95,27 @@ pub enum PolicyError {
     DnsCaptureUnsupported { origin: Source },
 }
 
+impl PolicyError {
+    /// The setting the bad value came from.
+    pub fn origin(&self) -> &Source {
+        match self {
+            PolicyError::InvalidCidr { origin, .. }
+            | PolicyError::WildcardExclude { origin }
+            | PolicyError::WildcardInList { origin, .. }
+            | PolicyError::InvalidPort { origin, .. }
+            | PolicyError::InvalidId { origin, .. }
+            | PolicyError::EmptyElement { origin, .. }
+            | PolicyError::WhiteSpace { origin, .. }
+            | PolicyError::TooManyIds { origin, .. }
+            | PolicyError::NotCanonical { origin, .. }
+            | PolicyError::NoProxyUid { origin }
+            | PolicyError::InvalidMode { origin, .. }
+            | PolicyError::InvalidInterface { origin, .. }
+            | PolicyError::DnsCaptureUnsupported { origin } => origin,
+        }
+    }
+}
+
 /// The policy flags shared by every subcommand that configures interception.
 ///
 /// Defaults are istio-iptables' except `-i`, which is `*` (capture
@@ -104,7 +128,7 @@ pub struct PolicyArgs {
         short = 'p',
         long = "envoy-port",
         env = "ENVOY_PORT",
-        default_value = "15001",
+        default_value_t = DEFAULT_PROXY_PORT.to_string(),
         value_name = "PORT"
     )]
     pub proxy_port: String,
@@ -114,7 +138,7 @@ pub struct PolicyArgs {
         short = 'z',
         long = "inbound-capture-port",
         env = "INBOUND_CAPTURE_PORT",
-        default_value = "15006",
+        default_value_t = DEFAULT_INBOUND_CAPTURE_PORT.to_string(),
         value_name = "PORT"
     )]
     pub inbound_capture_port: String,
@@ -123,7 +147,7 @@ pub struct PolicyArgs {
     #[arg(
         long = "inbound-tunnel-port",
         env = "INBOUND_TUNNEL_PORT",
-        default_value = "15008",
+        default_value_t = DEFAULT_INBOUND_TUNNEL_PORT.to_string(),
         value_name = "PORT"
     )]
     pub inbound_tunnel_port: String,
@@ -133,7 +157,7 @@ pub struct PolicyArgs {
         short = 'u',
         long = "proxy-uid",
         env = "PROXY_UID",
-        default_value = "1337",
+        default_value_t = DEFAULT_PROXY_ID.to_string(),
         value_name = "UIDS"
     )]
     pub proxy_uids: String,
@@ -143,7 +167,7 @@ pub struct PolicyArgs {
         short = 'g',
         long = "proxy-gid",
         env = "PROXY_GID",
-        default_value = "1337",
+        default_value_t = DEFAULT_PROXY_ID.to_string(),
         value_name = "GIDS"
     )]
     pub proxy_gids: String,
@@ -193,70 +217,6 @@ pub struct PolicyArgs {
     )]
     pub exclude_ports: String,
 }
-
-/// (field id, flag spelling, environment variable) of each setting.
-const SETTINGS: &[(&str, &str, &str)] = &[
-    ("proxy_port", "--envoy-port (-p)", "ENVOY_PORT"),
-    (
-        "inbound_capture_port",
-        "--inbound-capture-port (-z)",
-        "INBOUND_CAPTURE_PORT",
-    ),
-    (
-        "inbound_tunnel_port",
-        "--inbound-tunnel-port",
-        "INBOUND_TUNNEL_PORT",
-    ),
-    ("proxy_uids", "--proxy-uid (-u)", "PROXY_UID"),
-    ("proxy_gids", "--proxy-gid (-g)", "PROXY_GID"),
-    (
-        "include_ranges",
-        "--istio-service-cidr (-i)",
-        "ISTIO_SERVICE_CIDR",
-    ),
-    (
-        "exclude_ranges",
-        "--istio-service-exclude-cidr (-x)",
-        "ISTIO_SERVICE_EXCLUDE_CIDR",
-    ),
-    (
-        "include_ports",
-        "--istio-outbound-ports (-q)",
-        "ISTIO_OUTBOUND_PORTS",
-    ),
-    (
-        "exclude_ports",
-        "--istio-local-outbound-ports-exclude (-o)",
-        "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
-    ),
-    (
-        "interception_mode",
-        "--istio-inbound-interception-mode (-m)",
-        "ISTIO_INBOUND_INTERCEPTION_MODE",
-    ),
-    (
-        "inbound_ports",
-        "--istio-inbound-ports (-b)",
-        "ISTIO_INBOUND_PORTS",
-    ),
-    (
-        "inbound_exclude_ports",
-        "--istio-local-exclude-ports (-d)",
-        "ISTIO_LOCAL_EXCLUDE_PORTS",
-    ),
-    (
-        "kube_virt_interfaces",
-        "--kube-virt-interfaces (-k)",
-        "KUBE_VIRT_INTERFACES",
-    ),
-    (
-        "exclude_interfaces",
-        "--istio-exclude-interfaces (-c)",
-        "ISTIO_EXCLUDE_INTERFACES",
-    ),
-    ("redirect_dns", "--redirect-dns", "ISTIO_META_DNS_CAPTURE"),
-    ("capture_all_dns", "--capture-all-dns", "--capture-all-dns"),
-];
 
 impl PolicyArgs {
     /// Validate into a [`Policy`] (with no local addresses: the caller adds
@@ -523,16 +483,40 @@ impl Policy {
     }
 }
 
-/// Where the value of setting `id` came from.
+/// Where the value of setting `id` (a clap argument id of [`PolicyArgs`]
+/// or [`CaptureArgs`]) came from, spelled as clap declares it: the
+/// flag as `--long (-s)`, the environment variable (or, for a flag without
+/// one, the flag again).
 fn origin_of(id: &str, matches: Option<&ArgMatches>) -> Source {
+    /// (argument id, flag spelling, environment variable) of every setting,
+    /// read once from clap's own argument list.
+    static SETTINGS: std::sync::LazyLock<Vec<(String, String, String)>> =
+        std::sync::LazyLock::new(|| {
+            let cmd = PolicyArgs::augment_args(clap::Command::new("divert"));
+            CaptureArgs::augment_args(cmd)
+                .get_arguments()
+                .map(|a| {
+                    let flag = match (a.get_long(), a.get_short()) {
+                        (Some(l), Some(s)) => format!("--{l} (-{s})"),
+                        (Some(l), None) => format!("--{l}"),
+                        (None, Some(s)) => format!("-{s}"),
+                        (None, None) => a.get_id().to_string(),
+                    };
+                    let env = a
+                        .get_env()
+                        .map_or_else(|| flag.clone(), |e| e.to_string_lossy().into_owned());
+                    (a.get_id().to_string(), flag, env)
+                })
+                .collect()
+        });
     let (_, flag, env) = SETTINGS
         .iter()
-        .find(|(i, _, _)| *i == id)
-        .expect("every setting is listed in SETTINGS");
+        .find(|(i, _, _)| i == id)
+        .expect("every setting is a clap argument of PolicyArgs or CaptureArgs");
     match matches.and_then(|m| m.value_source(id)) {
-        Some(ValueSource::EnvVariable) => Source::Env(env.to_string()),
-        Some(ValueSource::DefaultValue) => Source::Default(flag.to_string()),
-        _ => Source::Flag(flag.to_string()),
+        Some(ValueSource::EnvVariable) => Source::Env(env.clone()),
+        Some(ValueSource::DefaultValue) => Source::Default(flag.clone()),
+        _ => Source::Flag(flag.clone()),
     }
 }
 
@@ -834,6 +818,30 @@ mod tests {
         assert_eq!(
             p.exclude_ranges,
             vec!["10.211.0.7/32".parse::<IpNetwork>().unwrap()]
+        );
+    }
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::*;
+
+    #[test]
+    fn every_setting_is_named_as_clap_declares_it() {
+        assert_eq!(
+            origin_of("proxy_port", None),
+            Source::Flag("--envoy-port (-p)".into())
+        );
+        assert_eq!(
+            origin_of("inbound_tunnel_port", None),
+            Source::Flag("--inbound-tunnel-port".into())
+        );
+        let m = PolicyArgs::augment_args(clap::Command::new("divert"))
+            .try_get_matches_from(["divert"])
+            .unwrap();
+        assert_eq!(
+            origin_of("include_ranges", Some(&m)),
+            Source::Default("--istio-service-cidr (-i)".into())
         );
     }
 }
