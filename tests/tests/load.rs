@@ -81,7 +81,7 @@ fn a_thousand_namespaces_and_ten_thousand_connections_counted_exactly() {
         &failures[..failures.len().min(3)]
     );
 
-    let mut maps = pinned::open_maps(&s.bpffs.path()).unwrap();
+    let maps = pinned::open_maps(&s.bpffs.path()).unwrap();
     let cookies: Vec<u64> = parallel(&namespaces, |ns| {
         ns.enter(divert::netns::current_cookie).unwrap().unwrap()
     });

@@ -162,7 +162,10 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     std::thread::spawn(move || gc.collect_garbage(interval));
     let bound = http.local_addr()?;
     let metrics = Arc::new(daemon::metrics::Metrics::new(args.metrics_top));
-    daemon::metrics::serve(http, registry.clone(), metrics, ready)?;
+    // A read-only handle of the metrics' own: scrapes never wait for, or
+    // hold up, a registration.
+    let reader = Arc::new(pinned::open_maps(&args.bpffs_dir)?);
+    daemon::metrics::serve(http, reader, metrics, ready)?;
     tracing::info!("metrics on http://{bound}/metrics, readiness on /healthz/ready");
     tracing::info!("serving registrations on {}", args.socket.display());
     if let (Some(node), Some(mesh)) = (node, mesh) {

@@ -111,7 +111,7 @@ fn run(args: &StatsArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let dir = &args.read.bpffs_dir;
     let mut maps = inspect::open(dir)?;
     let only = inspect::cookie_of(&mut maps, &args.target, dir)?;
-    let mut sample = || -> anyhow::Result<Vec<StatsRow>> {
+    let sample = || -> anyhow::Result<Vec<StatsRow>> {
         let pods = maps.pods()?;
         Ok(rows(&maps.counters()?, &pods, only, args.verdict))
     };

@@ -42,8 +42,9 @@ use prometheus_client::{
     registry::Registry as PromRegistry,
 };
 
-use super::{Readiness, Registry};
+use super::Readiness;
 use crate::ebpf;
+use crate::ebpf::Interceptor;
 
 /// Default listen address: loopback of the node (the DaemonSet runs with
 /// `hostNetwork`), a port no Istio component uses.
@@ -199,16 +200,17 @@ impl Metrics {
     }
 }
 
-impl Registry {
-    /// Read the kernel's counters and the registered namespaces into
-    /// `metrics`.
-    pub fn refresh(&self, metrics: &Metrics) -> anyhow::Result<()> {
-        let (counters, registered) = {
-            let mut i = self.lock();
-            (i.counters()?, i.registered_cookies()?)
-        };
-        let identity = self.identities()?;
-        metrics.update(&counters, &registered, &identity);
+impl Metrics {
+    /// Read the kernel's counters, the registered namespaces and their pods
+    /// from `maps` into these metrics. `maps` is a read-only handle of its
+    /// own on the daemon's maps ([`crate::ebpf::pinned::open_maps`]): a
+    /// scrape never takes the registry's lock, so it never holds up a
+    /// registration.
+    pub fn refresh(&self, maps: &Interceptor) -> anyhow::Result<()> {
+        let counters = maps.counters()?;
+        let registered = maps.registered_cookies()?;
+        let identity = maps.pods()?;
+        self.update(&counters, &registered, &identity);
         Ok(())
     }
 }
@@ -240,7 +242,7 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 /// served by this daemon), 503 otherwise.
 pub fn serve(
     listener: std::net::TcpListener,
-    registry: Arc<Registry>,
+    maps: Arc<Interceptor>,
     metrics: Arc<Metrics>,
     ready: Readiness,
 ) -> anyhow::Result<()> {
@@ -272,15 +274,14 @@ pub fn serve(
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
                         continue; // dropped: closed at once
                     };
-                    let (registry, metrics, ready) =
-                        (registry.clone(), metrics.clone(), ready.clone());
+                    let (maps, metrics, ready) = (maps.clone(), metrics.clone(), ready.clone());
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
-                            let (registry, metrics, ready) =
-                                (registry.clone(), metrics.clone(), ready.clone());
+                            let (maps, metrics, ready) =
+                                (maps.clone(), metrics.clone(), ready.clone());
                             async move {
                                 Ok::<_, std::convert::Infallible>(
-                                    respond(&req, registry, metrics, &ready).await,
+                                    respond(&req, maps, metrics, &ready).await,
                                 )
                             }
                         });
@@ -310,7 +311,7 @@ fn reply(status: u16, content_type: &str, body: String) -> Reply {
 
 async fn respond<B>(
     req: &hyper::Request<B>,
-    registry: Arc<Registry>,
+    maps: Arc<Interceptor>,
     metrics: Arc<Metrics>,
     ready: &Readiness,
 ) -> Reply {
@@ -319,7 +320,7 @@ async fn respond<B>(
         (&hyper::Method::GET, "/metrics") => {
             // Reading the maps blocks: off the runtime's thread.
             let read = tokio::task::spawn_blocking(move || {
-                registry.refresh(&metrics).map(|()| metrics.render())
+                metrics.refresh(&maps).map(|()| metrics.render())
             })
             .await;
             match read {

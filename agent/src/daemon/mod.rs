@@ -111,11 +111,6 @@ impl Registry {
         Ok(self.lock().set_pod(netns_cookie, namespace, pod)?)
     }
 
-    /// Every known pod identity, by netns cookie.
-    pub fn identities(&self) -> anyhow::Result<std::collections::BTreeMap<u64, PodRef>> {
-        Ok(self.lock().pods()?)
-    }
-
     /// Hold the maps: no registration is under way while the guard lives.
     pub fn hold(&self) -> std::sync::MutexGuard<'_, Interceptor> {
         self.lock()

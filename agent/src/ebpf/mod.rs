@@ -413,9 +413,9 @@ impl Interceptor {
     }
 
     /// Every registered netns cookie, sorted.
-    pub fn registered_cookies(&mut self) -> Result<Vec<u64>> {
+    pub fn registered_cookies(&self) -> Result<Vec<u64>> {
         let mut v: Vec<u64> = self
-            .policies()?
+            .read_hash::<u64, PolicyHeader>(maps::POLICIES)?
             .keys()
             .collect::<std::result::Result<_, _>>()
             .map_err(|source| Error::Map {
@@ -459,8 +459,11 @@ impl Interceptor {
     /// maps (ranges, ports and addresses sorted). Inbound settings and
     /// interfaces are not in the maps and come back as defaults. `None`:
     /// not registered.
-    pub fn policy_of(&mut self, netns_cookie: u64) -> Result<Option<Policy>> {
-        let h = match self.policies()?.get(&netns_cookie, 0) {
+    pub fn policy_of(&self, netns_cookie: u64) -> Result<Option<Policy>> {
+        let h = match self
+            .read_hash::<u64, PolicyHeader>(maps::POLICIES)?
+            .get(&netns_cookie, 0)
+        {
             Ok(h) => h,
             Err(MapError::KeyNotFound) => return Ok(None),
             Err(source) => {
@@ -477,9 +480,9 @@ impl Interceptor {
     /// Every registered namespace with its policy, who registered it and
     /// when, and its pod when known, sorted by netns cookie. Walks each map
     /// once (O(entries)).
-    pub fn registrations(&mut self) -> Result<Vec<Registration>> {
+    pub fn registrations(&self) -> Result<Vec<Registration>> {
         let headers: Vec<(u64, PolicyHeader)> = self
-            .policies()?
+            .read_hash::<u64, PolicyHeader>(maps::POLICIES)?
             .iter()
             .collect::<std::result::Result<_, _>>()
             .map_err(|source| Error::Map {
@@ -545,8 +548,8 @@ impl Interceptor {
     }
 
     /// Every recorded pod, by netns cookie.
-    pub fn pods(&mut self) -> Result<BTreeMap<u64, PodRef>> {
-        let m: HashMap<&mut MapData, u64, PodName> = hash_map(&mut self.maps, maps::PODS)?;
+    pub fn pods(&self) -> Result<BTreeMap<u64, PodRef>> {
+        let m = self.read_hash::<u64, PodName>(maps::PODS)?;
         let text = |b: &[u8]| {
             let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
             String::from_utf8_lossy(&b[..end]).into_owned()
@@ -572,7 +575,7 @@ impl Interceptor {
 
     /// Every trie, port and address key carrying `netns_cookie`, found by
     /// walking the maps.
-    fn owned(&mut self, netns_cookie: u64) -> Result<Entries> {
+    fn owned(&self, netns_cookie: u64) -> Result<Entries> {
         Ok(self
             .entries_by_netns()?
             .remove(&netns_cookie)
@@ -581,10 +584,12 @@ impl Interceptor {
 
     /// Every trie, port and address key, grouped by the netns cookie it
     /// carries: one walk of each map.
-    fn entries_by_netns(&mut self) -> Result<BTreeMap<u64, Entries>> {
+    fn entries_by_netns(&self) -> Result<BTreeMap<u64, Entries>> {
         type Field<K> = fn(&mut Entries) -> &mut Vec<Key<K>>;
-        fn trie_keys<K: aya::Pod>(maps: &mut Maps, name: &'static str) -> Result<Vec<Key<K>>> {
-            let t: LpmTrie<&mut MapData, K, u8> = lpm(maps, name)?;
+        fn trie_keys<K: aya::Pod>(maps: &Maps, name: &'static str) -> Result<Vec<Key<K>>> {
+            let m = maps.get(name).ok_or(Error::MissingMap(name))?;
+            let t: LpmTrie<&MapData, K, u8> =
+                LpmTrie::try_from(m).map_err(|source| Error::Map { map: name, source })?;
             Ok(t.keys().filter_map(|k| k.ok()).collect())
         }
         let mut by: BTreeMap<u64, Entries> = BTreeMap::new();
@@ -593,7 +598,7 @@ impl Interceptor {
             (maps::EXCLUDE_V4, |e| &mut e.exclude4),
         ];
         for (name, field) in v4 {
-            for k in trie_keys::<LpmKey4>(&mut self.maps, name)? {
+            for k in trie_keys::<LpmKey4>(&self.maps, name)? {
                 field(by.entry(k.data().netns_cookie).or_default()).push(k);
             }
         }
@@ -602,16 +607,15 @@ impl Interceptor {
             (maps::EXCLUDE_V6, |e| &mut e.exclude6),
         ];
         for (name, field) in v6 {
-            for k in trie_keys::<LpmKey6>(&mut self.maps, name)? {
+            for k in trie_keys::<LpmKey6>(&self.maps, name)? {
                 field(by.entry(k.data().netns_cookie).or_default()).push(k);
             }
         }
-        let ports: HashMap<&mut MapData, PortKey, u8> = hash_map(&mut self.maps, maps::PORTS)?;
+        let ports = self.read_hash::<PortKey, u8>(maps::PORTS)?;
         for k in ports.keys().filter_map(|k| k.ok()) {
             by.entry(k.netns_cookie).or_default().ports.push(k);
         }
-        let addrs: HashMap<&mut MapData, AddrKey, u8> =
-            hash_map(&mut self.maps, maps::LOCAL_ADDRS)?;
+        let addrs = self.read_hash::<AddrKey, u8>(maps::LOCAL_ADDRS)?;
         for k in addrs.keys().filter_map(|k| k.ok()) {
             by.entry(k.netns_cookie).or_default().addrs.push(k);
         }
@@ -619,8 +623,11 @@ impl Interceptor {
     }
 
     /// Whether `netns_cookie` has a policy in this instance.
-    pub fn is_registered(&mut self, netns_cookie: u64) -> Result<bool> {
-        match self.policies()?.get(&netns_cookie, 0) {
+    pub fn is_registered(&self, netns_cookie: u64) -> Result<bool> {
+        match self
+            .read_hash::<u64, PolicyHeader>(maps::POLICIES)?
+            .get(&netns_cookie, 0)
+        {
             Ok(_) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),
             Err(source) => Err(Error::Map {
@@ -720,6 +727,15 @@ impl Interceptor {
 
     fn policies(&mut self) -> Result<HashMap<&mut MapData, u64, PolicyHeader>> {
         hash_map(&mut self.maps, maps::POLICIES)
+    }
+
+    /// A read-only handle on the hash map `name`: readers take `&self`.
+    fn read_hash<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<HashMap<&MapData, K, V>> {
+        let m = self.maps.get(name).ok_or(Error::MissingMap(name))?;
+        HashMap::try_from(m).map_err(|source| Error::Map { map: name, source })
     }
 
     fn write_entries(&mut self, netns: u64, policy: &Policy) -> Result<()> {
