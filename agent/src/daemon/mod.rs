@@ -46,7 +46,7 @@ use anyhow::Context as _;
 use nix::sched::{setns, CloneFlags};
 
 use crate::{
-    ebpf::{Interceptor, PodRef, RegisteredBy},
+    ebpf::{Interceptor, RegisteredBy},
     netns,
     policy::Source,
 };
