@@ -56,6 +56,36 @@ pub mod maps {
     pub const PODS: &str = "PODS";
 }
 
+/// The kind of a map, as the kernel object declares it (`BPF_MAP_TYPE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    /// `BPF_MAP_TYPE_HASH`.
+    Hash,
+    /// `BPF_MAP_TYPE_LPM_TRIE`.
+    LpmTrie,
+    /// `BPF_MAP_TYPE_LRU_HASH`.
+    LruHash,
+    /// `BPF_MAP_TYPE_LRU_PERCPU_HASH`.
+    LruPerCpuHash,
+}
+
+/// Every map of the object with its kind, in the order the loader takes,
+/// pins and adopts them (`divert-ebpf`'s `maps` module declares each with
+/// this kind).
+pub const MAPS: [(&str, MapKind); 11] = [
+    (maps::POLICIES, MapKind::Hash),
+    (maps::INCLUDE_V4, MapKind::LpmTrie),
+    (maps::EXCLUDE_V4, MapKind::LpmTrie),
+    (maps::INCLUDE_V6, MapKind::LpmTrie),
+    (maps::EXCLUDE_V6, MapKind::LpmTrie),
+    (maps::PORTS, MapKind::Hash),
+    (maps::LOCAL_ADDRS, MapKind::Hash),
+    (maps::ORIG_BY_COOKIE, MapKind::LruHash),
+    (maps::ORIG_BY_TUPLE, MapKind::LruHash),
+    (maps::COUNTERS, MapKind::LruPerCpuHash),
+    (maps::PODS, MapKind::Hash),
+];
+
 /// Program names (the Rust function names in `divert-ebpf`).
 pub mod programs {
     pub const CONNECT4: &str = "divert_connect4";

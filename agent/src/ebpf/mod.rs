@@ -19,8 +19,8 @@ use aya::{
     Ebpf, EbpfError,
 };
 use divert_common::{
-    maps, AddrKey, CounterKey, CounterValue, LpmKey4, LpmKey6, PodName, PolicyHeader, PortKey,
-    ProgramKind, Side, Verdict, POD_NAMESPACE_LEN, POD_NAME_LEN, PROGRAMS,
+    maps, AddrKey, CounterKey, CounterValue, LpmKey4, LpmKey6, MapKind, PodName, PolicyHeader,
+    PortKey, ProgramKind, Side, Verdict, POD_NAMESPACE_LEN, POD_NAME_LEN, PROGRAMS,
 };
 
 use crate::policy::{canonical, Policy};
@@ -60,6 +60,10 @@ pub enum Error {
     Full(&'static str),
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
+    #[error(
+        "eBPF map {map} is not declared as a {kind:?} in the object, as divert_common::MAPS says"
+    )]
+    MapKind { map: &'static str, kind: MapKind },
     #[error("reading the run statistics of program {program}: {source}")]
     Stats {
         program: String,
@@ -229,20 +233,16 @@ pub fn map_memory() -> std::io::Result<Vec<MapMemory>> {
     Ok(out)
 }
 
-/// Every map of the object, by name.
-pub const MAP_NAMES: [&str; 11] = [
-    maps::POLICIES,
-    maps::INCLUDE_V4,
-    maps::EXCLUDE_V4,
-    maps::INCLUDE_V6,
-    maps::EXCLUDE_V6,
-    maps::PORTS,
-    maps::LOCAL_ADDRS,
-    maps::ORIG_BY_COOKIE,
-    maps::ORIG_BY_TUPLE,
-    maps::COUNTERS,
-    maps::PODS,
-];
+/// Every map of the object, by name ([`divert_common::MAPS`]).
+pub const MAP_NAMES: [&str; divert_common::MAPS.len()] = {
+    let mut names = [""; divert_common::MAPS.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = divert_common::MAPS[i].0;
+        i += 1;
+    }
+    names
+};
 
 /// One instance of the programs and maps: loaded by this process
 /// ([`Interceptor::load`]), or adopted from bpffs pins left by an earlier
@@ -284,8 +284,19 @@ impl Interceptor {
             }
         }
         let mut maps = BTreeMap::new();
-        for name in MAP_NAMES {
-            maps.insert(name, ebpf.take_map(name).ok_or(Error::MissingMap(name))?);
+        for (name, kind) in divert_common::MAPS {
+            let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+            let declared = match &map {
+                Map::HashMap(_) => Some(MapKind::Hash),
+                Map::LpmTrie(_) => Some(MapKind::LpmTrie),
+                Map::LruHashMap(_) => Some(MapKind::LruHash),
+                Map::PerCpuLruHashMap(_) => Some(MapKind::LruPerCpuHash),
+                _ => None,
+            };
+            if declared != Some(kind) {
+                return Err(Error::MapKind { map: name, kind });
+            }
+            maps.insert(name, map);
         }
         Ok(Interceptor {
             ebpf: Some(ebpf),

@@ -41,7 +41,7 @@ use aya::{
     maps::{Map, MapData, MapError},
     programs::{ProgramError, ProgramInfo},
 };
-use divert_common::{maps, Program, PROGRAMS};
+use divert_common::{MapKind, Program, PROGRAMS};
 
 use super::{Interceptor, MAP_NAMES};
 
@@ -156,14 +156,18 @@ fn map_data(m: &Map) -> Option<&MapData> {
 }
 
 /// Wrap a pinned map's data in the variant its name is declared with.
+/// A pinned map's data as the [`Map`] of its kind ([`divert_common::MAPS`]).
 fn typed(name: &str, d: MapData) -> Map {
-    match name {
-        maps::INCLUDE_V4 | maps::EXCLUDE_V4 | maps::INCLUDE_V6 | maps::EXCLUDE_V6 => {
-            Map::LpmTrie(d)
-        }
-        maps::ORIG_BY_COOKIE | maps::ORIG_BY_TUPLE => Map::LruHashMap(d),
-        maps::COUNTERS => Map::PerCpuLruHashMap(d),
-        _ => Map::HashMap(d),
+    let kind = divert_common::MAPS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|&(_, k)| k)
+        .expect("every map name is in divert_common::MAPS");
+    match kind {
+        MapKind::Hash => Map::HashMap(d),
+        MapKind::LpmTrie => Map::LpmTrie(d),
+        MapKind::LruHash => Map::LruHashMap(d),
+        MapKind::LruPerCpuHash => Map::PerCpuLruHashMap(d),
     }
 }
 
