@@ -1,8 +1,10 @@
 //! `divert explain --netns COOKIE|--pod NS/NAME DEST:PORT [--uid U] [--gid G]
 //! [--bound-source IP]`: what divert does with one connect, and why, step by
 //! step through istio-iptables' `ISTIO_OUTPUT` chain, from the policy in
-//! the live maps (the same [`crate::policy::explain_for`] the kernel
-//! programs are tested against).
+//! the live maps. The decision is the kernel's own
+//! ([`crate::policy::verdict_for`] runs `divert_common::chain::judge`); the
+//! rules are printed as the iptables backend writes them
+//! ([`crate::iptables::render`]): one source for each.
 
 use std::{
     io::Write,

@@ -51,7 +51,7 @@ pub struct InitArgs {
     pub daemon_socket: std::path::PathBuf,
 
     /// After applying, prove it from inside this namespace: listen on
-    /// 127.0.0.1:<proxy port>, connect to a destination the policy
+    /// `127.0.0.1:<proxy port>`, connect to a destination the policy
     /// redirects, and require the connection to arrive there with that
     /// destination as its SO_ORIGINAL_DST (what Istio's validation init
     /// container checks). On failure the interception is removed again and

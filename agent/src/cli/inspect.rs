@@ -17,7 +17,7 @@ use clap::{Args, ValueEnum};
 
 use crate::ebpf::{
     pinned::{self, PinnedError},
-    Interceptor, PodRef,
+    Maps, PodRef,
 };
 
 /// Where the maps are and how to print them.
@@ -73,7 +73,7 @@ pub fn parse_pod(s: &str) -> Result<PodRef, String> {
 /// Open the maps pinned under `dir`, read-only in intent. Errors name the
 /// directory and say what is wrong: not root, nothing pinned there, or
 /// pins of another layout.
-pub fn open(dir: &Path) -> anyhow::Result<Interceptor> {
+pub fn open(dir: &Path) -> anyhow::Result<Maps> {
     let maps = dir.join("maps");
     let denied = || {
         anyhow::anyhow!(
@@ -111,11 +111,7 @@ pub fn open(dir: &Path) -> anyhow::Result<Interceptor> {
 
 /// The netns cookie `target` names, if it names one. A pod must be in the
 /// `PODS` map.
-pub fn cookie_of(
-    maps: &mut Interceptor,
-    target: &Target,
-    dir: &Path,
-) -> anyhow::Result<Option<u64>> {
+pub fn cookie_of(maps: &mut Maps, target: &Target, dir: &Path) -> anyhow::Result<Option<u64>> {
     if let Some(c) = target.netns {
         return Ok(Some(c));
     }

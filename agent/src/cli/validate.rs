@@ -1,6 +1,6 @@
 //! `divert init --validate`: prove from inside the namespace that a
 //! connect is diverted, as Istio's validation init container does: listen
-//! where the redirect lands (127.0.0.1:<proxy port>), dial a destination the
+//! where the redirect lands (`127.0.0.1:<proxy port>`), dial a destination the
 //! policy redirects, and check that the connection arrives with that
 //! destination as its `SO_ORIGINAL_DST`.
 

@@ -44,7 +44,7 @@ use prometheus_client::{
 
 use super::Readiness;
 use crate::ebpf;
-use crate::ebpf::Interceptor;
+use crate::ebpf::Maps;
 
 /// Default listen address: loopback of the node (the DaemonSet runs with
 /// `hostNetwork`), a port no Istio component uses.
@@ -206,7 +206,7 @@ impl Metrics {
     /// own on the daemon's maps ([`crate::ebpf::pinned::open_maps`]): a
     /// scrape never takes the registry's lock, so it never holds up a
     /// registration.
-    pub fn refresh(&self, maps: &Interceptor) -> anyhow::Result<()> {
+    pub fn refresh(&self, maps: &Maps) -> anyhow::Result<()> {
         let counters = maps.counters()?;
         let registered = maps.registered_cookies()?;
         let identity = maps.pods()?;
@@ -242,7 +242,7 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 /// served by this daemon), 503 otherwise.
 pub fn serve(
     listener: std::net::TcpListener,
-    maps: Arc<Interceptor>,
+    maps: Arc<Maps>,
     metrics: Arc<Metrics>,
     ready: Readiness,
 ) -> anyhow::Result<()> {
@@ -311,7 +311,7 @@ fn reply(status: u16, content_type: &str, body: String) -> Reply {
 
 async fn respond<B>(
     req: &hyper::Request<B>,
-    maps: Arc<Interceptor>,
+    maps: Arc<Maps>,
     metrics: Arc<Metrics>,
     ready: &Readiness,
 ) -> Reply {

@@ -46,7 +46,7 @@ use anyhow::Context as _;
 use nix::sched::{setns, CloneFlags};
 
 use crate::{
-    ebpf::{Interceptor, RegisteredBy},
+    ebpf::{Maps, RegisteredBy},
     netns,
     policy::Source,
 };
@@ -88,12 +88,12 @@ pub fn peer_of_pid(pid: i32) -> anyhow::Result<Peer> {
 
 /// The registration service: the instance and the daemon's own netns.
 pub struct Registry {
-    interceptor: Mutex<Interceptor>,
+    interceptor: Mutex<Maps>,
     host_netns: u64,
 }
 
 impl Registry {
-    pub fn new(interceptor: Interceptor) -> anyhow::Result<Registry> {
+    pub fn new(interceptor: Maps) -> anyhow::Result<Registry> {
         Ok(Registry {
             interceptor: Mutex::new(interceptor),
             host_netns: netns::current_cookie().context("the daemon's own netns cookie")?,
@@ -112,16 +112,16 @@ impl Registry {
     }
 
     /// Hold the maps: no registration is under way while the guard lives.
-    pub fn hold(&self) -> std::sync::MutexGuard<'_, Interceptor> {
+    pub fn hold(&self) -> std::sync::MutexGuard<'_, Maps> {
         self.lock()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Interceptor> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
         self.interceptor.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Register `netns_cookie`'s policy, or replace it make-before-break
-    /// (see [`Interceptor::replace`]), with the namespace's own addresses,
+    /// (see [`Maps::replace`]), with the namespace's own addresses,
     /// recording `by` as who registered it. The node's own namespace is refused.
     pub fn register_namespace(
         &self,

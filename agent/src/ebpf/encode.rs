@@ -152,7 +152,7 @@ pub fn stamped(mut h: PolicyHeader, by: RegisteredBy) -> PolicyHeader {
     h
 }
 
-/// The policy a header and its entries hold (see [`Interceptor::policy_of`]).
+/// The policy a header and its entries hold (see [`super::Maps::policy_of`]).
 pub fn policy_from(h: &PolicyHeader, e: &Entries) -> Policy {
     let net4 = |k: &Key<LpmKey4>| {
         IpNetwork::new(

@@ -1,10 +1,15 @@
 //! Loading, attaching and filling divert's kernel programs and maps (aya).
 //!
-//! An [`Interceptor`] is one instance of the programs and their maps. The
-//! workload side (connect4/6, sock_ops, getpeername4/6) is attached to the
-//! cgroup whose processes are diverted; the proxy side (getsockopt) to the
-//! cgroup the proxy runs in, so its `SO_ORIGINAL_DST` is answered. Attachments
-//! are bpf links owned by the instance: dropping it detaches everything.
+//! An [`Interceptor`] is the programs this process loaded and their maps.
+//! The workload side (connect4/6, sock_ops, getpeername4/6) is attached to
+//! the cgroup whose processes are diverted; the proxy side (getsockopt) to
+//! the cgroup the proxy runs in, so its `SO_ORIGINAL_DST` is answered.
+//! Attachments are bpf links owned by the instance: dropping it detaches
+//! everything. [`Maps`] is an instance's maps alone, which is all the node
+//! daemon and the inspection commands hold ([`pinned`]).
+//!
+//! Modules: [`pinned`] (bpffs pins, adoption, uninstall), `encode` (a
+//! policy as the header and map keys, and back).
 
 use std::{
     collections::BTreeMap,
@@ -70,8 +75,6 @@ pub enum Error {
         #[source]
         source: ProgramError,
     },
-    #[error("this instance was adopted from bpffs pins; its programs are attached already")]
-    Adopted,
     #[error("netns {0:#x} is already registered in this instance")]
     AlreadyRegistered(u64),
     #[error("pod {namespace}/{name} does not fit the PODS map (namespace at most {} bytes, name at most {} bytes)", POD_NAMESPACE_LEN - 1, POD_NAME_LEN - 1)]
@@ -130,7 +133,7 @@ impl std::fmt::Display for PodRef {
     }
 }
 
-/// One registered namespace as the maps hold it (see [`Interceptor::registrations`]).
+/// One registered namespace as the maps hold it (see [`Maps::registrations`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Registration {
     pub netns_cookie: u64,
@@ -139,7 +142,7 @@ pub struct Registration {
     pub registered_by: RegisteredBy,
     /// When the policy header was last written; `None` when not recorded.
     pub registered_at: Option<SystemTime>,
-    /// The policy, as [`Interceptor::policy_of`] rebuilds it.
+    /// The policy, as [`Maps::policy_of`] rebuilds it.
     pub policy: Policy,
 }
 
@@ -244,14 +247,20 @@ pub const MAP_NAMES: [&str; divert_common::MAPS.len()] = {
     names
 };
 
-/// One instance of the programs and maps: loaded by this process
-/// ([`Interceptor::load`]), or adopted from bpffs pins left by an earlier
-/// `divert daemon` ([`pinned::open`]).
+/// The programs and maps this process loaded ([`Interceptor::load`]):
+/// attach them, read their run statistics; the maps are reached through
+/// `Deref` to [`Maps`]. Dropping it detaches every attachment it made.
 pub struct Interceptor {
-    /// The programs, when this process loaded them; `None` for an adopted
-    /// instance, whose programs live on through their pins and links.
-    ebpf: Option<Ebpf>,
-    /// Every map of [`MAP_NAMES`].
+    ebpf: Ebpf,
+    maps: Maps,
+}
+
+/// One instance's maps: every map of [`divert_common::MAPS`], from
+/// [`Interceptor::load`] or opened from bpffs pins ([`pinned::open`],
+/// [`pinned::open_maps`]). Policies are written through `&mut self`;
+/// readers take `&self`, so a second handle on the same pins reads without
+/// holding up the writer.
+pub struct Maps {
     maps: BTreeMap<&'static str, Map>,
 }
 
@@ -299,13 +308,9 @@ impl Interceptor {
             maps.insert(name, map);
         }
         Ok(Interceptor {
-            ebpf: Some(ebpf),
-            maps,
+            ebpf,
+            maps: Maps { maps },
         })
-    }
-
-    fn ebpf(&mut self) -> Result<&mut Ebpf> {
-        self.ebpf.as_mut().ok_or(Error::Adopted)
     }
 
     /// Attach the workload programs (connect4/6, sock_ops, getpeername4/6)
@@ -322,7 +327,7 @@ impl Interceptor {
 
     /// Attach every program of `side` in [`PROGRAMS`] to `cgroup`.
     fn attach(&mut self, side: Side, cgroup: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-        let ebpf = self.ebpf()?;
+        let ebpf = &mut self.ebpf;
         for p in PROGRAMS.iter().filter(|p| p.side == side) {
             let failed = |source| Error::Program {
                 program: p.name,
@@ -346,6 +351,48 @@ impl Interceptor {
         Ok(())
     }
 
+    /// Each program's run count and total run time, as the kernel accounts
+    /// them while a [`RunTimeStats`] guard is held (`bpf_prog_info.run_cnt`
+    /// and `run_time_ns`; both stay 0 while no guard or
+    /// `kernel.bpf_stats_enabled` is on). Sorted by program name.
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
+        let mut out = Vec::new();
+        for (name, program) in self.ebpf.programs() {
+            let info = program.info().map_err(|source| Error::Stats {
+                program: name.to_string(),
+                source,
+            })?;
+            out.push(ProgramStats {
+                name: name.to_string(),
+                run_count: info.run_count(),
+                run_time_ns: info.run_time().as_nanos() as u64,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// The maps alone, for a process that keeps them (the node daemon,
+    /// whose programs live on through their pins and links).
+    pub fn into_maps(self) -> Maps {
+        self.maps
+    }
+}
+
+impl std::ops::Deref for Interceptor {
+    type Target = Maps;
+    fn deref(&self) -> &Maps {
+        &self.maps
+    }
+}
+
+impl std::ops::DerefMut for Interceptor {
+    fn deref_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+}
+
+impl Maps {
     /// Register `policy` for the network namespace `netns_cookie`, recording
     /// who registered it and when (now) in the header.
     ///
@@ -443,7 +490,7 @@ impl Interceptor {
     /// removed. The namespace is never without a policy, so no connect slips
     /// through unmeshed while a policy changes; during the change a connect
     /// is judged by the old header or the new one. Not registered yet: a
-    /// plain [`Interceptor::register`]. On error the old policy stands.
+    /// plain [`Maps::register`]. On error the old policy stands.
     pub fn replace(&mut self, netns_cookie: u64, policy: &Policy, by: RegisteredBy) -> Result<()> {
         if !self.is_registered(netns_cookie)? {
             return self.register(netns_cookie, policy, by);
@@ -597,7 +644,7 @@ impl Interceptor {
     /// carries: one walk of each map.
     fn entries_by_netns(&self) -> Result<BTreeMap<u64, Entries>> {
         type Field<K> = fn(&mut Entries) -> &mut Vec<Key<K>>;
-        fn trie_keys<K: aya::Pod>(maps: &Maps, name: &'static str) -> Result<Vec<Key<K>>> {
+        fn trie_keys<K: aya::Pod>(maps: &MapsByName, name: &'static str) -> Result<Vec<Key<K>>> {
             let m = maps.get(name).ok_or(Error::MissingMap(name))?;
             let t: LpmTrie<&MapData, K, u8> =
                 LpmTrie::try_from(m).map_err(|source| Error::Map { map: name, source })?;
@@ -709,31 +756,6 @@ impl Interceptor {
                 bytes_received: v.bytes_received,
             })
             .collect())
-    }
-
-    /// Each program's run count and total run time, as the kernel accounts
-    /// them while a [`RunTimeStats`] guard is held (`bpf_prog_info.run_cnt`
-    /// and `run_time_ns`; both stay 0 while no guard or
-    /// `kernel.bpf_stats_enabled` is on). Sorted by program name. Empty for
-    /// an adopted instance (its programs are not held by this process).
-    pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
-        let mut out = Vec::new();
-        let Some(ebpf) = &self.ebpf else {
-            return Ok(out);
-        };
-        for (name, program) in ebpf.programs() {
-            let info = program.info().map_err(|source| Error::Stats {
-                program: name.to_string(),
-                source,
-            })?;
-            out.push(ProgramStats {
-                name: name.to_string(),
-                run_count: info.run_count(),
-                run_time_ns: info.run_time().as_nanos() as u64,
-            });
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
     }
 
     fn policies(&mut self) -> Result<HashMap<&mut MapData, u64, PolicyHeader>> {
@@ -864,10 +886,10 @@ where
     })
 }
 
-type Maps = BTreeMap<&'static str, Map>;
+type MapsByName = BTreeMap<&'static str, Map>;
 
 fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
-    maps: &'a mut Maps,
+    maps: &'a mut MapsByName,
     name: &'static str,
 ) -> Result<HashMap<&'a mut MapData, K, V>> {
     let m = maps.get_mut(name).ok_or(Error::MissingMap(name))?;
@@ -875,7 +897,7 @@ fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
 }
 
 fn lpm<'a, K: aya::Pod>(
-    maps: &'a mut Maps,
+    maps: &'a mut MapsByName,
     name: &'static str,
 ) -> Result<LpmTrie<&'a mut MapData, K, u8>> {
     let m = maps.get_mut(name).ok_or(Error::MissingMap(name))?;

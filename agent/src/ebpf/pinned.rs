@@ -43,7 +43,7 @@ use aya::{
 };
 use divert_common::{MapKind, Program, PROGRAMS};
 
-use super::{Interceptor, MAP_NAMES};
+use super::{Interceptor, Maps, MAP_NAMES};
 
 /// `BPF_FS_MAGIC` from the kernel's uapi `magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -181,7 +181,7 @@ fn has_entries(p: &Path) -> bool {
 
 /// Open the pinned instance under `dir` for `cgroup_root` (see the module
 /// documentation for what is installed, adopted or refused).
-pub fn open(dir: &Path, cgroup_root: &Path) -> Result<(Interceptor, Opened)> {
+pub fn open(dir: &Path, cgroup_root: &Path) -> Result<(Maps, Opened)> {
     // The cgroup first: a bad root must leave no bpffs mount behind.
     let cgroup = crate::cgroup::open(cgroup_root).map_err(|e| PinnedError::Io {
         what: "opening the cgroup root",
@@ -205,7 +205,9 @@ pub fn open(dir: &Path, cgroup_root: &Path) -> Result<(Interceptor, Opened)> {
     }
     let mut fresh = fresh;
     match install(dir, &mut fresh, cgroup.as_fd()) {
-        Ok(()) => Ok((fresh, Opened::Installed)),
+        // The programs live on through their pins and links: only the maps
+        // are kept.
+        Ok(()) => Ok((fresh.into_maps(), Opened::Installed)),
         Err(e) => {
             let _ = uninstall(dir);
             Err(e)
@@ -218,7 +220,7 @@ fn install(dir: &Path, i: &mut Interceptor, cgroup: BorrowedFd<'_>) -> Result<()
     for d in [&maps_dir, &progs_dir, &links_dir] {
         fs::create_dir_all(d).map_err(io("creating", d))?;
     }
-    for (name, map) in &i.maps {
+    for (name, map) in &i.maps.maps {
         let path = maps_dir.join(name);
         map.pin(&path).map_err(|e| PinnedError::Io {
             what: "pinning map",
@@ -226,7 +228,7 @@ fn install(dir: &Path, i: &mut Interceptor, cgroup: BorrowedFd<'_>) -> Result<()
             source: std::io::Error::other(e),
         })?;
     }
-    let ebpf = i.ebpf()?;
+    let ebpf = &mut i.ebpf;
     for Program { name, .. } in PROGRAMS {
         let path = progs_dir.join(name);
         let p = ebpf.program_mut(name).ok_or(super::Error::Program {
@@ -288,7 +290,7 @@ fn adopt_check(
                 path: path.clone(),
                 source,
             })?;
-        let ours = map_data(&fresh.maps[name])
+        let ours = map_data(&fresh.maps.maps[name])
             .expect("our map types")
             .info()
             .map_err(|source| PinnedError::Map {
@@ -316,7 +318,7 @@ fn adopt_check(
     let cgroup_id = fs::metadata(cgroup_root)
         .map_err(io("reading", cgroup_root))?
         .ino();
-    let ebpf = fresh.ebpf.as_ref().expect("a fresh load");
+    let ebpf = &fresh.ebpf;
     let mut relinked = 0;
     for &Program {
         name, attach_type, ..
@@ -375,7 +377,7 @@ fn adopt_check(
 
 /// The maps pinned under `dir`, for reading and writing without the
 /// programs (inspection, tests). Errors: a map pin is missing or unreadable.
-pub fn open_maps(dir: &Path) -> Result<Interceptor> {
+pub fn open_maps(dir: &Path) -> Result<Maps> {
     let maps_dir = dir.join("maps");
     let mut pinned = std::collections::BTreeMap::new();
     for name in MAP_NAMES {
@@ -383,10 +385,7 @@ pub fn open_maps(dir: &Path) -> Result<Interceptor> {
         let d = MapData::from_pin(&path).map_err(|source| PinnedError::Map { path, source })?;
         pinned.insert(name, typed(name, d));
     }
-    Ok(Interceptor {
-        ebpf: None,
-        maps: pinned,
-    })
+    Ok(Maps { maps: pinned })
 }
 
 /// Detach and unpin everything under `dir`: links first, each detached
