@@ -313,6 +313,41 @@ fn sigterm_stops_the_daemon_promptly_and_cleanly() {
 }
 
 #[test]
+fn a_request_under_way_at_sigterm_is_answered_before_the_daemon_stops() {
+    require_root!();
+    let s = Setup::start();
+    let mut d = s.daemon();
+    // A client connected and still writing its request when SIGTERM comes.
+    let (mut cmd, _keep) = command_in(s.lab.in_client(&s.lab.plain, None), testkit_bin()).unwrap();
+    let mut client = cmd
+        .arg("send")
+        .arg(&s.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    // The rest of the request, well within the drain.
+    let mut stdin = client.stdin.take().unwrap();
+    stdin
+        .write_all(b"{\"version\":1,\"op\":\"status\"}\n")
+        .unwrap();
+    drop(stdin);
+    let out = client.wait_with_output().unwrap();
+    let answer = text(&out.stdout);
+    assert!(
+        answer.contains("\"ok\":true"),
+        "the request under way was cut off: {answer}"
+    );
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!s.socket.exists(), "the socket was left behind");
+}
+
+#[test]
 fn explain_refuses_port_zero() {
     let out = Command::new(divert_bin())
         .args(["explain", "--netns", "1", "10.0.0.1:0"])

@@ -7,7 +7,8 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Args;
-use nix::sys::signal::{SigSet, Signal};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     daemon::{self, proto, Registry},
@@ -88,14 +89,25 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    // Signals go to one thread that waits for them (blocked here, before
-    // any thread starts, so every thread inherits the mask).
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
-    signals
-        .thread_block()
-        .context("blocking SIGTERM and SIGINT")?;
+    // One runtime for everything the daemon serves: the registration
+    // socket, /metrics, garbage collection and the pod watch. Blocking work
+    // (entering a namespace, map writes) goes to its blocking pool, bounded
+    // by the registrations served at once.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(daemon::MAX_CLIENTS + 8)
+        // Idle blocking threads go soon after a burst of registrations.
+        .thread_keep_alive(std::time::Duration::from_secs(1))
+        .thread_name("divert-daemon")
+        .enable_all()
+        .build()
+        .context("the daemon's runtime")?;
+    // SIGTERM and SIGINT are caught from here on: one arriving while the
+    // daemon starts is acted on once it serves, never half-way through an
+    // install.
+    let _in_runtime = rt.enter();
+    let mut sigterm = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("catching SIGINT")?;
 
     // Everything that can be wrong with the input is found before bpffs or
     // the kernel is touched: a refused start leaves nothing behind.
@@ -139,45 +151,81 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     }
     let registry = Arc::new(Registry::new(interceptor)?);
     let ready = endpoint.readiness();
-    {
-        let (registry, ready, bpffs) = (registry.clone(), ready.clone(), args.bpffs_dir.clone());
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                let signal = signals.wait();
-                // No registration is half-written while we hold the maps.
-                let _maps = registry.hold();
-                ready.remove_socket();
-                tracing::info!(
-                    signal = ?signal.ok(),
-                    "stopping: the programs stay attached and pinned under {}, so interception goes on; a restarted daemon adopts them",
-                    bpffs.display()
-                );
-                std::process::exit(0);
-            })
-            .context("starting the signal thread")?;
-    }
-    let gc = registry.clone();
     let interval = std::time::Duration::from_secs_f64(args.gc_interval);
-    std::thread::spawn(move || gc.collect_garbage(interval));
     let bound = http.local_addr()?;
     let metrics = Arc::new(daemon::metrics::Metrics::new(args.metrics_top));
     // A read-only handle of the metrics' own: scrapes never wait for, or
     // hold up, a registration.
     let reader = Arc::new(pinned::open_maps(&args.bpffs_dir)?);
-    daemon::metrics::serve(http, reader, metrics, ready)?;
-    tracing::info!("metrics on http://{bound}/metrics, readiness on /healthz/ready");
-    tracing::info!("serving registrations on {}", args.socket.display());
-    if let (Some(node), Some(mesh)) = (node, mesh) {
-        let registry = registry.clone();
-        let mesh_file = args.mesh_config.display().to_string();
-        tracing::info!(node = %node, "watching this node's pods");
-        std::thread::spawn(move || {
-            if let Err(e) = daemon::kube::run(registry, node, mesh, mesh_file) {
+    let shutdown = CancellationToken::new();
+    let bpffs = args.bpffs_dir.clone();
+    let mesh_file = args.mesh_config.display().to_string();
+    let socket = args.socket.display().to_string();
+    rt.block_on(async move {
+        tokio::spawn(
+            registry
+                .clone()
+                .collect_garbage(interval, shutdown.clone()),
+        );
+        tokio::spawn({
+            let (ready, shutdown) = (ready.clone(), shutdown.clone());
+            async move {
+                if let Err(e) =
+                    daemon::metrics::serve(http, reader, metrics, ready, shutdown).await
+                {
+                    tracing::error!(error = %format!("{e:#}"), "the metrics endpoint stopped");
+                }
+            }
+        });
+        tracing::info!("metrics on http://{bound}/metrics, readiness on /healthz/ready");
+        let watch = async {
+            match (node, mesh) {
+                (Some(node), Some(mesh)) => {
+                    tracing::info!(node = %node, "watching this node's pods");
+                    daemon::kube::run(registry.clone(), node, mesh, mesh_file).await
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        let mut serving = tokio::spawn(daemon::serve(endpoint, registry.clone(), shutdown.clone()));
+        tracing::info!("serving registrations on {socket}");
+        let signal = tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+            stopped = watch => {
+                let e = stopped.err().unwrap_or_else(|| anyhow::anyhow!("the pod watch ended"));
                 tracing::error!(error = %format!("{e:#}"), "the Kubernetes pod watch stopped");
                 std::process::exit(crate::cli::EXIT_SETUP.into());
             }
-        });
-    }
-    daemon::serve(endpoint, registry)
+            served = &mut serving => {
+                let e = match served {
+                    Ok(Ok(_)) => anyhow::anyhow!("the registration socket closed"),
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::anyhow!("the registration server panicked: {e}"),
+                };
+                return Err(e);
+            }
+        };
+        // The one way out: stop accepting, give the registrations under
+        // way a moment to finish, then hold the maps (no write is
+        // half-done) while the socket goes.
+        shutdown.cancel();
+        let _ = tokio::time::timeout(DRAIN, &mut serving).await;
+        tokio::task::spawn_blocking(move || {
+            let _maps = registry.hold();
+            ready.remove_socket();
+            tracing::info!(
+                signal,
+                "stopping: the programs stay attached and pinned under {}, so interception goes on; a restarted daemon adopts them",
+                bpffs.display()
+            );
+            std::process::exit(0);
+        })
+        .await
+        .context("stopping")?;
+        Ok(())
+    })
 }
+
+/// How long a stopping daemon waits for the registrations under way.
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);

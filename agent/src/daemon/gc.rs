@@ -105,12 +105,25 @@ impl Registry {
         Ok(removed)
     }
 
-    /// Sweep every `interval`, forever (on the calling thread).
-    pub fn collect_garbage(&self, interval: Duration) {
+    /// Sweep every `interval` (on the blocking pool: a sweep enters
+    /// namespaces and writes maps) until `shutdown` is cancelled.
+    pub async fn collect_garbage(
+        self: std::sync::Arc<Self>,
+        interval: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
         loop {
-            thread::sleep(interval);
-            if let Err(e) = self.sweep() {
-                tracing::warn!(error = %format!("{e:#}"), "garbage collection sweep");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let registry = self.clone();
+            match tokio::task::spawn_blocking(move || registry.sweep()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "garbage collection sweep")
+                }
+                Err(e) => tracing::error!(error = %e, "garbage collection sweep panicked"),
             }
         }
     }

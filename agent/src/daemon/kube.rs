@@ -316,7 +316,10 @@ impl Watch {
             self.applied.pending.remove(&uid);
             if let Some((cookie, _)) = self.applied.registered.remove(&uid) {
                 // Removes the pod identity with the policy.
-                let _ = self.registry.lock().unregister_netns(cookie);
+                let registry = self.registry.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || registry.lock().unregister_netns(cookie))
+                        .await;
                 tracing::info!(pod = %who, netns_cookie = cookie, "no longer meshed: unregistered");
             }
             return;
@@ -330,42 +333,52 @@ impl Watch {
                 return;
             }
         };
-        let Some(pid) = pod_process(&uid) else {
-            self.applied.pending.insert(uid, pod);
-            return;
-        };
-        let peer = match super::peer_of_pid(pid) {
-            Ok(p) => p,
-            Err(e) => {
+        // Finding the pod's process scans /proc and entering its namespace
+        // takes a thread: both on the blocking pool.
+        let find = uid.clone();
+        let found = tokio::task::spawn_blocking(move || pod_process(&find).map(super::peer_of_pid))
+            .await
+            .ok()
+            .flatten();
+        let peer = match found {
+            None => {
+                self.applied.pending.insert(uid, pod);
+                return;
+            }
+            Some(Err(e)) => {
                 tracing::debug!(pod = %who, error = %format!("{e:#}"), "pod namespace not readable yet");
                 self.applied.pending.insert(uid, pod);
                 return;
             }
+            Some(Ok(p)) => p,
         };
         self.applied.pending.remove(&uid);
         if self.applied.registered.get(&uid) == Some(&(peer.netns_cookie, policy.clone())) {
             return;
         }
-        match self.registry.register_namespace(
-            peer.netns_cookie,
-            policy.clone(),
-            &peer.local_addrs,
-            RegisteredBy::Kubernetes,
-        ) {
-            Ok(()) => {
-                // The identity only labels what is shown; the pod is meshed
-                // either way.
-                if let Err(e) = self.registry.set_identity(
-                    peer.netns_cookie,
-                    &pod.namespace().unwrap_or_default(),
-                    &pod.name_any(),
-                ) {
+        let registry = self.registry.clone();
+        let (cookie, registered) = (peer.netns_cookie, policy.clone());
+        let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+        let outcome = tokio::task::spawn_blocking(move || {
+            registry.register_namespace(
+                cookie,
+                registered,
+                &peer.local_addrs,
+                RegisteredBy::Kubernetes,
+            )?;
+            // The identity only labels what is shown; the pod is meshed
+            // either way.
+            Ok::<_, anyhow::Error>(registry.set_identity(cookie, &namespace, &name))
+        })
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("the registration panicked: {e}")));
+        match outcome {
+            Ok(identity) => {
+                if let Err(e) = identity {
                     tracing::warn!(pod = %who, error = %format!("{e:#}"), "recording the pod's identity failed: its metrics and `divert maps` show no pod");
                 }
-                tracing::info!(pod = %who, netns_cookie = peer.netns_cookie, "registered from annotations");
-                self.applied
-                    .registered
-                    .insert(uid, (peer.netns_cookie, policy));
+                tracing::info!(pod = %who, netns_cookie = cookie, "registered from annotations");
+                self.applied.registered.insert(uid, (cookie, policy));
             }
             Err(e) => tracing::warn!(pod = %who, error = %format!("{e:#}"), "registration failed"),
         }
@@ -409,18 +422,15 @@ impl Watch {
     }
 }
 
-/// Watch this node's pods forever (on a runtime of its own). Errors: no
-/// Kubernetes configuration (in-cluster or KUBECONFIG).
-pub fn run(
+/// Watch this node's pods until the watch ends. Errors: no Kubernetes
+/// configuration (in-cluster or KUBECONFIG), or the watch stream ended.
+pub async fn run(
     registry: Arc<Registry>,
     node: String,
     mesh: MeshConfig,
     mesh_file: String,
 ) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
+    {
         let client = Client::try_default()
             .await
             .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
@@ -459,7 +469,7 @@ pub fn run(
                 }
             }
         }
-    })
+    }
 }
 
 #[cfg(test)]

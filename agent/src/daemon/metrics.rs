@@ -31,7 +31,6 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
-    thread,
     time::Duration,
 };
 
@@ -235,68 +234,51 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 }
 
 /// Serve `/metrics` and `/healthz/ready` on `listener` (from [`bind`]),
-/// HTTP/1.1 (hyper) on a tokio runtime of its own thread: one task per
+/// HTTP/1.1 (hyper), until `shutdown` is cancelled: one task per
 /// connection, at most [`MAX_CONNECTIONS`], each closed after
 /// [`HEADER_TIMEOUT`] without a request or [`CONNECTION_LIFETIME`] in all.
 /// `/healthz/ready` answers 200 while `ready` holds (registrations are
 /// served by this daemon), 503 otherwise.
-pub fn serve(
+pub async fn serve(
     listener: std::net::TcpListener,
     maps: Arc<Maps>,
     metrics: Arc<Metrics>,
     ready: Readiness,
+    shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("the metrics runtime")?;
-    thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "the metrics listener");
-                        return;
-                    }
-                };
-                let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-                loop {
-                    let stream = match listener.accept().await {
-                        Ok((s, _)) => s,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept on the metrics endpoint");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    };
-                    let Ok(permit) = permits.clone().try_acquire_owned() else {
-                        continue; // dropped: closed at once
-                    };
-                    let (maps, metrics, ready) = (maps.clone(), metrics.clone(), ready.clone());
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
-                            let (maps, metrics, ready) =
-                                (maps.clone(), metrics.clone(), ready.clone());
-                            async move {
-                                Ok::<_, std::convert::Infallible>(
-                                    respond(&req, maps, metrics, &ready).await,
-                                )
-                            }
-                        });
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .timer(hyper_util::rt::TokioTimer::new())
-                            .header_read_timeout(HEADER_TIMEOUT)
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                        let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
-                        drop(permit);
-                    });
+    let listener = tokio::net::TcpListener::from_std(listener).context("the metrics listener")?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on the metrics endpoint");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-            })
-        })
-        .context("starting the metrics thread")?;
-    Ok(())
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            continue; // dropped: closed at once
+        };
+        let (maps, metrics, ready) = (maps.clone(), metrics.clone(), ready.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (maps, metrics, ready) = (maps.clone(), metrics.clone(), ready.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(respond(&req, maps, metrics, &ready).await)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(permit);
+        });
+    }
 }
 
 type Reply = hyper::Response<http_body_util::Full<hyper::body::Bytes>>;

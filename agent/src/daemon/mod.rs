@@ -25,25 +25,22 @@ pub mod proto;
 
 use std::{
     fs,
-    io::{Read, Write},
     os::{
         fd::AsFd,
-        unix::{
-            fs::MetadataExt,
-            net::{UnixListener, UnixStream},
-        },
+        unix::{fs::MetadataExt, net::UnixListener},
     },
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     thread,
-    time::Instant,
 };
 
 use anyhow::Context as _;
 use nix::sched::{setns, CloneFlags};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::UnixStream,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     ebpf::{Maps, RegisteredBy},
@@ -58,13 +55,6 @@ pub struct Peer {
     pub pid: i32,
     pub netns_cookie: u64,
     pub local_addrs: Vec<std::net::IpAddr>,
-}
-
-/// Identify the process at the other end of `stream` by its credentials.
-pub fn identify(stream: &UnixStream) -> anyhow::Result<Peer> {
-    let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
-        .context("SO_PEERCRED")?;
-    peer_of_pid(cred.pid())
 }
 
 /// The network namespace of process `pid` (as this daemon's pid namespace
@@ -221,21 +211,30 @@ impl Registry {
             }
         }
     }
+}
 
-    /// Read one request and answer it. Whatever the client sends, it gets
-    /// one answer line (unless it is gone); its request is never echoed.
-    fn serve_one(&self, stream: UnixStream) -> anyhow::Result<()> {
-        stream.set_write_timeout(Some(proto::TIMEOUT))?;
-        let response = match read_request(&stream) {
-            Err(e) => refusal(e),
-            Ok(line) => match (identify(&stream), Request::parse(&line)) {
-                (Ok(peer), Ok(req)) => self.handle(&peer, req),
-                (Err(e), _) => refusal(format!("cannot identify the caller: {e:#}")),
-                (_, Err(e)) => refusal(format!("bad request ({} bytes): {e}", line.len())),
-            },
-        };
-        answer(&stream, &response)
-    }
+/// Read one request and answer it. Whatever the client sends, it gets one
+/// answer line (unless it is gone); its request is never echoed. The
+/// caller is identified by `SO_PEERCRED`; identifying it (a thread that
+/// enters its namespace) and the map writes run on the blocking pool.
+async fn serve_one(registry: Arc<Registry>, mut stream: UnixStream) -> anyhow::Result<()> {
+    let response = match read_request(&mut stream).await {
+        Err(e) => refusal(e),
+        Ok(line) => {
+            let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+            tokio::task::spawn_blocking(move || {
+                let peer = pid.context("SO_PEERCRED gave no pid").and_then(peer_of_pid);
+                match (peer, Request::parse(&line)) {
+                    (Ok(peer), Ok(req)) => registry.handle(&peer, req),
+                    (Err(e), _) => refusal(format!("cannot identify the caller: {e:#}")),
+                    (_, Err(e)) => refusal(format!("bad request ({} bytes): {e}", line.len())),
+                }
+            })
+            .await
+            .unwrap_or_else(|e| refusal(format!("internal error in the divert daemon: {e}")))
+        }
+    };
+    answer(&mut stream, &response, proto::TIMEOUT).await
 }
 
 fn refusal(error: String) -> Response {
@@ -246,58 +245,55 @@ fn refusal(error: String) -> Response {
     }
 }
 
-fn answer(mut stream: &UnixStream, response: &Response) -> anyhow::Result<()> {
+/// Write `response` as one line, within `within`.
+async fn answer(
+    stream: &mut UnixStream,
+    response: &Response,
+    within: std::time::Duration,
+) -> anyhow::Result<()> {
     let mut out = serde_json::to_string(response)?;
     out.push('\n');
-    stream.write_all(out.as_bytes())?;
+    tokio::time::timeout(within, stream.write_all(out.as_bytes()))
+        .await
+        .context("writing the answer timed out")??;
     Ok(())
 }
 
 /// Read one request line: at most [`proto::MAX_REQUEST_BYTES`] before the
 /// newline, all of it within [`proto::REQUEST_DEADLINE`]. The error says
 /// which bound was hit, never what was sent.
-fn read_request(mut stream: &UnixStream) -> Result<String, String> {
-    let deadline = Instant::now() + proto::REQUEST_DEADLINE;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!(
+async fn read_request(stream: &mut UnixStream) -> Result<String, String> {
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = match stream.read(&mut chunk).await {
+                Ok(0) => return Err("the connection closed before a complete request line".into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("reading the request: {e}")),
+            };
+            let end = chunk[..n].iter().position(|&b| b == b'\n');
+            buf.extend_from_slice(&chunk[..end.unwrap_or(n)]);
+            if buf.len() > proto::MAX_REQUEST_BYTES {
+                return Err(format!(
+                    "request line longer than {} bytes",
+                    proto::MAX_REQUEST_BYTES
+                ));
+            }
+            if end.is_some() {
+                return String::from_utf8(buf).map_err(|_| "the request is not UTF-8".to_string());
+            }
+        }
+    };
+    tokio::time::timeout(proto::REQUEST_DEADLINE, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
                 "no complete request line within {:?}",
                 proto::REQUEST_DEADLINE
-            ));
-        }
-        stream
-            .set_read_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
-        let n = match stream.read(&mut chunk) {
-            Ok(0) => return Err("the connection closed before a complete request line".into()),
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
-            Err(e) => return Err(format!("reading the request: {e}")),
-        };
-        let end = chunk[..n].iter().position(|&b| b == b'\n');
-        buf.extend_from_slice(&chunk[..end.unwrap_or(n)]);
-        if buf.len() > proto::MAX_REQUEST_BYTES {
-            return Err(format!(
-                "request line longer than {} bytes",
-                proto::MAX_REQUEST_BYTES
-            ));
-        }
-        if end.is_some() {
-            return String::from_utf8(buf).map_err(|_| "the request is not UTF-8".to_string());
-        }
-    }
+            ))
+        })
 }
 
 /// At most this many registration connections are served at once; one
@@ -340,7 +336,7 @@ impl Endpoint {
                     lock_path.display()
                 )
             })?;
-        if UnixStream::connect(path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!(
                 "something already serves {} (holding no divert lock): stop it first",
                 path.display()
@@ -396,37 +392,51 @@ impl Readiness {
     }
 }
 
-/// Serve requests forever, a short-lived thread per connection, at most
-/// [`MAX_CLIENTS`] at once.
-pub fn serve(endpoint: Endpoint, registry: Arc<Registry>) -> anyhow::Result<()> {
-    let busy = Arc::new(AtomicUsize::new(0));
-    for stream in endpoint.listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept on the registration socket");
-                continue;
-            }
+/// Serve requests until `shutdown` is cancelled, a task per connection, at
+/// most [`MAX_CLIENTS`] at once (one more is answered "busy" at once).
+/// Then stop accepting and wait for the requests under way (each bounded
+/// by [`proto::REQUEST_DEADLINE`] and its map writes), so none is cut off
+/// half-served; the endpoint (the socket and its lock) is given back.
+pub async fn serve(
+    endpoint: Endpoint,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Endpoint> {
+    endpoint.listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(endpoint.listener.try_clone()?)
+        .context("the registration socket")?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    let tasks = TaskTracker::new();
+    loop {
+        let mut stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on the registration socket");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
         };
-        if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-            busy.fetch_sub(1, Ordering::SeqCst);
-            let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(100)));
-            let _ = answer(
-                &stream,
-                &refusal(format!(
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tasks.spawn(async move {
+                let busy = refusal(format!(
                     "the divert daemon is serving {MAX_CLIENTS} requests already: try again"
-                )),
-            );
+                ));
+                let _ = answer(&mut stream, &busy, std::time::Duration::from_millis(100)).await;
+            });
             continue;
-        }
+        };
         let registry = registry.clone();
-        let busy = busy.clone();
-        thread::spawn(move || {
-            if let Err(e) = registry.serve_one(stream) {
+        tasks.spawn(async move {
+            if let Err(e) = serve_one(registry, stream).await {
                 tracing::warn!(error = %format!("{e:#}"), "registration connection");
             }
-            busy.fetch_sub(1, Ordering::SeqCst);
+            drop(permit);
         });
     }
-    Ok(())
+    tasks.close();
+    tasks.wait().await;
+    Ok(endpoint)
 }
