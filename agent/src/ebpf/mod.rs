@@ -8,41 +8,45 @@
 //! everything. [`Maps`] is an instance's maps alone, which is all the node
 //! daemon and the inspection commands hold ([`pinned`]).
 //!
-//! Modules: [`pinned`] (bpffs pins, adoption, uninstall), `encode` (a
-//! policy as the header and map keys, and back).
+//! Modules, one concern each: `load` (the object, its programs, attaching),
+//! this module (the [`Maps`] handle and the policy maps: register, replace,
+//! unregister, read back), `encode` (a policy as the header and map keys,
+//! and back), `counters`, `pods`, `diagnostics` (run-time statistics and
+//! map memory, for the benchmark: feature `testing`), [`pinned`] (bpffs pins, adoption,
+//! uninstall).
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
-    os::fd::AsFd,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap},
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
-    Ebpf, EbpfError,
+    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, MapError},
+    programs::ProgramError,
+    EbpfError,
 };
 use divert_common::{
-    maps, AddrKey, CounterKey, CounterValue, LpmKey4, LpmKey6, MapKind, PodName, PolicyHeader,
-    PortKey, ProgramKind, Side, Verdict, POD_NAMESPACE_LEN, POD_NAME_LEN, PROGRAMS,
+    maps, AddrKey, LpmKey4, LpmKey6, MapKind, PolicyHeader, PortKey, POD_NAMESPACE_LEN,
+    POD_NAME_LEN,
 };
 
-use crate::policy::{canonical, Policy};
+use crate::policy::Policy;
 
+mod counters;
+#[cfg(feature = "testing")]
+mod diagnostics;
 mod encode;
+mod load;
 pub mod pinned;
+mod pods;
 
+pub use counters::Counter;
+#[cfg(feature = "testing")]
+pub use diagnostics::{map_memory, MapMemory, ProgramStats, RunTimeStats};
 pub use encode::{header, Entries};
 use encode::{policy_from, stamped};
-
-/// Attachments are bpf links (Linux 5.7+), which the kernel always runs
-/// beside other programs (`BPF_F_ALLOW_MULTI` semantics); link_create takes
-/// no attach flags, so the mode must be the flag-less one.
-const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
-
-/// The kernel object built from `ebpf/` by `build.rs`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/divert"));
+pub use load::Interceptor;
+pub use pods::PodRef;
 
 /// Loading, attaching or map access failed.
 #[derive(Debug, thiserror::Error)]
@@ -100,38 +104,8 @@ impl Error {
 
 type Result<T> = std::result::Result<T, Error>;
 
-/// One destination's counters in one namespace, summed over CPUs.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Counter {
-    pub netns_cookie: u64,
-    /// Destination as dialled (IPv4-mapped shown as IPv4).
-    pub destination: IpAddr,
-    pub port: u16,
-    /// `redirected`, `inbound_capture` or `passthrough`.
-    pub verdict: &'static str,
-    /// Connects judged.
-    pub connections: u64,
-    /// Payload bytes sent and acknowledged, of connections closed so far.
-    pub bytes_sent: u64,
-    /// Payload bytes received, of connections closed so far.
-    pub bytes_received: u64,
-}
-
 /// Who registered a namespace's policy (the header's `registered_by`).
 pub use divert_common::RegisteredBy;
-
-/// A Kubernetes pod: namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-pub struct PodRef {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl std::fmt::Display for PodRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// One registered namespace as the maps hold it (see [`Maps::registrations`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,96 +120,6 @@ pub struct Registration {
     pub policy: Policy,
 }
 
-/// One program's run statistics (see [`Interceptor::program_stats`]).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct ProgramStats {
-    /// The program's function name in `divert-ebpf` (e.g. `divert_connect4`).
-    pub name: String,
-    /// Times the program ran while run-time statistics were on.
-    pub run_count: u64,
-    /// Total time it ran, nanoseconds, while run-time statistics were on.
-    pub run_time_ns: u64,
-}
-
-/// While held, the kernel accounts every BPF program's run count and run
-/// time (`BPF_ENABLE_STATS` with `BPF_STATS_RUN_TIME`, Linux 5.8+). It
-/// costs two clock reads per program run, so measure latency without it.
-/// Dropping the guard turns the accounting off again (unless another
-/// holder, or the `kernel.bpf_stats_enabled` sysctl, keeps it on).
-pub struct RunTimeStats {
-    _fd: std::os::fd::OwnedFd,
-}
-
-impl RunTimeStats {
-    /// Turn run-time accounting on. Errors: the kernel refused
-    /// (`EPERM` without CAP_SYS_ADMIN, `EINVAL` before 5.8).
-    pub fn enable() -> std::io::Result<Self> {
-        let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-            .map_err(|e| std::io::Error::other(format!("BPF_ENABLE_STATS: {e}")))?;
-        Ok(RunTimeStats { _fd: fd })
-    }
-}
-
-/// Kernel memory of one BPF map held open by this process, as
-/// `/proc/self/fdinfo` reports it (`memlock:`, which since Linux 6.4 is the
-/// map's actual usage, `map_mem_usage`, not a bound from `max_entries`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct MapMemory {
-    /// The map's name as the kernel holds it (at most 15 bytes).
-    pub name: String,
-    pub id: u32,
-    pub max_entries: u32,
-    /// Bytes.
-    pub memlock_bytes: u64,
-}
-
-/// Every BPF map this process holds a file descriptor to, with its kernel
-/// memory, sorted by name. A process that holds one [`Interceptor`] and
-/// nothing else sees exactly that instance's maps. Errors: `/proc/self`
-/// could not be read.
-pub fn map_memory() -> std::io::Result<Vec<MapMemory>> {
-    let mut seen = BTreeMap::new();
-    for entry in std::fs::read_dir("/proc/self/fd")? {
-        let entry = entry?;
-        let Ok(link) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        if link.as_os_str() != "anon_inode:bpf-map" {
-            continue;
-        }
-        let Ok(info) = std::fs::read_to_string(
-            std::path::Path::new("/proc/self/fdinfo").join(entry.file_name()),
-        ) else {
-            continue;
-        };
-        let field = |key: &str| -> Option<u64> {
-            info.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().parse().ok())
-        };
-        let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) else {
-            continue;
-        };
-        let id = id as u32;
-        let name = aya::maps::MapInfo::from_id(id)
-            .ok()
-            .and_then(|i| i.name_as_str().map(str::to_string))
-            .unwrap_or_default();
-        seen.insert(
-            id,
-            MapMemory {
-                name,
-                id,
-                max_entries: field("max_entries:").unwrap_or(0) as u32,
-                memlock_bytes: memlock,
-            },
-        );
-    }
-    let mut out: Vec<MapMemory> = seen.into_values().collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-    Ok(out)
-}
-
 /// Every map of the object, by name ([`divert_common::MAPS`]).
 pub const MAP_NAMES: [&str; divert_common::MAPS.len()] = {
     let mut names = [""; divert_common::MAPS.len()];
@@ -247,14 +131,6 @@ pub const MAP_NAMES: [&str; divert_common::MAPS.len()] = {
     names
 };
 
-/// The programs and maps this process loaded ([`Interceptor::load`]):
-/// attach them, read their run statistics; the maps are reached through
-/// `Deref` to [`Maps`]. Dropping it detaches every attachment it made.
-pub struct Interceptor {
-    ebpf: Ebpf,
-    maps: Maps,
-}
-
 /// One instance's maps: every map of [`divert_common::MAPS`], from
 /// [`Interceptor::load`] or opened from bpffs pins ([`pinned::open`],
 /// [`pinned::open_maps`]). Policies are written through `&mut self`;
@@ -262,134 +138,6 @@ pub struct Interceptor {
 /// holding up the writer.
 pub struct Maps {
     maps: BTreeMap<&'static str, Map>,
-}
-
-impl Interceptor {
-    /// Load and verify every program. Private to this process: nothing is
-    /// pinned, and everything is released when the instance is dropped.
-    pub fn load() -> Result<Self> {
-        // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
-        let _ = nix::sys::resource::setrlimit(
-            nix::sys::resource::Resource::RLIMIT_MEMLOCK,
-            nix::sys::resource::RLIM_INFINITY,
-            nix::sys::resource::RLIM_INFINITY,
-        );
-        let mut ebpf = Ebpf::load(OBJECT)?;
-        for p in PROGRAMS {
-            let failed = |source| Error::Program {
-                program: p.name,
-                source,
-            };
-            match p.kind {
-                ProgramKind::CgroupSockAddr => prog::<CgroupSockAddr>(&mut ebpf, p.name)?
-                    .load()
-                    .map_err(failed)?,
-                ProgramKind::SockOps => {
-                    prog::<SockOps>(&mut ebpf, p.name)?.load().map_err(failed)?
-                }
-                ProgramKind::CgroupSockopt => prog::<CgroupSockopt>(&mut ebpf, p.name)?
-                    .load()
-                    .map_err(failed)?,
-            }
-        }
-        let mut maps = BTreeMap::new();
-        for (name, kind) in divert_common::MAPS {
-            let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
-            let declared = match &map {
-                Map::HashMap(_) => Some(MapKind::Hash),
-                Map::LpmTrie(_) => Some(MapKind::LpmTrie),
-                Map::LruHashMap(_) => Some(MapKind::LruHash),
-                Map::PerCpuLruHashMap(_) => Some(MapKind::LruPerCpuHash),
-                _ => None,
-            };
-            if declared != Some(kind) {
-                return Err(Error::MapKind { map: name, kind });
-            }
-            maps.insert(name, map);
-        }
-        Ok(Interceptor {
-            ebpf,
-            maps: Maps { maps },
-        })
-    }
-
-    /// Attach the workload programs (connect4/6, sock_ops, getpeername4/6)
-    /// to `cgroup` (an open cgroup v2 directory), beside any other programs
-    /// attached there.
-    pub fn attach_workload(&mut self, cgroup: impl AsFd) -> Result<()> {
-        self.attach(Side::Workload, cgroup.as_fd())
-    }
-
-    /// Attach the getsockopt program to the proxy's cgroup.
-    pub fn attach_proxy(&mut self, cgroup: impl AsFd) -> Result<()> {
-        self.attach(Side::Proxy, cgroup.as_fd())
-    }
-
-    /// Attach every program of `side` in [`PROGRAMS`] to `cgroup`.
-    fn attach(&mut self, side: Side, cgroup: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-        let ebpf = &mut self.ebpf;
-        for p in PROGRAMS.iter().filter(|p| p.side == side) {
-            let failed = |source| Error::Program {
-                program: p.name,
-                source,
-            };
-            match p.kind {
-                ProgramKind::CgroupSockAddr => prog::<CgroupSockAddr>(ebpf, p.name)?
-                    .attach(cgroup, LINK_MODE)
-                    .map(drop)
-                    .map_err(failed)?,
-                ProgramKind::SockOps => prog::<SockOps>(ebpf, p.name)?
-                    .attach(cgroup, LINK_MODE)
-                    .map(drop)
-                    .map_err(failed)?,
-                ProgramKind::CgroupSockopt => prog::<CgroupSockopt>(ebpf, p.name)?
-                    .attach(cgroup, LINK_MODE)
-                    .map(drop)
-                    .map_err(failed)?,
-            }
-        }
-        Ok(())
-    }
-
-    /// Each program's run count and total run time, as the kernel accounts
-    /// them while a [`RunTimeStats`] guard is held (`bpf_prog_info.run_cnt`
-    /// and `run_time_ns`; both stay 0 while no guard or
-    /// `kernel.bpf_stats_enabled` is on). Sorted by program name.
-    pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
-        let mut out = Vec::new();
-        for (name, program) in self.ebpf.programs() {
-            let info = program.info().map_err(|source| Error::Stats {
-                program: name.to_string(),
-                source,
-            })?;
-            out.push(ProgramStats {
-                name: name.to_string(),
-                run_count: info.run_count(),
-                run_time_ns: info.run_time().as_nanos() as u64,
-            });
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
-    }
-
-    /// The maps alone, for a process that keeps them (the node daemon,
-    /// whose programs live on through their pins and links).
-    pub fn into_maps(self) -> Maps {
-        self.maps
-    }
-}
-
-impl std::ops::Deref for Interceptor {
-    type Target = Maps;
-    fn deref(&self) -> &Maps {
-        &self.maps
-    }
-}
-
-impl std::ops::DerefMut for Interceptor {
-    fn deref_mut(&mut self) -> &mut Maps {
-        &mut self.maps
-    }
 }
 
 impl Maps {
@@ -435,39 +183,6 @@ impl Maps {
         }
         self.remove_entries(netns_cookie, policy)?;
         self.remove_counters(netns_cookie)
-    }
-
-    /// Remove every `COUNTERS` series of `netns_cookie` (a namespace that is
-    /// unregistered is no longer counted; its old series would only linger
-    /// until the LRU evicted them).
-    fn remove_counters(&mut self, netns_cookie: u64) -> Result<()> {
-        let m = self
-            .maps
-            .get_mut(maps::COUNTERS)
-            .ok_or(Error::MissingMap(maps::COUNTERS))?;
-        let mut counters: PerCpuHashMap<&mut MapData, CounterKey, CounterValue> =
-            PerCpuHashMap::try_from(m).map_err(|source| Error::Map {
-                map: maps::COUNTERS,
-                source,
-            })?;
-        let keys: Vec<CounterKey> = counters
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.netns_cookie == netns_cookie)
-            .collect();
-        for k in keys {
-            match counters.remove(&k) {
-                Ok(()) => {}
-                Err(e) if absent(&e) => {}
-                Err(source) => {
-                    return Err(Error::Map {
-                        map: maps::COUNTERS,
-                        source,
-                    })
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Every registered netns cookie, sorted.
@@ -564,73 +279,6 @@ impl Maps {
         Ok(out)
     }
 
-    /// Record that `netns_cookie` is the pod `namespace`/`name` (`PODS`), for
-    /// `divert maps`, `divert stats` and the metric labels. Errors:
-    /// [`Error::PodName`] when a name is longer than Kubernetes allows.
-    pub fn set_pod(&mut self, netns_cookie: u64, namespace: &str, name: &str) -> Result<()> {
-        let too_long = || Error::PodName {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-        };
-        let mut v = PodName {
-            namespace: [0; POD_NAMESPACE_LEN],
-            name: [0; POD_NAME_LEN],
-        };
-        // Keep a NUL at the end of each field.
-        if namespace.len() >= POD_NAMESPACE_LEN || name.len() >= POD_NAME_LEN {
-            return Err(too_long());
-        }
-        v.namespace[..namespace.len()].copy_from_slice(namespace.as_bytes());
-        v.name[..name.len()].copy_from_slice(name.as_bytes());
-        let mut m: HashMap<&mut MapData, u64, PodName> = hash_map(&mut self.maps, maps::PODS)?;
-        m.insert(netns_cookie, v, 0).map_err(|source| {
-            Error::Map {
-                map: maps::PODS,
-                source,
-            }
-            .full()
-        })
-    }
-
-    /// Forget `netns_cookie`'s pod; absent is fine.
-    pub fn remove_pod(&mut self, netns_cookie: u64) -> Result<()> {
-        let mut m: HashMap<&mut MapData, u64, PodName> = hash_map(&mut self.maps, maps::PODS)?;
-        match m.remove(&netns_cookie) {
-            Ok(()) => Ok(()),
-            Err(e) if absent(&e) => Ok(()),
-            Err(source) => Err(Error::Map {
-                map: maps::PODS,
-                source,
-            }),
-        }
-    }
-
-    /// Every recorded pod, by netns cookie.
-    pub fn pods(&self) -> Result<BTreeMap<u64, PodRef>> {
-        let m = self.read_hash::<u64, PodName>(maps::PODS)?;
-        let text = |b: &[u8]| {
-            let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-            String::from_utf8_lossy(&b[..end]).into_owned()
-        };
-        m.iter()
-            .map(|r| {
-                r.map(|(cookie, v)| {
-                    (
-                        cookie,
-                        PodRef {
-                            namespace: text(&v.namespace),
-                            name: text(&v.name),
-                        },
-                    )
-                })
-            })
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|source| Error::Map {
-                map: maps::PODS,
-                source,
-            })
-    }
-
     /// Every trie, port and address key carrying `netns_cookie`, found by
     /// walking the maps.
     fn owned(&self, netns_cookie: u64) -> Result<Entries> {
@@ -717,45 +365,6 @@ impl Maps {
         self.remove_pod(netns_cookie)?;
         self.remove_counters(netns_cookie)?;
         Ok(was)
-    }
-
-    /// Per-destination counters, summed over CPUs, sorted by namespace,
-    /// destination, port and verdict.
-    pub fn counters(&self) -> Result<Vec<Counter>> {
-        let map = self
-            .maps
-            .get(maps::COUNTERS)
-            .ok_or(Error::MissingMap(maps::COUNTERS))?;
-        let counters: PerCpuHashMap<&MapData, CounterKey, CounterValue> =
-            PerCpuHashMap::try_from(map).map_err(|source| Error::Map {
-                map: maps::COUNTERS,
-                source,
-            })?;
-        let mut sums: BTreeMap<CounterKey, CounterValue> = BTreeMap::new();
-        for entry in counters.iter() {
-            let (key, per_cpu) = entry.map_err(|source| Error::Map {
-                map: maps::COUNTERS,
-                source,
-            })?;
-            let sum = sums.entry(key).or_default();
-            for v in per_cpu.iter() {
-                sum.connections += v.connections;
-                sum.bytes_sent += v.bytes_sent;
-                sum.bytes_received += v.bytes_received;
-            }
-        }
-        Ok(sums
-            .into_iter()
-            .map(|(k, v)| Counter {
-                netns_cookie: k.netns_cookie,
-                destination: canonical(IpAddr::from(k.addr)),
-                port: k.port,
-                verdict: Verdict::from_code(k.verdict).name(),
-                connections: v.connections,
-                bytes_sent: v.bytes_sent,
-                bytes_received: v.bytes_received,
-            })
-            .collect())
     }
 
     fn policies(&mut self) -> Result<HashMap<&mut MapData, u64, PolicyHeader>> {
@@ -870,20 +479,6 @@ fn absent(e: &MapError) -> bool {
         MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
         _ => false,
     }
-}
-
-fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
-{
-    let p = ebpf.program_mut(name).ok_or(Error::Program {
-        program: name,
-        source: ProgramError::UnexpectedProgramType,
-    })?;
-    p.try_into().map_err(|source| Error::Program {
-        program: name,
-        source,
-    })
 }
 
 type MapsByName = BTreeMap<&'static str, Map>;
