@@ -5,7 +5,10 @@
 use std::{fs, path::PathBuf};
 
 use clap::{CommandFactory, FromArgMatches, Parser};
-use divert::{cli::init::InitArgs, policy::Policy};
+use divert::{
+    cli::init::InitArgs,
+    policy::{Capture, Policy},
+};
 
 /// One golden file: its flags, whether the namespace has IPv6, and the
 /// iptables-restore input istio-iptables writes per family (`v6` empty
@@ -63,11 +66,17 @@ struct Cli {
     init: InitArgs,
 }
 
-/// The policy `divert init FLAGS…` builds (flags, environment, defaults).
-pub fn policy_for(flags: &[String]) -> anyhow::Result<Policy> {
+/// The outbound policy and capture settings `divert init FLAGS…` builds
+/// (flags, environment, defaults).
+pub fn settings_for(flags: &[String]) -> anyhow::Result<(Policy, Capture)> {
     let m = Cli::command().try_get_matches_from(
         std::iter::once("divert-init".to_string()).chain(flags.iter().cloned()),
     )?;
     let cli = Cli::from_arg_matches(&m)?;
-    cli.init.to_policy(Some(&m))
+    cli.init.settings(Some(&m))
+}
+
+/// The outbound policy of [`settings_for`].
+pub fn policy_for(flags: &[String]) -> anyhow::Result<Policy> {
+    Ok(settings_for(flags)?.0)
 }

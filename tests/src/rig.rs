@@ -95,7 +95,10 @@ impl IptablesRig {
             .enter(move || -> anyhow::Result<()> {
                 let mut sets = Vec::new();
                 for f in [Family::V4, Family::V6] {
-                    sets.push((iptables::detect(f)?, iptables::render(&policy, f)?));
+                    sets.push((
+                        iptables::detect(f)?,
+                        iptables::render(&policy, &Default::default(), f)?,
+                    ));
                 }
                 iptables::apply(&sets)
             })

@@ -26,7 +26,7 @@ use divert::{
 use divert_tests::{
     cases::{expected, istio_matrix, seed_and_count, Generator},
     command_in, divert_bin,
-    goldens::{goldens, policy_for},
+    goldens::{goldens, settings_for},
     require_root,
     rig::{EbpfRig, IptablesRig},
     testkit_bin, Daemon, Netns, Placement,
@@ -146,7 +146,7 @@ fn every_istio_case_renders_as_istio_iptables_writes_it() {
     assert!(goldens.len() >= 15, "only {} golden files", goldens.len());
     let mut failures = Vec::new();
     for g in &goldens {
-        let p = policy_for(&g.flags).unwrap_or_else(|e| panic!("{}: {e:#}", g.name));
+        let (p, c) = settings_for(&g.flags).unwrap_or_else(|e| panic!("{}: {e:#}", g.name));
         let mut fams = vec![(Family::V4, &g.v4)];
         if g.ipv6 {
             fams.push((Family::V6, &g.v6));
@@ -154,7 +154,7 @@ fn every_istio_case_renders_as_istio_iptables_writes_it() {
             assert!(g.v6.is_empty(), "{}: ipv6 line and blocks disagree", g.name);
         }
         for (f, want) in fams {
-            let got = render(&p, f).unwrap().restore_text();
+            let got = render(&p, &c, f).unwrap().restore_text();
             if &got != want {
                 failures.push(format!("{} ({f}):\n--- want\n{want}--- got\n{got}", g.name));
             }

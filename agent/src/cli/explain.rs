@@ -21,7 +21,7 @@ use crate::{
     ebpf::PodRef,
     iptables::{self, Family},
     policy::{
-        as_dialled, canonical, verdict_for, Action, Connect, Inbound, IncludeRanges, IpNetwork,
+        as_dialled, canonical, verdict_for, Action, Capture, Connect, IncludeRanges, IpNetwork,
         Policy, Verdict,
     },
 };
@@ -163,16 +163,9 @@ pub fn explain_for(policy: &Policy, c: &Connect) -> (Verdict, Vec<Step>) {
     } else {
         Family::V6
     };
-    // Only ISTIO_OUTPUT is walked: inbound settings and interfaces do not
-    // change it (and TPROXY, which the iptables backend refuses, is not
-    // the outbound chain's business).
-    let outbound = Policy {
-        inbound: Inbound::default(),
-        kube_virt_interfaces: Vec::new(),
-        exclude_interfaces: Vec::new(),
-        ..policy.clone()
-    };
-    let rules = iptables::render(&outbound, family).expect("REDIRECT mode always renders");
+    // Only ISTIO_OUTPUT is walked, which capture settings do not change.
+    let rules = iptables::render(policy, &Capture::default(), family)
+        .expect("REDIRECT mode always renders");
     let mut steps = Vec::new();
     for r in rules
         .rules

@@ -16,7 +16,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use crate::{
     iptables::{self, Family, Iptables, RuleSet},
     netns,
-    policy::{CaptureArgs, Policy, PolicyArgs},
+    policy::{Capture, CaptureArgs, Policy, PolicyArgs},
 };
 
 /// How interception is put in place.
@@ -81,11 +81,12 @@ pub struct InitArgs {
 }
 
 impl InitArgs {
-    /// The validated policy these arguments describe (no local addresses).
-    pub fn to_policy(&self, matches: Option<&ArgMatches>) -> anyhow::Result<Policy> {
-        let mut policy = self.policy.to_policy(matches)?;
-        self.capture.apply_to(&mut policy, matches)?;
-        Ok(policy)
+    /// The validated outbound policy (no local addresses) and capture
+    /// settings these arguments describe; nothing when either is bad.
+    pub fn settings(&self, matches: Option<&ArgMatches>) -> anyhow::Result<(Policy, Capture)> {
+        let policy = self.policy.to_policy(matches)?;
+        let capture = self.capture.to_capture(matches)?;
+        Ok((policy, capture))
     }
 }
 
@@ -115,7 +116,7 @@ pub fn main(args: &InitArgs, matches: &ArgMatches) -> ExitCode {
 }
 
 fn run(args: &InitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
-    let policy = args.to_policy(Some(matches))?;
+    let (policy, capture) = args.settings(Some(matches))?;
     let backend = match args.backend {
         Backend::Auto if args.daemon_socket.exists() => {
             eprintln!(
@@ -134,8 +135,8 @@ fn run(args: &InitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         b => b,
     };
     let apply = |args: &InitArgs| match backend {
-        Backend::Ebpf => ebpf(args, &policy),
-        _ => iptables_backend(args, &policy),
+        Backend::Ebpf => ebpf(args, &policy, &capture),
+        _ => iptables_backend(args, &policy, &capture),
     };
     apply(args)?;
     if args.validate && !args.dry_run && !args.cleanup {
@@ -154,21 +155,21 @@ fn run(args: &InitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
 
 /// What the eBPF backend does not apply, for the warning: inbound capture,
 /// `-k` and `-c` are iptables-only (PREROUTING rules).
-pub fn not_applied_under_ebpf(policy: &Policy) -> Vec<String> {
+pub fn not_applied_under_ebpf(capture: &Capture) -> Vec<String> {
     let mut v = Vec::new();
-    if policy.inbound.ports != crate::policy::InboundPorts::None {
+    if capture.inbound.ports != crate::policy::InboundPorts::None {
         v.push("inbound capture (-b/-d)".to_string());
     }
-    if !policy.kube_virt_interfaces.is_empty() {
-        v.push(format!("-k {}", policy.kube_virt_interfaces.join(",")));
+    if !capture.kube_virt_interfaces.is_empty() {
+        v.push(format!("-k {}", capture.kube_virt_interfaces.join(",")));
     }
-    if !policy.exclude_interfaces.is_empty() {
-        v.push(format!("-c {}", policy.exclude_interfaces.join(",")));
+    if !capture.exclude_interfaces.is_empty() {
+        v.push(format!("-c {}", capture.exclude_interfaces.join(",")));
     }
     v
 }
 
-fn ebpf(args: &InitArgs, policy: &Policy) -> anyhow::Result<()> {
+fn ebpf(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<()> {
     use crate::daemon::proto::{self, Op};
     let op = if args.cleanup {
         Op::Unregister
@@ -187,7 +188,7 @@ fn ebpf(args: &InitArgs, policy: &Policy) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let skipped = not_applied_under_ebpf(policy);
+    let skipped = not_applied_under_ebpf(capture);
     if !skipped.is_empty() && !args.cleanup {
         eprintln!(
             "divert init: warning: the ebpf backend diverts outbound TCP only; not applied: {}",
@@ -216,7 +217,7 @@ fn ebpf(args: &InitArgs, policy: &Policy) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn iptables_backend(args: &InitArgs, policy: &Policy) -> anyhow::Result<()> {
+fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<()> {
     let policy = policy.clone();
     let local = netns::local_addresses().context("listing this namespace's addresses")?;
     let mut wanted = families(&local);
@@ -226,7 +227,7 @@ fn iptables_backend(args: &InitArgs, policy: &Policy) -> anyhow::Result<()> {
     }
     let mut sets: Vec<RuleSet> = Vec::new();
     for f in &wanted {
-        sets.push(iptables::render(&policy, *f)?);
+        sets.push(iptables::render(&policy, capture, *f)?);
     }
     if args.dry_run {
         for set in &sets {

@@ -217,6 +217,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn capture_settings_in_a_registration_are_refused_not_ignored() {
+        // The eBPF backend applies the outbound policy only: a request that
+        // carries inbound capture or interfaces is refused whole.
+        let mut v =
+            serde_json::json!({"version": VERSION, "op": "register", "policy": Policy::default()});
+        assert!(Request::parse(&v.to_string()).is_ok());
+        for (field, value) in [
+            (
+                "inbound",
+                serde_json::json!({"mode": "Redirect", "ports": "All", "exclude_ports": []}),
+            ),
+            ("kube_virt_interfaces", serde_json::json!(["eth1"])),
+            ("exclude_interfaces", serde_json::json!(["eth2"])),
+        ] {
+            v["policy"] = serde_json::to_value(Policy::default()).unwrap();
+            v["policy"][field] = value;
+            assert!(
+                Request::parse(&v.to_string()).is_err(),
+                "{field} was accepted"
+            );
+        }
+    }
+
     use crate::policy::{PolicyArgs, Source};
     use proptest::prelude::*;
 

@@ -213,7 +213,6 @@ pub fn policy_from(h: &PolicyHeader, e: &Entries) -> Policy {
         include_ports: ports(port_list::INCLUDE),
         exclude_ports: ports(port_list::EXCLUDE),
         local_addrs,
-        ..Policy::default()
     }
 }
 

@@ -1,4 +1,5 @@
-//! The iptables backend: a [`Policy`] rendered as istio-iptables renders it,
+//! The iptables backend: a [`Policy`] and its [`Capture`] settings rendered
+//! as istio-iptables renders them,
 //! and applied to the calling thread's network namespace with
 //! iptables-restore.
 //!
@@ -22,7 +23,7 @@ pub use apply::{apply, cleanup, detect, Iptables};
 
 use std::fmt::Write as _;
 
-use crate::policy::{self, InboundPorts, InterceptionMode, IpNetwork, Policy};
+use crate::policy::{self, Capture, InboundPorts, InterceptionMode, IpNetwork, Policy};
 
 /// Chains this backend owns in the nat table, in istio-iptables' names.
 /// Nothing else is ever created, flushed or deleted.
@@ -249,8 +250,8 @@ fn port_matches(ports: &[u16]) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// The rules istio-iptables writes into the nat table for `policy` and one
-/// address family, in its order (run.go `Run`):
+/// The rules istio-iptables writes into the nat table for `policy`,
+/// `capture` and one address family, in its order (run.go `Run`):
 ///
 /// 1. `-c` interfaces: `PREROUTING -i X -j RETURN`, `OUTPUT -o X -j RETURN`;
 /// 2. `-k` interfaces: `-I PREROUTING 1 -i X -j RETURN`;
@@ -266,19 +267,19 @@ fn port_matches(ports: &[u16]) -> Vec<Vec<String>> {
 ///    `PREROUTING` jumps inserted at the top).
 ///
 /// Errors: [`RenderError`] for settings the backend refuses (TPROXY).
-pub fn render(policy: &Policy, family: Family) -> Result<RuleSet, RenderError> {
-    if policy.inbound.mode == InterceptionMode::Tproxy {
+pub fn render(policy: &Policy, capture: &Capture, family: Family) -> Result<RuleSet, RenderError> {
+    if capture.inbound.mode == InterceptionMode::Tproxy {
         return Err(RenderError::Tproxy);
     }
     let mut rules: Vec<Rule> = Vec::new();
     let tunnel = policy.inbound_tunnel_port.to_string();
     let lo = family.loopback();
 
-    for ifc in &policy.exclude_interfaces {
+    for ifc in &capture.exclude_interfaces {
         rules.push(Rule::append("PREROUTING", &["-i", ifc, "-j", "RETURN"]));
         rules.push(Rule::append("OUTPUT", &["-o", ifc, "-j", "RETURN"]));
     }
-    for ifc in &policy.kube_virt_interfaces {
+    for ifc in &capture.kube_virt_interfaces {
         rules.push(Rule::insert("PREROUTING", &["-i", ifc, "-j", "RETURN"]));
     }
     rules.push(Rule::append(
@@ -308,14 +309,14 @@ pub fn render(policy: &Policy, family: Family) -> Result<RuleSet, RenderError> {
         ],
     ));
 
-    if policy.inbound.ports != InboundPorts::None {
+    if capture.inbound.ports != InboundPorts::None {
         rules.push(Rule::append(
             "PREROUTING",
             &["-p", "tcp", "-j", ISTIO_INBOUND],
         ));
-        match &policy.inbound.ports {
+        match &capture.inbound.ports {
             InboundPorts::All => {
-                for m in port_matches(&policy.inbound.exclude_ports) {
+                for m in port_matches(&capture.inbound.exclude_ports) {
                     let mut spec = vec!["-p", "tcp"];
                     spec.extend(m.iter().map(String::as_str));
                     spec.extend(["-j", "RETURN"]);
@@ -465,7 +466,7 @@ pub fn render(policy: &Policy, family: Family) -> Result<RuleSet, RenderError> {
                 Rule::append(ISTIO_OUTPUT, &["-j", ISTIO_REDIRECT])
                     .deciding([policy::Rule::IncludeAll]),
             );
-            for ifc in &policy.kube_virt_interfaces {
+            for ifc in &capture.kube_virt_interfaces {
                 rules.push(Rule::insert(
                     "PREROUTING",
                     &["-i", ifc, "-j", ISTIO_REDIRECT],
@@ -475,7 +476,7 @@ pub fn render(policy: &Policy, family: Family) -> Result<RuleSet, RenderError> {
         crate::policy::IncludeRanges::List(nets) => {
             for n in nets.iter().filter(|n| family.owns(n)) {
                 let net = n.to_string();
-                for ifc in &policy.kube_virt_interfaces {
+                for ifc in &capture.kube_virt_interfaces {
                     rules.push(Rule::insert(
                         "PREROUTING",
                         &["-i", ifc, "-d", &net, "-j", ISTIO_REDIRECT],

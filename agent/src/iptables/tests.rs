@@ -13,7 +13,7 @@ struct Cli {
     init: InitArgs,
 }
 
-fn policy_for(flags: &[String]) -> Policy {
+fn policy_for(flags: &[String]) -> (Policy, Capture) {
     let _g = crate::policy::TEST_ENV
         .lock()
         .unwrap_or_else(|e| e.into_inner());
@@ -23,7 +23,7 @@ fn policy_for(flags: &[String]) -> Policy {
         )
         .unwrap_or_else(|e| panic!("{flags:?}: {e}"));
     let cli = Cli::from_arg_matches(&m).unwrap();
-    cli.init.to_policy(Some(&m)).unwrap()
+    cli.init.settings(Some(&m)).unwrap()
 }
 
 #[test]
@@ -33,7 +33,7 @@ fn long_port_lists_are_split_at_fifteen() {
         exclude_ports: ports,
         ..Policy::default()
     };
-    let set = render(&p, Family::V4).unwrap();
+    let set = render(&p, &Capture::default(), Family::V4).unwrap();
     let lines: Vec<String> = set
         .rules
         .iter()
@@ -53,8 +53,8 @@ fn long_port_lists_are_split_at_fifteen() {
 
 #[test]
 fn tproxy_and_dns_are_refused_whole() {
-    let p = policy_for(&["-m".into(), "TPROXY".into()]);
-    assert_eq!(render(&p, Family::V4), Err(RenderError::Tproxy));
+    let (p, c) = policy_for(&["-m".into(), "TPROXY".into()]);
+    assert_eq!(render(&p, &c, Family::V4), Err(RenderError::Tproxy));
     let _g = crate::policy::TEST_ENV
         .lock()
         .unwrap_or_else(|e| e.into_inner());
@@ -62,15 +62,15 @@ fn tproxy_and_dns_are_refused_whole() {
         .try_get_matches_from(["divert-init", "--redirect-dns"])
         .unwrap();
     let cli = Cli::from_arg_matches(&m).unwrap();
-    let err = cli.init.to_policy(Some(&m)).unwrap_err().to_string();
+    let err = cli.init.settings(Some(&m)).unwrap_err().to_string();
     assert!(err.contains("--redirect-dns"), "{err}");
 }
 
 #[test]
 fn init_defaults_are_istio_iptables_defaults() {
-    let p = policy_for(&[]);
+    let (p, c) = policy_for(&[]);
     assert_eq!(p.include_ranges, crate::policy::IncludeRanges::List(vec![]));
-    assert_eq!(p.inbound.ports, crate::policy::InboundPorts::None);
+    assert_eq!(c.inbound.ports, crate::policy::InboundPorts::None);
     assert_eq!((p.proxy_port, p.inbound_capture_port), (15001, 15006));
 }
 
@@ -81,9 +81,9 @@ fn injector_command_line_parses() {
         .split(' ')
         .map(String::from)
         .collect();
-    let p = policy_for(&args);
+    let (p, c) = policy_for(&args);
     assert_eq!(p.include_ranges, crate::policy::IncludeRanges::All);
-    assert_eq!(p.inbound.ports, crate::policy::InboundPorts::All);
-    assert_eq!(p.inbound.exclude_ports, vec![15090, 15021, 15020]);
+    assert_eq!(c.inbound.ports, crate::policy::InboundPorts::All);
+    assert_eq!(c.inbound.exclude_ports, vec![15090, 15021, 15020]);
     assert!(p.exclude_ranges.is_empty());
 }

@@ -13,6 +13,7 @@ use std::net::IpAddr;
 
 pub use ipnetwork::IpNetwork;
 pub use parse::{CaptureArgs, PolicyArgs, PolicyError, Source};
+
 pub use verdict::{as_dialled, verdict, verdict_for, Action, Connect, Rule, Verdict};
 
 /// Environment variables are process-wide: unit tests that parse flags
@@ -84,6 +85,7 @@ pub enum InboundPorts {
 /// Inbound capture: connections *into* the namespace sent to the inbound
 /// capture port. Only the iptables backend applies it (it lives in the
 /// netfilter PREROUTING hook, which connect-time eBPF programs do not see).
+/// Part of [`Capture`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Inbound {
     /// `-m`, `REDIRECT` or `TPROXY`.
@@ -94,11 +96,31 @@ pub struct Inbound {
     pub exclude_ports: Vec<u16>,
 }
 
-/// One network namespace's interception policy, validated.
+/// The capture settings only a backend that sees packets applies (the
+/// iptables backend's PREROUTING and interface rules): inbound capture and
+/// interfaces. Not part of [`Policy`], which is what the kernel maps hold
+/// and the daemon's socket takes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Capture {
+    /// `-m`, `-b`, `-d`.
+    pub inbound: Inbound,
+    /// Interfaces whose inbound traffic is treated as outbound (`-k`,
+    /// `--kube-virt-interfaces`, `traffic.sidecar.istio.io/kubevirtInterfaces`).
+    pub kube_virt_interfaces: Vec<String>,
+    /// Interfaces never intercepted in either direction (`-c`,
+    /// `--istio-exclude-interfaces`, `traffic.sidecar.istio.io/excludeInterfaces`).
+    pub exclude_interfaces: Vec<String>,
+}
+
+/// One network namespace's outbound interception policy, validated: what
+/// the kernel maps hold for it ([`crate::ebpf::Maps::policy_of`] reads it
+/// back whole), what the daemon's socket takes (without `local_addrs`, and
+/// no field besides these), and what [`verdict()`] judges.
 ///
 /// Ports are host byte order; UIDs and GIDs are as the kernel reports the
 /// connecting process's real IDs.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Outbound proxy port (`-p`, `--envoy-port`), default 15001.
     pub proxy_port: u16,
@@ -121,16 +143,6 @@ pub struct Policy {
     /// The namespace's own addresses (what iptables' `-o lo` matches besides
     /// loopback), canonical: no IPv4-mapped IPv6.
     pub local_addrs: Vec<IpAddr>,
-    /// Inbound capture (`-m`, `-b`, `-d`); iptables backend only.
-    pub inbound: Inbound,
-    /// Interfaces whose inbound traffic is treated as outbound (`-k`,
-    /// `--kube-virt-interfaces`, `traffic.sidecar.istio.io/kubevirtInterfaces`);
-    /// iptables backend only.
-    pub kube_virt_interfaces: Vec<String>,
-    /// Interfaces never intercepted in either direction (`-c`,
-    /// `--istio-exclude-interfaces`, `traffic.sidecar.istio.io/excludeInterfaces`);
-    /// iptables backend only.
-    pub exclude_interfaces: Vec<String>,
 }
 
 impl Default for Policy {
@@ -147,9 +159,6 @@ impl Default for Policy {
             include_ports: Vec::new(),
             exclude_ports: Vec::new(),
             local_addrs: Vec::new(),
-            inbound: Inbound::default(),
-            kube_virt_interfaces: Vec::new(),
-            exclude_interfaces: Vec::new(),
         }
     }
 }
