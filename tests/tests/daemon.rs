@@ -90,7 +90,7 @@ fn only_the_callers_own_pod_namespace_can_be_registered() {
             let stream = UnixStream::connect(&socket).unwrap();
             writeln!(
                 &stream,
-                r#"{{"version":1,"op":"unregister","netns_cookie":{cookie}}}"#
+                r#"{{"version":2,"op":"unregister","netns_cookie":{cookie}}}"#
             )
             .unwrap();
             let mut line = String::new();

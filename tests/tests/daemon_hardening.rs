@@ -172,15 +172,21 @@ fn one_daemon_per_socket() {
 
 /// Send `line` as it is from a process in the lab's client namespace;
 /// returns the daemon's answer line.
-fn send(s: &Setup, line: &[u8]) -> String {
+/// The testkit's `send` client, in the pod's namespace, connected to the
+/// daemon's socket: it sends what is written to its stdin, then prints the
+/// answer line.
+fn sender(s: &Setup) -> std::process::Child {
     let (mut cmd, _keep) = command_in(s.lab.in_client(&s.lab.plain, None), testkit_bin()).unwrap();
-    let mut child = cmd
-        .arg("send")
+    cmd.arg("send")
         .arg(&s.socket)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+fn send(s: &Setup, line: &[u8]) -> String {
+    let mut child = sender(s);
     let mut stdin = child.stdin.take().unwrap();
     let line = line.to_vec();
     let writer = thread::spawn(move || {
@@ -213,7 +219,7 @@ fn every_request_is_held_to_the_command_line_rules() {
     let before = maps_json(&s);
     let good = divert::policy::Policy::default();
     let with = |f: &dyn Fn(&mut serde_json::Value)| {
-        let mut v = serde_json::json!({"version": 1, "op": "register", "policy": good});
+        let mut v = serde_json::json!({"version": 2, "op": "register", "policy": good});
         f(&mut v["policy"]);
         format!("{v}\n").into_bytes()
     };
@@ -245,17 +251,17 @@ fn every_request_is_held_to_the_command_line_rules() {
             "policy.exclude_ranges",
         ),
         (
-            format!("{{\"version\":1,\"op\":\"status\",\"{secret}\":1}}\n").into_bytes(),
+            format!("{{\"version\":2,\"op\":\"status\",\"{secret}\":1}}\n").into_bytes(),
             "not part of the protocol",
         ),
         (format!("{secret} not json\n").into_bytes(), "not JSON"),
         (
-            format!("{{\"version\":1,\"op\":\"{secret}\"}}\n").into_bytes(),
+            format!("{{\"version\":2,\"op\":\"{secret}\"}}\n").into_bytes(),
             "unknown op",
         ),
         (
             [
-                b"{\"version\":1,\"op\":\"status\",\"x\":\"".as_slice(),
+                b"{\"version\":2,\"op\":\"status\",\"x\":\"".as_slice(),
                 &[b'a'; 70_000],
                 b"\"}\n",
             ]
@@ -318,14 +324,7 @@ fn a_request_under_way_at_sigterm_is_answered_before_the_daemon_stops() {
     let s = Setup::start();
     let mut d = s.daemon();
     // A client connected and still writing its request when SIGTERM comes.
-    let (mut cmd, _keep) = command_in(s.lab.in_client(&s.lab.plain, None), testkit_bin()).unwrap();
-    let mut client = cmd
-        .arg("send")
-        .arg(&s.socket)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut client = sender(&s);
     thread::sleep(Duration::from_millis(300));
     let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -333,7 +332,7 @@ fn a_request_under_way_at_sigterm_is_answered_before_the_daemon_stops() {
     // The rest of the request, well within the drain.
     let mut stdin = client.stdin.take().unwrap();
     stdin
-        .write_all(b"{\"version\":1,\"op\":\"status\"}\n")
+        .write_all(b"{\"version\":2,\"op\":\"status\"}\n")
         .unwrap();
     drop(stdin);
     let out = client.wait_with_output().unwrap();
@@ -401,7 +400,7 @@ fn the_daemon_under_abuse() {
         .collect();
     // A 50 MB line, from a process in the pod's namespace.
     let big = {
-        let mut v = b"{\"version\":1,\"op\":\"status\",\"x\":\"".to_vec();
+        let mut v = b"{\"version\":2,\"op\":\"status\",\"x\":\"".to_vec();
         v.resize(50 * 1024 * 1024, b'a');
         v
     };

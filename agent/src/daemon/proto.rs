@@ -3,10 +3,10 @@
 //! per connection.
 //!
 //! ```text
-//! → {"version":1,"op":"register","policy":{…}}      ← {"version":1,"ok":true,"netns_cookie":…,"registered":true}
-//! → {"version":1,"op":"unregister"}                  ← {"version":1,"ok":true,"netns_cookie":…,"registered":false}
-//! → {"version":1,"op":"status"}                      ← {"version":1,"ok":true,"netns_cookie":…,"registered":…}
-//! any failure                                        ← {"version":1,"ok":false,"error":"…"}
+//! → {"version":2,"op":"register","policy":{…}}      ← {"version":2,"ok":true,"netns_cookie":…,"registered":true}
+//! → {"version":2,"op":"unregister"}                  ← {"version":2,"ok":true,"netns_cookie":…,"registered":false}
+//! → {"version":2,"op":"status"}                      ← {"version":2,"ok":true,"netns_cookie":…,"registered":…}
+//! any failure                                        ← {"version":2,"ok":false,"error":"…"}
 //! ```
 //!
 //! A request names no namespace, and a field the protocol does not define
@@ -31,7 +31,9 @@ use serde::{Deserialize, Serialize};
 use crate::policy::Policy;
 
 /// The protocol version this build speaks; a request with another is refused.
-pub const VERSION: u32 = 1;
+/// 2: the policy is the outbound policy only (1 also carried the capture
+/// settings, which the daemon never applied).
+pub const VERSION: u32 = 2;
 /// Default socket path (a hostPath directory shared with the pods' init
 /// containers).
 pub const DEFAULT_SOCKET: &str = "/var/run/divert/divert.sock";
@@ -198,20 +200,20 @@ mod tests {
         };
         let text = serde_json::to_string(&r).unwrap();
         assert!(
-            text.starts_with(r#"{"version":1,"op":"register","policy":{"#),
+            text.starts_with(r#"{"version":2,"op":"register","policy":{"#),
             "{text}"
         );
         assert_eq!(Request::parse(&text).unwrap(), r);
-        let status = Request::parse(r#"{"version":1,"op":"status"}"#).unwrap();
+        let status = Request::parse(r#"{"version":2,"op":"status"}"#).unwrap();
         assert_eq!(status.op, Op::Status);
     }
 
     #[test]
     fn a_request_that_names_a_namespace_is_refused() {
         for bad in [
-            r#"{"version":1,"op":"status","netns_cookie":4096}"#,
-            r#"{"version":1,"op":"unregister","pid":1}"#,
-            r#"{"version":1,"op":"reboot"}"#,
+            r#"{"version":2,"op":"status","netns_cookie":4096}"#,
+            r#"{"version":2,"op":"unregister","pid":1}"#,
+            r#"{"version":2,"op":"reboot"}"#,
         ] {
             assert!(Request::parse(bad).is_err(), "{bad}");
         }
@@ -350,8 +352,8 @@ mod tests {
         let secret = "SECRET-42";
         for line in [
             secret.to_string(),
-            format!(r#"{{"version":1,"op":"status","{secret}":1}}"#),
-            format!(r#"{{"version":1,"op":"{secret}"}}"#),
+            format!(r#"{{"version":2,"op":"status","{secret}":1}}"#),
+            format!(r#"{{"version":2,"op":"{secret}"}}"#),
             format!(r#"{{"version":"{secret}","op":"status"}}"#),
         ] {
             let e = Request::parse(&line).unwrap_err();
