@@ -153,22 +153,25 @@ pub struct PolicyArgs {
     )]
     pub inbound_tunnel_port: String,
 
-    /// Comma-separated UIDs whose connections are never redirected (the proxy's).
+    /// Comma-separated UIDs whose connections are never redirected (the
+    /// proxy's). Empty (the default): the UID of the user ENVOY_USER names
+    /// (default istio-proxy) when it exists, else 1337, as istio-iptables.
     #[arg(
         short = 'u',
         long = "proxy-uid",
         env = "PROXY_UID",
-        default_value_t = DEFAULT_PROXY_ID.to_string(),
+        default_value = "",
         value_name = "UIDS"
     )]
     pub proxy_uids: String,
 
-    /// Comma-separated GIDs whose connections are never redirected.
+    /// Comma-separated GIDs whose connections are never redirected. Empty
+    /// (the default): the same IDs as --proxy-uid, as istio-iptables.
     #[arg(
         short = 'g',
         long = "proxy-gid",
         env = "PROXY_GID",
-        default_value_t = DEFAULT_PROXY_ID.to_string(),
+        default_value = "",
         value_name = "GIDS"
     )]
     pub proxy_gids: String,
@@ -230,13 +233,27 @@ impl PolicyArgs {
 
     /// Validate into a [`Policy`], attributing each setting (by its field
     /// name, e.g. `include_ranges`) to the [`Source`] `origin` gives.
+    ///
+    /// As istio-iptables (`tools/common/config` `FillConfigFromEnvironment`):
+    /// an empty `-u` is the UID of the user `ENVOY_USER` names (default
+    /// `istio-proxy`) when that user exists here, else 1337; an empty `-g`
+    /// is the `-u` IDs.
     pub fn to_policy_from(&self, origin: &dyn Fn(&str) -> Source) -> Result<Policy, PolicyError> {
-        let proxy_uids = parse_ids(&self.proxy_uids, origin("proxy_uids"))?;
+        let proxy_uids = if self.proxy_uids.is_empty() {
+            vec![default_proxy_uid()]
+        } else {
+            parse_ids(&self.proxy_uids, origin("proxy_uids"))?
+        };
         if proxy_uids.is_empty() {
             return Err(PolicyError::NoProxyUid {
                 origin: origin("proxy_uids"),
             });
         }
+        let proxy_gids = if self.proxy_gids.is_empty() {
+            proxy_uids.clone()
+        } else {
+            parse_ids(&self.proxy_gids, origin("proxy_gids"))?
+        };
         Ok(Policy {
             proxy_port: parse_port(&self.proxy_port, origin("proxy_port"))?,
             inbound_capture_port: parse_port(
@@ -248,7 +265,7 @@ impl PolicyArgs {
                 origin("inbound_tunnel_port"),
             )?,
             proxy_uids,
-            proxy_gids: parse_ids(&self.proxy_gids, origin("proxy_gids"))?,
+            proxy_gids,
             include_ranges: parse_include(&self.include_ranges, origin("include_ranges"))?,
             exclude_ranges: parse_exclude(&self.exclude_ranges, origin("exclude_ranges"))?,
             include_ports: parse_ports(&self.include_ports, origin("include_ports"))?,
@@ -452,6 +469,16 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// istio-iptables' default proxy UID: the UID of the user `ENVOY_USER` names
+/// (default `istio-proxy`), else [`DEFAULT_PROXY_ID`].
+fn default_proxy_uid() -> u32 {
+    let name = std::env::var("ENVOY_USER").unwrap_or_else(|_| "istio-proxy".to_string());
+    nix::unistd::User::from_name(&name)
+        .ok()
+        .flatten()
+        .map_or(DEFAULT_PROXY_ID, |u| u.uid.as_raw())
 }
 
 /// Where the value of setting `id` (a clap argument id of [`PolicyArgs`]
@@ -715,7 +742,31 @@ mod tests {
         assert_eq!(p.include_ports, vec![8080, 9090]);
         assert_eq!(p.exclude_ports, vec![5432]);
         assert_eq!(p.proxy_uids, vec![1337, 1338]);
-        assert!(p.proxy_gids.is_empty());
+        // An empty -g is the -u IDs, as istio-iptables.
+        assert_eq!(p.proxy_gids, vec![1337, 1338]);
+    }
+
+    #[test]
+    fn empty_proxy_ids_take_istio_iptables_defaults() {
+        let (given_u, empty_u, envoy_user) = locked(|| {
+            let given_u = parse(&["-u", "1000"]).unwrap();
+            let empty_u = parse(&["-u", "", "-g", "2000"]).unwrap();
+            std::env::set_var("ENVOY_USER", "root");
+            let envoy_user = parse(&[]).unwrap();
+            std::env::remove_var("ENVOY_USER");
+            (given_u, empty_u, envoy_user)
+        });
+        // -g follows -u.
+        assert_eq!(
+            (given_u.proxy_uids, given_u.proxy_gids),
+            (vec![1000], vec![1000])
+        );
+        // -u empty: ENVOY_USER's UID (istio-proxy is no user here), else 1337.
+        assert_eq!(
+            (empty_u.proxy_uids, empty_u.proxy_gids),
+            (vec![1337], vec![2000])
+        );
+        assert_eq!(envoy_user.proxy_uids, vec![0]);
     }
 
     #[test]
@@ -768,7 +819,6 @@ mod tests {
             (&["-q", "80,"], "80,", "empty element"),
             (&["-x", "10.0.0.0/8, 10.1.0.0/16"], "white space", "(-x)"),
             (&["-u", "abc"], "\"abc\"", "--proxy-uid (-u)"),
-            (&["-u", ""], "--proxy-uid (-u)", "at least one proxy UID"),
             (&["-g", "1,2,3,4,5,6,7,8,9"], "9 IDs", "--proxy-gid (-g)"),
             (&["-p", "http"], "\"http\"", "--envoy-port (-p)"),
             (&["-i", "::ffff:10.0.0.0/104"], "IPv4-mapped", "-i"),
