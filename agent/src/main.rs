@@ -37,8 +37,16 @@ enum Command {
     /// Run a command with its outbound TCP diverted to the local proxy.
     Run(cli::run::RunArgs),
     /// Configure interception for this network namespace, as the init
-    /// container of a meshed pod (a drop-in for istio-iptables).
+    /// container of a meshed pod (a drop-in for istio-iptables). A flag
+    /// given twice takes its last value, as istio-iptables'.
+    #[command(args_override_self = true)]
     Init(cli::init::InitArgs),
+    /// `divert init` as istio-iptables: the command line Istio's injector
+    /// writes (`istio-iptables ARGS…`), its exit statuses (1 on error, 126
+    /// when --run-validation fails). A binary named `istio-iptables` runs
+    /// this.
+    #[command(name = "istio-iptables", args_override_self = true)]
+    IstioIptables(cli::init::InitArgs),
     /// The node agent: own the pinned programs at the cgroup root and serve
     /// the pods' registrations.
     Daemon(cli::daemon::DaemonArgs),
@@ -53,8 +61,23 @@ enum Command {
     Explain(cli::explain::ExplainArgs),
 }
 
+/// The binary's arguments; invoked as `istio-iptables` (a symlink in an
+/// image), they are `divert istio-iptables` ones.
+fn args() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_os_string());
+    if invoked_as.as_deref() == Some(std::ffi::OsStr::new("istio-iptables")) {
+        args[0] = "divert".into();
+        args.insert(1, "istio-iptables".into());
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let matches = Cli::command().get_matches_from(args());
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The daemon says what it does (info); the one-shot commands only warn.
     let default_level = match cli.command {
@@ -79,7 +102,13 @@ fn main() -> ExitCode {
             let sub = matches
                 .subcommand_matches("init")
                 .expect("init was matched");
-            cli::init::main(args, sub)
+            cli::init::main(args, sub, cli::init::Mode::Init)
+        }
+        Command::IstioIptables(args) => {
+            let sub = matches
+                .subcommand_matches("istio-iptables")
+                .expect("istio-iptables was matched");
+            cli::init::main(args, sub, cli::init::Mode::IstioIptables)
         }
         Command::Daemon(args) => cli::daemon::main(args),
         Command::Maps(args) => cli::maps::main(args),

@@ -16,7 +16,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use crate::{
     iptables::{self, Family, Iptables, RuleSet},
     netns,
-    policy::{Capture, CaptureArgs, Policy, PolicyArgs},
+    policy::{go_bool, Capture, CaptureArgs, Policy, PolicyArgs},
 };
 
 /// How interception is put in place.
@@ -61,23 +61,146 @@ pub struct InitArgs {
 
     /// Print the rules that would be written (iptables-restore input per
     /// address family) and change nothing.
-    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN")]
+    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN", value_parser = go_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_name = "BOOL")]
     pub dry_run: bool,
 
     /// Remove what divert init writes for these flags from this namespace,
     /// and nothing else; write nothing.
-    #[arg(
-        long = "cleanup",
-        visible_alias = "cleanup-only",
-        conflicts_with = "dry_run"
-    )]
+    #[arg(long = "cleanup", visible_alias = "cleanup-only", env = "CLEANUP_ONLY",
+          conflicts_with = "dry_run",
+          value_parser = go_bool, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", value_name = "BOOL")]
     pub cleanup: bool,
 
-    /// istio's logging flag, which the injector passes
-    /// (`--log_output_level=default:info`): accepted and ignored; divert's
-    /// log level is DIVERT_LOG.
+    /// istio-validation's check (`--validate` does divert's): from
+    /// 127.0.0.1 (::1 when the namespace's first address is IPv6), connect
+    /// to 127.0.0.6 (::6) at --iptables-probe-port, again every second,
+    /// until a listener on the proxy port or the inbound capture port
+    /// accepts it with that port as its original destination; run as the
+    /// proxy's UID. Exits 126 when --probe-timeout passes first.
+    #[arg(long = "run-validation", env = "RUN_VALIDATION", value_parser = go_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_name = "BOOL")]
+    pub run_validation: bool,
+
+    /// Apply nothing (with --run-validation: check rules someone else,
+    /// istio-cni, put in place).
+    #[arg(long = "skip-rule-apply", env = "SKIP_RULE_APPLY", value_parser = go_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_name = "BOOL")]
+    pub skip_rule_apply: bool,
+
+    /// The original destination port --run-validation dials.
+    #[arg(
+        long = "iptables-probe-port",
+        env = "IPTABLES_PROBE_PORT",
+        default_value = "15002",
+        value_name = "PORT"
+    )]
+    pub iptables_probe_port: u16,
+
+    /// How long --run-validation waits, in Go's duration syntax (`5s`,
+    /// `1m30s`, `500ms`).
+    #[arg(long = "probe-timeout", env = "PROBE_TIMEOUT", default_value = "5s",
+          value_parser = go_duration, value_name = "DURATION")]
+    pub probe_timeout: std::time::Duration,
+
+    /// Replace rules already in the namespace instead of failing: what
+    /// divert always does (its chains are rewritten whole in one
+    /// transaction), so accepted.
+    #[arg(long = "reconcile", env = "RECONCILE", value_parser = go_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_name = "BOOL")]
+    pub reconcile: bool,
+
+    /// Apply even when the rules look in place: what divert always does,
+    /// so accepted.
+    #[arg(long = "force-apply", env = "FORCE_APPLY", value_parser = go_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_name = "BOOL")]
+    pub force_apply: bool,
+
+    /// Which iptables binaries: `legacy` or `nft` (default: as
+    /// istio-iptables detects).
+    #[arg(
+        long = "force-iptables-binary",
+        env = "FORCE_IPTABLES_BINARY",
+        value_name = "legacy|nft"
+    )]
+    pub force_iptables_binary: Option<String>,
+
+    /// Another network namespace to configure (istio-cni's): not supported,
+    /// refused; run divert in the namespace instead.
+    #[arg(
+        long = "network-namespace",
+        env = "NETWORK_NAMESPACE",
+        default_value = "",
+        value_name = "PATH"
+    )]
+    pub network_namespace: String,
+
+    /// istio's native nftables rules: not supported yet, refused.
+    #[arg(long = "native-nftables", env = "NATIVE_NFTABLES", value_parser = go_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_name = "BOOL")]
+    pub native_nftables: bool,
+
+    /// istio-cni's host-filesystem mode: not supported, refused.
+    #[arg(long = "cni-mode", env = "CNI_MODE", value_parser = go_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_name = "BOOL")]
+    pub cni_mode: bool,
+
+    /// istio's logging flags, which the injector may pass
+    /// (`--log_output_level=default:info`, `--log_as_json`, …): accepted;
+    /// divert's logs are set by DIVERT_LOG and --log-format.
     #[arg(long = "log_output_level", hide = true, value_name = "LEVELS")]
     pub log_output_level: Option<String>,
+    #[arg(long = "log_as_json", hide = true, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = go_bool)]
+    pub log_as_json: Option<bool>,
+    #[arg(long = "log_target", hide = true, value_name = "TARGETS")]
+    pub log_target: Option<String>,
+    #[arg(long = "log_caller", hide = true, value_name = "SCOPES")]
+    pub log_caller: Option<String>,
+    #[arg(long = "log_stacktrace_level", hide = true, value_name = "LEVELS")]
+    pub log_stacktrace_level: Option<String>,
+}
+
+/// A duration as Go's `time.ParseDuration` writes the ones istio uses:
+/// a sequence of decimal numbers with units `ns us µs ms s m h` (`5s`,
+/// `1m30s`, `1.5s`).
+pub fn go_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration: write e.g. 5s, 500ms or 1m30s");
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let value: f64 = rest[..n].parse().map_err(|_| bad())?;
+        rest = &rest[n..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    Ok(std::time::Duration::from_secs_f64(total))
 }
 
 impl InitArgs {
@@ -90,14 +213,22 @@ impl InitArgs {
     }
 }
 
-/// The address families to configure: IPv4 always; IPv6 when the
-/// namespace has an IPv6 address other than loopback and link-local (what
-/// istio-iptables' `EnableIPv6` stands for in a pod).
-pub fn families(local: &[IpAddr]) -> Vec<Family> {
-    let v6 = local.iter().any(|a| match a {
+/// The address families to configure, as istio-iptables decides them
+/// (`getLocalIP`, `EnableIPv6`): IPv4 always; IPv6 when the namespace's
+/// first address other than loopback and link-local is IPv6, or, with
+/// `--dual-stack`, when it has any such IPv6 address. `local` in the
+/// kernel's order (IPv4 addresses before IPv6 ones).
+pub fn families(local: &[IpAddr], dual_stack: bool) -> Vec<Family> {
+    let counted = |a: &&IpAddr| match a {
         IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
-        IpAddr::V4(_) => false,
-    });
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+    };
+    let mut addrs = local.iter().filter(counted);
+    let v6 = if dual_stack {
+        addrs.any(IpAddr::is_ipv6)
+    } else {
+        addrs.next().is_some_and(IpAddr::is_ipv6)
+    };
     if v6 {
         vec![Family::V4, Family::V6]
     } else {
@@ -105,19 +236,117 @@ pub fn families(local: &[IpAddr]) -> Vec<Family> {
     }
 }
 
-/// Run `divert init`; 0 when interception is in place (or, with
-/// `--cleanup`, removed; with `--dry-run`, printed), 2 otherwise with
-/// nothing changed.
-pub fn main(args: &InitArgs, matches: &ArgMatches) -> ExitCode {
+/// Which command line is being served: `divert init`, or `divert
+/// istio-iptables` (and a binary named `istio-iptables`), which exits as
+/// istio-iptables does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Errors exit [`super::EXIT_SETUP`] (2).
+    Init,
+    /// Errors exit 1, a failed `--run-validation` 126 (istio's
+    /// `ValidationErrorCode`, which istio-cni's repair controller looks for).
+    IstioIptables,
+}
+
+/// Exit status of a failed `--run-validation`, as istio-iptables'.
+pub const EXIT_VALIDATION: u8 = 126;
+
+/// Run `divert init` (or `divert istio-iptables`, see [`Mode`]); 0 when
+/// interception is in place (or, with `--cleanup`, removed; with
+/// `--dry-run`, printed), an error status otherwise with nothing changed.
+pub fn main(args: &InitArgs, matches: &ArgMatches, mode: Mode) -> ExitCode {
+    let name = match mode {
+        Mode::Init => "divert init",
+        Mode::IstioIptables => "divert istio-iptables",
+    };
     match run(args, matches) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => super::fail("init", &e),
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            if e.downcast_ref::<super::validate::ValidationFailed>()
+                .is_some()
+            {
+                ExitCode::from(EXIT_VALIDATION)
+            } else if mode == Mode::IstioIptables {
+                ExitCode::from(1)
+            } else {
+                ExitCode::from(super::EXIT_SETUP)
+            }
+        }
     }
 }
 
 fn run(args: &InitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
+    for (refused, flag, why) in [
+        (
+            !args.network_namespace.is_empty(),
+            "--network-namespace (NETWORK_NAMESPACE)",
+            "run divert in the namespace to configure",
+        ),
+        (
+            args.native_nftables,
+            "--native-nftables (NATIVE_NFTABLES)",
+            "divert writes iptables rules (or eBPF); istio's native nftables rules are not implemented yet",
+        ),
+        (
+            args.cni_mode,
+            "--cni-mode (CNI_MODE)",
+            "istio-cni's host-filesystem mode is not supported",
+        ),
+    ] {
+        if refused {
+            anyhow::bail!("{flag} is set: {why}; nothing was changed");
+        }
+    }
     let (policy, capture) = args.settings(Some(matches))?;
+    if !args.skip_rule_apply {
+        apply(args, &policy, &capture)?;
+    }
+    if args.dry_run || args.cleanup {
+        return Ok(());
+    }
+    let check = |policy: &Policy| -> anyhow::Result<()> {
+        if args.validate {
+            super::validate::probe(policy)?;
+        }
+        if args.run_validation {
+            let local = netns::local_addresses().context("listing this namespace's addresses")?;
+            let v6 = families(&local, false).contains(&Family::V6);
+            super::validate::istio(policy, args.iptables_probe_port, args.probe_timeout, v6)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = check(&policy) {
+        if args.skip_rule_apply {
+            return Err(e);
+        }
+        let mut undo = args.clone();
+        undo.cleanup = true;
+        let undone = match apply(&undo, &policy, &capture) {
+            Ok(()) => "the interception was removed again".to_string(),
+            Err(u) => format!("removing the interception again failed too: {u:#}"),
+        };
+        return Err(e.context(format!("validation failed; {undone}")));
+    }
+    Ok(())
+}
+
+/// Put the interception in place (or, with `--cleanup`, remove it; with
+/// `--dry-run`, print it) with the backend `--backend` chooses.
+fn apply(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<()> {
+    let refused = refused_under_ebpf(capture);
     let backend = match args.backend {
+        Backend::Auto if !refused.is_empty() => {
+            eprintln!(
+                "divert init: auto: {} needs the iptables backend: using it",
+                refused.join(", ")
+            );
+            Backend::Iptables
+        }
+        Backend::Ebpf if !refused.is_empty() && !args.cleanup => anyhow::bail!(
+            "the ebpf backend cannot apply {}: use --backend iptables (or auto); nothing was changed",
+            refused.join(", ")
+        ),
         Backend::Auto if args.daemon_socket.exists() => {
             eprintln!(
                 "divert init: auto: the daemon socket {} exists: using the ebpf backend",
@@ -134,37 +363,40 @@ fn run(args: &InitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         }
         b => b,
     };
-    let apply = |args: &InitArgs| match backend {
-        Backend::Ebpf => ebpf(args, &policy, &capture),
-        _ => iptables_backend(args, &policy, &capture),
-    };
-    apply(args)?;
-    if args.validate && !args.dry_run && !args.cleanup {
-        if let Err(e) = super::validate::probe(&policy) {
-            let mut undo = args.clone();
-            undo.cleanup = true;
-            let undone = match apply(&undo) {
-                Ok(()) => "the interception was removed again".to_string(),
-                Err(u) => format!("removing the interception again failed too: {u:#}"),
-            };
-            return Err(e.context(format!("validation failed; {undone}")));
-        }
+    match backend {
+        Backend::Ebpf => ebpf(args, policy, capture),
+        _ => iptables_backend(args, policy, capture),
     }
-    Ok(())
 }
 
-/// What the eBPF backend does not apply, for the warning: inbound capture,
-/// `-k` and `-c` are iptables-only (PREROUTING rules).
+/// What the eBPF backend does not apply yet and warns about: inbound
+/// capture (`-b/-d`; the connect-time programs see outbound connections
+/// only).
 pub fn not_applied_under_ebpf(capture: &Capture) -> Vec<String> {
     let mut v = Vec::new();
     if capture.inbound.ports != crate::policy::InboundPorts::None {
         v.push("inbound capture (-b/-d)".to_string());
     }
-    if !capture.kube_virt_interfaces.is_empty() {
-        v.push(format!("-k {}", capture.kube_virt_interfaces.join(",")));
-    }
+    v
+}
+
+/// What the eBPF backend refuses: interface settings, which it cannot
+/// apply either way without changing what is captured (`-c` would leave
+/// connections through the excluded interfaces redirected: more capture
+/// than asked; `-k` would leave the VM's traffic uncaptured).
+pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
+    let mut v = Vec::new();
     if !capture.exclude_interfaces.is_empty() {
-        v.push(format!("-c {}", capture.exclude_interfaces.join(",")));
+        v.push(format!(
+            "-c {} (excluded interfaces)",
+            capture.exclude_interfaces.join(",")
+        ));
+    }
+    if !capture.kube_virt_interfaces.is_empty() {
+        v.push(format!(
+            "-k {} (KubeVirt interfaces)",
+            capture.kube_virt_interfaces.join(",")
+        ));
     }
     v
 }
@@ -220,7 +452,7 @@ fn ebpf(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<(
 fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<()> {
     let policy = policy.clone();
     let local = netns::local_addresses().context("listing this namespace's addresses")?;
-    let mut wanted = families(&local);
+    let mut wanted = families(&local, capture.dual_stack);
     if args.cleanup {
         // Remove from both families, whatever the addresses are now.
         wanted = vec![Family::V4, Family::V6];
@@ -242,7 +474,7 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
     }
     let mut with_bins: Vec<(Iptables, RuleSet)> = Vec::new();
     for set in sets {
-        match iptables::detect(set.family) {
+        match iptables::detect_forced(set.family, args.force_iptables_binary.as_deref()) {
             Ok(ipt) => with_bins.push((ipt, set)),
             // Cleanup of a family whose tools are missing has nothing to remove.
             Err(_) if args.cleanup && set.family == Family::V6 => {}
@@ -296,18 +528,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ipv6_needs_an_address_beyond_loopback_and_link_local() {
+    fn ipv6_as_istio_iptables_decides_it() {
         let ips = |v: &[&str]| {
             v.iter()
                 .map(|s| s.parse().unwrap())
                 .collect::<Vec<IpAddr>>()
         };
         assert_eq!(
-            families(&ips(&["127.0.0.1", "::1", "fe80::1", "10.0.0.1"])),
+            families(&ips(&["127.0.0.1", "::1", "fe80::1", "10.0.0.1"]), false),
+            vec![Family::V4]
+        );
+        // istio-iptables' EnableIPv6: the first address's family, unless
+        // --dual-stack.
+        assert_eq!(
+            families(&ips(&["10.0.0.1", "fd00::1"]), false),
             vec![Family::V4]
         );
         assert_eq!(
-            families(&ips(&["10.0.0.1", "fd00::1"])),
+            families(&ips(&["10.0.0.1", "fd00::1"]), true),
+            vec![Family::V4, Family::V6]
+        );
+        assert_eq!(
+            families(&ips(&["127.0.0.1", "fe80::1", "fd00::1"]), false),
             vec![Family::V4, Family::V6]
         );
     }

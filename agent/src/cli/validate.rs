@@ -188,3 +188,131 @@ mod tests {
         assert_eq!(probe_destination(&none, 0, 0), None);
     }
 }
+
+/// `--run-validation` failed: the rules in place did not redirect the probe
+/// within the timeout (`divert init` and `divert istio-iptables` exit 126
+/// for it, as istio-iptables does).
+#[derive(Debug, thiserror::Error)]
+#[error("validation failed: {0}; the workload is not ready for Istio (when using Istio CNI, this can happen when a pod is scheduled before the node is ready)")]
+pub struct ValidationFailed(pub String);
+
+/// istio-validation's check (`tools/istio-iptables/pkg/validation`): listen
+/// on the loopback address at the proxy port and at the inbound capture port,
+/// connect from it to 127.0.0.6 (`::6` when `v6`) at `probe_port` once a
+/// second, and succeed when a listener accepts a connection whose original
+/// destination port is `probe_port`. A connect to 127.0.0.6 is local, so
+/// only a proxy-owned one is sent to a listener (to the inbound capture
+/// port): run this as the proxy's UID, as istio's validation container runs.
+/// Errors: [`ValidationFailed`] when `timeout` passes first.
+pub fn istio(policy: &Policy, probe_port: u16, timeout: Duration, v6: bool) -> anyhow::Result<()> {
+    let (listen_ip, server_ip): (IpAddr, IpAddr) = if v6 {
+        (
+            IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            IpAddr::from(divert_common::chain::PASSTHROUGH_SRC6),
+        )
+    } else {
+        (
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::from(divert_common::chain::PASSTHROUGH_SRC4),
+        )
+    };
+    let mut listeners = Vec::new();
+    for port in [policy.proxy_port, policy.inbound_capture_port] {
+        let at = SocketAddr::new(listen_ip, port);
+        match bind_reusable(at) {
+            Ok(l) => listeners.push(l),
+            Err(e) => tracing::warn!(%at, error = %e, "validation: cannot listen"),
+        }
+    }
+    if listeners.is_empty() {
+        return Err(ValidationFailed(format!(
+            "no listener available on {listen_ip} at ports {} and {}",
+            policy.proxy_port, policy.inbound_capture_port
+        ))
+        .into());
+    }
+    let target = SocketAddr::new(server_ip, probe_port);
+    let deadline = Instant::now() + timeout;
+    let mut next_dial = Instant::now();
+    while Instant::now() < deadline {
+        if Instant::now() >= next_dial {
+            // The result does not matter: a redirected connect shows up on
+            // a listener.
+            let from = SocketAddr::new(listen_ip, 0);
+            let _ = dial_from(from, target);
+            next_dial = Instant::now() + Duration::from_secs(1);
+        }
+        for l in &listeners {
+            while let Ok((s, _)) = l.accept() {
+                let v6_socket = s.local_addr().map(|a| a.is_ipv6()).unwrap_or(v6);
+                if original_port(&s, v6_socket) == Some(probe_port) {
+                    return Ok(());
+                }
+            }
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    Err(ValidationFailed(format!(
+        "no connect to {target} was redirected to {listen_ip} port {} or {} within {timeout:?}",
+        policy.proxy_port, policy.inbound_capture_port
+    ))
+    .into())
+}
+
+fn bind_reusable(at: SocketAddr) -> io::Result<TcpListener> {
+    let fd = nix::sys::socket::socket(
+        if at.is_ipv6() {
+            nix::sys::socket::AddressFamily::Inet6
+        } else {
+            nix::sys::socket::AddressFamily::Inet
+        },
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::SOCK_NONBLOCK | nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReuseAddr, &true)?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &nix::sys::socket::SockaddrStorage::from(at))?;
+    nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(16)?)?;
+    Ok(TcpListener::from(fd))
+}
+
+fn dial_from(from: SocketAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    let fd = nix::sys::socket::socket(
+        if to.is_ipv6() {
+            nix::sys::socket::AddressFamily::Inet6
+        } else {
+            nix::sys::socket::AddressFamily::Inet
+        },
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    nix::sys::socket::bind(
+        fd.as_raw_fd(),
+        &nix::sys::socket::SockaddrStorage::from(from),
+    )?;
+    nix::sys::socket::connect(fd.as_raw_fd(), &nix::sys::socket::SockaddrStorage::from(to))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// The original destination port of an accepted connection:
+/// `SO_ORIGINAL_DST` at `SOL_IP`, or at `SOL_IPV6` (`IP6T_SO_ORIGINAL_DST`)
+/// for an IPv6 socket.
+fn original_port(s: &TcpStream, v6: bool) -> Option<u16> {
+    if !v6 {
+        return original_dst(s).ok().map(|a| a.port());
+    }
+    // SAFETY: getsockopt writes at most `len` bytes into `sa`.
+    let mut sa: libc::sockaddr_in6 = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IPV6,
+            divert_common::SO_ORIGINAL_DST,
+            (&mut sa as *mut libc::sockaddr_in6).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then(|| u16::from_be(sa.sin6_port))
+}

@@ -122,9 +122,16 @@ fn probe(cmd: &str) -> std::result::Result<bool, String> {
 }
 
 /// Choose the iptables binaries for `family` in this namespace (see the
-/// module docs). Errors when none works, or `FORCE_IPTABLES_BINARY` names
-/// something other than `legacy` or `nft`.
+/// module docs), `FORCE_IPTABLES_BINARY` from the environment. Errors when
+/// none works, or `FORCE_IPTABLES_BINARY` names something other than
+/// `legacy` or `nft`.
 pub fn detect(family: Family) -> Result<Iptables> {
+    let force = std::env::var("FORCE_IPTABLES_BINARY").ok();
+    detect_forced(family, force.as_deref())
+}
+
+/// [`detect`] with the `--force-iptables-binary` value given (`None`: choose).
+pub fn detect_forced(family: Family, force: Option<&str>) -> Result<Iptables> {
     let base = family.command();
     let make = |command: String, legacy: bool| Iptables {
         family,
@@ -133,16 +140,16 @@ pub fn detect(family: Family) -> Result<Iptables> {
     };
     let legacy = format!("{base}-legacy");
     let nft = format!("{base}-nft");
-    if let Ok(force) = std::env::var("FORCE_IPTABLES_BINARY") {
-        return match force.as_str() {
+    if let Some(force) = force {
+        return match force {
             "legacy" => probe(&legacy)
                 .map(|_| make(legacy.clone(), true))
-                .map_err(|e| anyhow::anyhow!("FORCE_IPTABLES_BINARY=legacy (environment), but {e}")),
+                .map_err(|e| anyhow::anyhow!("FORCE_IPTABLES_BINARY=legacy (--force-iptables-binary or the environment), but {e}")),
             "nft" => probe(&nft)
                 .map(|_| make(nft.clone(), false))
-                .map_err(|e| anyhow::anyhow!("FORCE_IPTABLES_BINARY=nft (environment), but {e}")),
+                .map_err(|e| anyhow::anyhow!("FORCE_IPTABLES_BINARY=nft (--force-iptables-binary or the environment), but {e}")),
             other => bail!(
-                "FORCE_IPTABLES_BINARY={other:?} (environment): the supported values are \"legacy\" and \"nft\""
+                "FORCE_IPTABLES_BINARY={other:?} (--force-iptables-binary or the environment): the supported values are \"legacy\" and \"nft\""
             ),
         };
     }

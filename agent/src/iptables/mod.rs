@@ -19,7 +19,7 @@
 
 mod apply;
 
-pub use apply::{apply, cleanup, detect, Iptables};
+pub use apply::{apply, cleanup, detect, detect_forced, Iptables};
 
 use std::fmt::Write as _;
 

@@ -12,7 +12,7 @@ mod verdict;
 use std::net::IpAddr;
 
 pub use ipnetwork::IpNetwork;
-pub use parse::{CaptureArgs, PolicyArgs, PolicyError, Source};
+pub use parse::{go_bool, CaptureArgs, PolicyArgs, PolicyError, Source};
 
 pub use verdict::{as_dialled, verdict, verdict_for, Action, Connect, Rule, Verdict};
 
@@ -110,6 +110,10 @@ pub struct Capture {
     /// Interfaces never intercepted in either direction (`-c`,
     /// `--istio-exclude-interfaces`, `traffic.sidecar.istio.io/excludeInterfaces`).
     pub exclude_interfaces: Vec<String>,
+    /// `--dual-stack`: IPv6 rules whenever the namespace has an IPv6
+    /// address; without it, only when its first address is IPv6 (istio's
+    /// `getLocalIP`).
+    pub dual_stack: bool,
 }
 
 /// One network namespace's outbound interception policy, validated: what

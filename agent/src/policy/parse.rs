@@ -94,6 +94,10 @@ pub enum PolicyError {
     InvalidInterface { value: String, origin: Source },
     #[error("{origin} is set, but divert does not capture DNS yet: remove it (or keep istio-iptables for this pod) rather than run with DNS silently uncaptured")]
     DnsCaptureUnsupported { origin: Source },
+    #[error("{origin} asks for {what}, which divert does not do yet: remove it (or keep istio-iptables for this pod) rather than run with it silently left out")]
+    Unsupported { what: &'static str, origin: Source },
+    #[error("invalid boolean in {origin}: {reason}")]
+    InvalidBool { reason: String, origin: Source },
 }
 
 impl PolicyError {
@@ -112,7 +116,9 @@ impl PolicyError {
             | PolicyError::NoProxyUid { origin }
             | PolicyError::InvalidMode { origin, .. }
             | PolicyError::InvalidInterface { origin, .. }
-            | PolicyError::DnsCaptureUnsupported { origin } => origin,
+            | PolicyError::DnsCaptureUnsupported { origin }
+            | PolicyError::Unsupported { origin, .. }
+            | PolicyError::InvalidBool { origin, .. } => origin,
         }
     }
 }
@@ -146,6 +152,7 @@ pub struct PolicyArgs {
 
     /// Inbound tunnel port (HBONE), never sent to the inbound capture port.
     #[arg(
+        short = 'e',
         long = "inbound-tunnel-port",
         env = "INBOUND_TUNNEL_PORT",
         default_value_t = DEFAULT_INBOUND_TUNNEL_PORT.to_string(),
@@ -336,13 +343,90 @@ pub struct CaptureArgs {
     )]
     pub exclude_interfaces: String,
 
+    /// TPROXY mode's packet mark (used with -m TPROXY only).
+    #[arg(
+        short = 't',
+        long = "inbound-tproxy-mark",
+        env = "INBOUND_TPROXY_MARK",
+        default_value = "1337",
+        value_name = "MARK"
+    )]
+    pub inbound_tproxy_mark: String,
+
+    /// TPROXY mode's route table (used with -m TPROXY only).
+    #[arg(
+        short = 'r',
+        long = "inbound-tproxy-route-table",
+        env = "INBOUND_TPROXY_ROUTE_TABLE",
+        default_value = "133",
+        value_name = "TABLE"
+    )]
+    pub inbound_tproxy_route_table: String,
+
     /// Capture DNS to the agent's port 15053 (not supported yet: refused).
-    #[arg(long = "redirect-dns", env = "ISTIO_META_DNS_CAPTURE")]
+    /// Also from ISTIO_META_DNS_CAPTURE.
+    #[arg(long = "redirect-dns", env = "REDIRECT_DNS", value_parser = go_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_name = "BOOL")]
     pub redirect_dns: bool,
 
     /// Capture DNS to every server (not supported yet: refused).
-    #[arg(long = "capture-all-dns")]
+    #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS", value_parser = go_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_name = "BOOL")]
     pub capture_all_dns: bool,
+
+    /// Drop packets conntrack finds invalid (not supported yet: refused).
+    /// Also from INVALID_DROP.
+    #[arg(long = "drop-invalid", env = "DROP_INVALID", value_parser = go_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_name = "BOOL")]
+    pub drop_invalid: bool,
+
+    /// Write IPv6 rules whenever the namespace has an IPv6 address (without
+    /// it, only when its first address is IPv6, as istio-iptables). Also
+    /// from ISTIO_DUAL_STACK.
+    #[arg(long = "dual-stack", env = "DUAL_STACK", value_parser = go_bool,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_name = "BOOL")]
+    pub dual_stack: bool,
+}
+
+/// A boolean as Go's `strconv.ParseBool` (istio-iptables' flags and
+/// environment variables): `1 t T TRUE true True`, `0 f F FALSE false False`.
+pub fn go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        other => Err(format!(
+            "{other:?} is not a boolean: 1, t, T, TRUE, true, True, 0, f, F, FALSE, false or False"
+        )),
+    }
+}
+
+/// A boolean that istio-iptables also reads from a second environment
+/// variable (`ISTIO_META_DNS_CAPTURE` for `--redirect-dns`, …): the flag or
+/// its own variable first (`given`, with its `origin`), then the other.
+/// Returns the value and where it came from. Errors name the variable.
+fn or_env(
+    value: bool,
+    given: bool,
+    origin: Source,
+    other: &str,
+) -> Result<(bool, Source), PolicyError> {
+    if given {
+        return Ok((value, origin));
+    }
+    let from_other = Source::Env(other.to_string());
+    match std::env::var(other) {
+        Ok(v) => go_bool(&v)
+            .map(|b| (b, from_other.clone()))
+            .map_err(|reason| PolicyError::InvalidBool {
+                reason,
+                origin: from_other,
+            }),
+        Err(_) => Ok((value, origin)),
+    }
 }
 
 impl CaptureArgs {
@@ -351,12 +435,53 @@ impl CaptureArgs {
     /// or environment variable; DNS capture, which divert does not do yet.
     pub fn to_capture(&self, matches: Option<&ArgMatches>) -> Result<Capture, PolicyError> {
         let origin = |id: &str| origin_of(id, matches);
-        for (set, id) in [
-            (self.redirect_dns, "redirect_dns"),
-            (self.capture_all_dns, "capture_all_dns"),
+        let given = |id: &str| {
+            matches
+                .and_then(|m| m.value_source(id))
+                .is_some_and(|s| s != ValueSource::DefaultValue)
+        };
+        let either =
+            |value: bool, id: &str, other: &str| or_env(value, given(id), origin(id), other);
+        let redirect_dns = either(self.redirect_dns, "redirect_dns", "ISTIO_META_DNS_CAPTURE")?;
+        let drop_invalid = either(self.drop_invalid, "drop_invalid", "INVALID_DROP")?;
+        let (dual_stack, _) = either(self.dual_stack, "dual_stack", "ISTIO_DUAL_STACK")?;
+        for (set, from) in [
+            redirect_dns,
+            (self.capture_all_dns, origin("capture_all_dns")),
         ] {
             if set {
-                return Err(PolicyError::DnsCaptureUnsupported { origin: origin(id) });
+                return Err(PolicyError::DnsCaptureUnsupported { origin: from });
+            }
+        }
+        if drop_invalid.0 {
+            return Err(PolicyError::Unsupported {
+                what: "dropping invalid packets",
+                origin: drop_invalid.1,
+            });
+        }
+        // Settings istio-iptables reads from the environment only.
+        for (var, default, what) in [
+            (
+                "ISTIO_OUTBOUND_OWNER_GROUPS",
+                "*",
+                "an outbound owner-group filter",
+            ),
+            (
+                "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+                "",
+                "an outbound owner-group filter",
+            ),
+            (
+                "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+                "127.0.0.1/32",
+                "a host loopback range other than 127.0.0.1/32",
+            ),
+        ] {
+            if std::env::var(var).is_ok_and(|v| v != default) {
+                return Err(PolicyError::Unsupported {
+                    what,
+                    origin: Source::Env(var.to_string()),
+                });
             }
         }
         let mode = match self.interception_mode.as_str() {
@@ -391,6 +516,7 @@ impl CaptureArgs {
                 &self.exclude_interfaces,
                 origin("exclude_interfaces"),
             )?,
+            dual_stack,
         })
     }
 }
@@ -855,7 +981,11 @@ mod origin_tests {
         );
         assert_eq!(
             origin_of("inbound_tunnel_port", None),
-            Source::Flag("--inbound-tunnel-port".into())
+            Source::Flag("--inbound-tunnel-port (-e)".into())
+        );
+        assert_eq!(
+            origin_of("capture_all_dns", None),
+            Source::Flag("--capture-all-dns".into())
         );
         let m = PolicyArgs::augment_args(clap::Command::new("divert"))
             .try_get_matches_from(["divert"])

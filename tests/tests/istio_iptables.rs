@@ -1,0 +1,339 @@
+//! `divert istio-iptables`: the command line Istio's injector writes, run
+//! unchanged. Every istio-init and istio-validation container of Istio's own
+//! injector goldens (`../shared/istio-testdata/pkg/kube/inject/testdata`),
+//! its args and env exactly, is either applied or refused with a message
+//! naming what divert does not do; never a usage error. Exit statuses,
+//! istio's defaults and booleans; `--run-validation` as istio-validation
+//! runs it (root, in a lab).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use divert_tests::{command_in, divert_bin, require_root, Lab, INJECTOR};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `divert istio-iptables ARGS…` with only `env` in the environment.
+fn istio_iptables(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(divert_bin())
+        .arg("istio-iptables")
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("running divert istio-iptables")
+}
+
+fn dry(extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = INJECTOR.iter().map(|s| s.to_string()).collect();
+    v.extend(["--backend", "iptables", "--dry-run"].map(String::from));
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+#[test]
+fn the_injectors_command_line_runs_under_both_entry_points() {
+    let args = dry(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let as_sub = istio_iptables(&args, &[]);
+    assert!(as_sub.status.success(), "{}", text(&as_sub.stderr));
+    assert!(text(&as_sub.stdout).contains("-A ISTIO_OUTPUT -j ISTIO_REDIRECT"));
+    // The same as `divert init`.
+    let init = Command::new(divert_bin())
+        .arg("init")
+        .args(&args)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(text(&init.stdout), text(&as_sub.stdout));
+    // A binary named istio-iptables (an image's symlink) is the subcommand.
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("istio-iptables");
+    std::os::unix::fs::symlink(divert_bin(), &link).unwrap();
+    let as_name = Command::new(&link)
+        .args(&args)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(as_name.status.success(), "{}", text(&as_name.stderr));
+    assert_eq!(text(&as_name.stdout), text(&as_sub.stdout));
+}
+
+#[test]
+fn errors_exit_as_istio_iptables_does() {
+    // A bad value: 1 under istio-iptables, 2 under divert init.
+    let bad = dry(&["-p", "http"]);
+    let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
+    let out = istio_iptables(&bad, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--envoy-port (-p)"));
+    let out = Command::new(divert_bin())
+        .arg("init")
+        .args(&bad)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// Extra flags, environment, and what the refusal must name.
+type Refusal<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+
+#[test]
+fn what_divert_does_not_do_is_refused_by_name() {
+    let cases: Vec<Refusal> = vec![
+        (vec!["--native-nftables"], vec![], "--native-nftables"),
+        (vec!["--drop-invalid=true"], vec![], "--drop-invalid"),
+        (vec![], vec![("INVALID_DROP", "1")], "INVALID_DROP"),
+        (
+            vec![],
+            vec![("ISTIO_META_DNS_CAPTURE", "True")],
+            "ISTIO_META_DNS_CAPTURE",
+        ),
+        (vec!["--redirect-dns"], vec![], "--redirect-dns"),
+        (
+            vec![],
+            vec![("ISTIO_OUTBOUND_OWNER_GROUPS", "java")],
+            "ISTIO_OUTBOUND_OWNER_GROUPS",
+        ),
+        (
+            vec![],
+            vec![("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8")],
+            "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+        ),
+        (
+            vec!["--network-namespace", "/var/run/netns/x"],
+            vec![],
+            "--network-namespace",
+        ),
+        (vec!["-m", "TPROXY"], vec![], "TPROXY"),
+    ];
+    for (extra, env, names) in cases {
+        let args = dry(&extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = istio_iptables(&args, &env);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{extra:?} {env:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains(names),
+            "{extra:?} {env:?} must name {names}: {}",
+            text(&out.stderr)
+        );
+        assert!(out.stdout.is_empty(), "{extra:?}: nothing is printed");
+    }
+    // Their defaults and false values are fine.
+    let fine = dry(&["--drop-invalid=false", "--native-nftables=False"]);
+    let fine: Vec<&str> = fine.iter().map(String::as_str).collect();
+    let out = istio_iptables(
+        &fine,
+        &[
+            ("INVALID_DROP", "0"),
+            ("ISTIO_META_DNS_CAPTURE", "false"),
+            ("ISTIO_OUTBOUND_OWNER_GROUPS", "*"),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn excluded_interfaces_are_never_left_captured_by_ebpf() {
+    // -c under eBPF would still redirect connections through the interface.
+    let out = istio_iptables(&["-c", "eth1", "--backend", "ebpf", "--dry-run"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("-c eth1"),
+        "{}",
+        text(&out.stderr)
+    );
+    // auto takes the backend that can apply it.
+    let out = istio_iptables(&["-c", "eth1", "--dry-run", "--daemon-socket", "/"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("-A OUTPUT -o eth1 -j RETURN"));
+}
+
+#[test]
+fn istio_defaults_and_value_syntax() {
+    // -g follows -u; Go's booleans; Go's durations.
+    let out = istio_iptables(
+        &[
+            "-u",
+            "2000",
+            "--dry-run=True",
+            "--probe-timeout=1m30s",
+            "--backend",
+            "iptables",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("--gid-owner 2000"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = istio_iptables(&["--backend", "iptables"], &[("DRY_RUN", "1")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("* nat"));
+    let out = istio_iptables(&["--probe-timeout=soon", "-n"], &[]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("not a duration"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// One injected container: its file, its args after `istio-iptables`, and
+/// its literal environment.
+type Injected = (String, Vec<String>, Vec<(String, String)>);
+
+/// Every container named istio-init or istio-validation in the injector's
+/// goldens.
+fn injected_containers() -> Vec<Injected> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/istio-testdata/pkg/kube/inject/testdata/inject");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "injected"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    fn walk(v: &serde_yaml_ng::Value, found: &mut Vec<serde_yaml_ng::Value>) {
+        match v {
+            serde_yaml_ng::Value::Mapping(m) => {
+                let name = m.get("name").and_then(|n| n.as_str());
+                if matches!(name, Some("istio-init" | "istio-validation")) && m.contains_key("args")
+                {
+                    found.push(v.clone());
+                }
+                for (_, x) in m {
+                    walk(x, found);
+                }
+            }
+            serde_yaml_ng::Value::Sequence(s) => s.iter().for_each(|x| walk(x, found)),
+            _ => {}
+        }
+    }
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let Ok(v) = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc) else {
+                continue;
+            };
+            let mut found = Vec::new();
+            walk(&v, &mut found);
+            for c in found {
+                let args: Vec<String> = c["args"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap_or_default().to_string())
+                    .collect();
+                if args.first().map(String::as_str) != Some("istio-iptables") {
+                    continue;
+                }
+                let env = c
+                    .get("env")
+                    .and_then(|e| e.as_sequence())
+                    .map(|e| {
+                        e.iter()
+                            .filter_map(|kv| {
+                                Some((
+                                    kv.get("name")?.as_str()?.to_string(),
+                                    kv.get("value")?.as_str()?.to_string(),
+                                ))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let name = f.file_name().unwrap().to_string_lossy().into_owned();
+                out.push((name, args[1..].to_vec(), env));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_command_line_of_istios_injector_goldens_is_applied_or_refused_by_name() {
+    let containers = injected_containers();
+    assert!(
+        containers.len() >= 100,
+        "only {} istio-init/istio-validation containers found",
+        containers.len()
+    );
+    let (mut applied, mut refused) = (0, Vec::new());
+    for (file, args, env) in &containers {
+        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+        a.extend(["--backend", "iptables", "--dry-run"]);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let out = istio_iptables(&a, &env);
+        match out.status.code() {
+            Some(0) => applied += 1,
+            Some(1) => {
+                let why = text(&out.stderr);
+                assert!(
+                    why.contains("does not") || why.contains("not supported"),
+                    "{file}: {args:?}: refused without naming what is not done: {why}"
+                );
+                refused.push(format!("{file}: {}", why.trim()));
+            }
+            other => panic!(
+                "{file}: {args:?} {env:?}: exit {other:?} (a usage error?): {}",
+                text(&out.stderr)
+            ),
+        }
+    }
+    eprintln!(
+        "injector goldens: {} command lines, {applied} applied, {} refused:\n{}",
+        containers.len(),
+        refused.len(),
+        refused.join("\n")
+    );
+    assert!(applied > refused.len(), "most command lines apply");
+}
+
+#[test]
+fn run_validation_passes_on_redirecting_rules_and_fails_with_126_without() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let run_as = |uid: Option<(u32, u32)>, args: &[&str]| {
+        let (mut cmd, _keep) = command_in(lab.in_client(&lab.plain, uid), divert_bin()).unwrap();
+        cmd.arg("istio-iptables")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    let validate = [
+        "--run-validation",
+        "--skip-rule-apply",
+        "--probe-timeout=2s",
+    ];
+    // No rules yet: nothing redirects the probe.
+    let t = std::time::Instant::now();
+    let out = run_as(Some((1337, 1337)), &validate);
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
+    assert!(t.elapsed() >= Duration::from_secs(2));
+    // istio-iptables' rules (as istio-init writes them), then the check as
+    // istio-validation runs it: as the proxy's UID.
+    let mut apply: Vec<&str> = INJECTOR.to_vec();
+    apply.extend(["--backend", "iptables"]);
+    let out = run_as(None, &apply);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run_as(Some((1337, 1337)), &validate);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
