@@ -183,6 +183,13 @@ fn istio_defaults_and_value_syntax() {
     let out = istio_iptables(&["--backend", "iptables"], &[("DRY_RUN", "1")]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("* nat"));
+    // An empty -m is REDIRECT.
+    let out = istio_iptables(
+        &["-m", "", "-b", "8080", "-n", "--backend", "iptables"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("-A ISTIO_INBOUND -p tcp --dport 8080 -j ISTIO_IN_REDIRECT"));
     let out = istio_iptables(&["--probe-timeout=soon", "-n"], &[]);
     assert_ne!(out.status.code(), Some(0));
     assert!(

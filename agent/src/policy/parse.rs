@@ -485,7 +485,8 @@ impl CaptureArgs {
             }
         }
         let mode = match self.interception_mode.as_str() {
-            "REDIRECT" => InterceptionMode::Redirect,
+            // Empty is REDIRECT, as istio-iptables.
+            "" | "REDIRECT" => InterceptionMode::Redirect,
             "TPROXY" => InterceptionMode::Tproxy,
             other => {
                 return Err(PolicyError::InvalidMode {
