@@ -258,7 +258,8 @@ fn bad_input_exits_2_and_changes_nothing() {
         (vec!["-m", "TPROXY"], "TPROXY"),
         (vec!["-m", "tproxy"], "interception mode"),
         (vec!["--redirect-dns"], "--redirect-dns"),
-        (vec!["-u", ""], "--proxy-uid (-u)"),
+        // (An empty -u is istio-iptables' default, not an error.)
+        (vec!["-u", "1,,2"], "--proxy-uid (-u)"),
     ] {
         let args: Vec<String> = args.into_iter().map(String::from).collect();
         let out = init(&ns, &args);
