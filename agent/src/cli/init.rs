@@ -16,7 +16,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use crate::{
     iptables::{self, Family, Iptables, RuleSet},
     netns,
-    policy::{go_bool, Capture, CaptureArgs, Policy, PolicyArgs},
+    policy::{go_bool, go_bool_flag, Capture, CaptureArgs, Policy, PolicyArgs},
 };
 
 /// How interception is put in place.
@@ -34,7 +34,7 @@ pub enum Backend {
 /// variables with its spellings and defaults (`-i` defaults to `""` here,
 /// as in istio-iptables), plus divert's own.
 #[derive(Args, Debug, Clone)]
-#[command(mut_arg("include_ranges", |a| a.default_value("")))]
+#[command(mut_arg("include_ranges", |a| a.default_value("")), mut_args(go_bool_flag))]
 pub struct InitArgs {
     #[command(flatten)]
     pub policy: PolicyArgs,
@@ -61,17 +61,13 @@ pub struct InitArgs {
 
     /// Print the rules that would be written (iptables-restore input per
     /// address family) and change nothing.
-    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN", value_parser = go_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true",
-          default_value = "false", value_name = "BOOL")]
+    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN", value_parser = go_bool, value_name = "BOOL")]
     pub dry_run: bool,
 
     /// Remove what divert init writes for these flags from this namespace,
     /// and nothing else; write nothing.
     #[arg(long = "cleanup", visible_alias = "cleanup-only", env = "CLEANUP_ONLY",
-          conflicts_with = "dry_run",
-          value_parser = go_bool, num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", default_value = "false", value_name = "BOOL")]
+          conflicts_with = "dry_run", value_parser = go_bool, value_name = "BOOL")]
     pub cleanup: bool,
 
     /// istio-validation's check (`--validate` does divert's): from
@@ -80,16 +76,12 @@ pub struct InitArgs {
     /// until a listener on the proxy port or the inbound capture port
     /// accepts it with that port as its original destination; run as the
     /// proxy's UID. Exits 126 when --probe-timeout passes first.
-    #[arg(long = "run-validation", env = "RUN_VALIDATION", value_parser = go_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true",
-          default_value = "false", value_name = "BOOL")]
+    #[arg(long = "run-validation", env = "RUN_VALIDATION", value_parser = go_bool, value_name = "BOOL")]
     pub run_validation: bool,
 
     /// Apply nothing (with --run-validation: check rules someone else,
     /// istio-cni, put in place).
-    #[arg(long = "skip-rule-apply", env = "SKIP_RULE_APPLY", value_parser = go_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true",
-          default_value = "false", value_name = "BOOL")]
+    #[arg(long = "skip-rule-apply", env = "SKIP_RULE_APPLY", value_parser = go_bool, value_name = "BOOL")]
     pub skip_rule_apply: bool,
 
     /// The original destination port --run-validation dials.
@@ -110,16 +102,12 @@ pub struct InitArgs {
     /// Replace rules already in the namespace instead of failing: what
     /// divert always does (its chains are rewritten whole in one
     /// transaction), so accepted.
-    #[arg(long = "reconcile", env = "RECONCILE", value_parser = go_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true",
-          default_value = "false", value_name = "BOOL")]
+    #[arg(long = "reconcile", env = "RECONCILE", value_parser = go_bool, value_name = "BOOL")]
     pub reconcile: bool,
 
     /// Apply even when the rules look in place: what divert always does,
     /// so accepted.
-    #[arg(long = "force-apply", env = "FORCE_APPLY", value_parser = go_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true",
-          default_value = "false", value_name = "BOOL")]
+    #[arg(long = "force-apply", env = "FORCE_APPLY", value_parser = go_bool, value_name = "BOOL")]
     pub force_apply: bool,
 
     /// Which iptables binaries: `legacy` or `nft` (default: as
@@ -142,15 +130,11 @@ pub struct InitArgs {
     pub network_namespace: String,
 
     /// istio's native nftables rules: not supported yet, refused.
-    #[arg(long = "native-nftables", env = "NATIVE_NFTABLES", value_parser = go_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true",
-          default_value = "false", value_name = "BOOL")]
+    #[arg(long = "native-nftables", env = "NATIVE_NFTABLES", value_parser = go_bool, value_name = "BOOL")]
     pub native_nftables: bool,
 
     /// istio-cni's host-filesystem mode: not supported, refused.
-    #[arg(long = "cni-mode", env = "CNI_MODE", value_parser = go_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true",
-          default_value = "false", value_name = "BOOL")]
+    #[arg(long = "cni-mode", env = "CNI_MODE", value_parser = go_bool, value_name = "BOOL")]
     pub cni_mode: bool,
 
     /// istio's logging flags, which the injector may pass

@@ -12,7 +12,7 @@ mod verdict;
 use std::net::IpAddr;
 
 pub use ipnetwork::IpNetwork;
-pub use parse::{go_bool, CaptureArgs, PolicyArgs, PolicyError, Source};
+pub use parse::{go_bool, go_bool_flag, CaptureArgs, PolicyArgs, PolicyError, Source};
 
 pub use verdict::{as_dialled, verdict, verdict_for, Action, Connect, Rule, Verdict};
 

@@ -287,6 +287,7 @@ impl PolicyArgs {
 /// backend applies them; spellings and environment variables as
 /// istio-iptables'.
 #[derive(Args, Clone, Debug, Default)]
+#[command(mut_args(go_bool_flag))]
 pub struct CaptureArgs {
     /// Inbound interception mode: REDIRECT or TPROXY (TPROXY is refused by
     /// the iptables backend for now).
@@ -365,31 +366,40 @@ pub struct CaptureArgs {
 
     /// Capture DNS to the agent's port 15053 (not supported yet: refused).
     /// Also from ISTIO_META_DNS_CAPTURE.
-    #[arg(long = "redirect-dns", env = "REDIRECT_DNS", value_parser = go_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true",
-          default_value = "false", value_name = "BOOL")]
+    #[arg(long = "redirect-dns", env = "REDIRECT_DNS", value_parser = go_bool, value_name = "BOOL")]
     pub redirect_dns: bool,
 
     /// Capture DNS to every server (not supported yet: refused).
-    #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS", value_parser = go_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true",
-          default_value = "false", value_name = "BOOL")]
+    #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS", value_parser = go_bool, value_name = "BOOL")]
     pub capture_all_dns: bool,
 
     /// Drop packets conntrack finds invalid (not supported yet: refused).
     /// Also from INVALID_DROP.
-    #[arg(long = "drop-invalid", env = "DROP_INVALID", value_parser = go_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true",
-          default_value = "false", value_name = "BOOL")]
+    #[arg(long = "drop-invalid", env = "DROP_INVALID", value_parser = go_bool, value_name = "BOOL")]
     pub drop_invalid: bool,
 
     /// Write IPv6 rules whenever the namespace has an IPv6 address (without
     /// it, only when its first address is IPv6, as istio-iptables). Also
     /// from ISTIO_DUAL_STACK.
-    #[arg(long = "dual-stack", env = "DUAL_STACK", value_parser = go_bool,
-          num_args = 0..=1, require_equals = true, default_missing_value = "true",
-          default_value = "false", value_name = "BOOL")]
+    #[arg(long = "dual-stack", env = "DUAL_STACK", value_parser = go_bool, value_name = "BOOL")]
     pub dual_stack: bool,
+}
+
+/// A flag of istio-iptables' boolean kind (value name `BOOL`, value parser
+/// [`go_bool`]) made to take its value as Go's pflag does: `--flag` is true,
+/// `--flag=false` false, absent false. Applied to every argument of a
+/// command (`#[command(mut_args(go_bool_flag))]`); others are untouched.
+pub fn go_bool_flag(a: clap::Arg) -> clap::Arg {
+    let is_bool = a
+        .get_value_names()
+        .is_some_and(|n| n.len() == 1 && n[0] == "BOOL");
+    if !is_bool {
+        return a;
+    }
+    a.num_args(0..=1)
+        .require_equals(true)
+        .default_missing_value("true")
+        .default_value("false")
 }
 
 /// A boolean as Go's `strconv.ParseBool` (istio-iptables' flags and
