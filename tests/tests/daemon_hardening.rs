@@ -325,7 +325,8 @@ fn a_request_under_way_at_sigterm_is_answered_before_the_daemon_stops() {
     let mut d = s.daemon();
     // A client connected and still writing its request when SIGTERM comes.
     let mut client = sender(&s);
-    thread::sleep(Duration::from_millis(300));
+    // Time for the client to start and connect (the daemon accepts at once).
+    thread::sleep(Duration::from_millis(1000));
     let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     thread::sleep(Duration::from_millis(300));
