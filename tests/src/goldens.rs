@@ -17,6 +17,9 @@ pub struct Golden {
     pub name: String,
     pub flags: Vec<String>,
     pub ipv6: bool,
+    /// Why the case cannot be applied in a test namespace (`apply: no
+    /// (why)`), if it cannot; its rendering is still compared.
+    pub not_applied: Option<String>,
     pub v4: String,
     pub v6: String,
 }
@@ -35,6 +38,7 @@ pub fn goldens() -> Vec<Golden> {
             name: path.file_stem().unwrap().to_string_lossy().into_owned(),
             flags: vec![],
             ipv6: false,
+            not_applied: None,
             v4: String::new(),
             v6: String::new(),
         };
@@ -42,6 +46,8 @@ pub fn goldens() -> Vec<Golden> {
         for line in text.lines() {
             if let Some(f) = line.strip_prefix("flags:") {
                 g.flags = f.split_whitespace().map(String::from).collect();
+            } else if let Some(v) = line.strip_prefix("apply: no") {
+                g.not_applied = Some(v.trim().to_string());
             } else if let Some(v) = line.strip_prefix("ipv6:") {
                 g.ipv6 = v.trim() == "yes";
             } else if line == "--- iptables" {

@@ -87,9 +87,15 @@ impl IptablesRig {
 
     /// Replace the client namespace's rules with `p`'s; returns `p` with
     /// the namespace's addresses (for `verdict()`).
-    pub fn set(&mut self, mut p: Policy) -> Policy {
+    pub fn set(&mut self, p: Policy) -> Policy {
+        self.set_with(p, &divert::policy::Capture::default())
+    }
+
+    /// [`IptablesRig::set`] with capture settings too.
+    pub fn set_with(&mut self, mut p: Policy, capture: &divert::policy::Capture) -> Policy {
         p.local_addrs = self.local.clone();
         let policy = p.clone();
+        let capture = capture.clone();
         self.lab
             .client
             .enter(move || -> anyhow::Result<()> {
@@ -97,7 +103,7 @@ impl IptablesRig {
                 for f in [Family::V4, Family::V6] {
                     sets.push((
                         iptables::detect(f)?,
-                        iptables::render(&policy, &Default::default(), f)?,
+                        iptables::render(&policy, &capture, f)?,
                     ));
                 }
                 iptables::apply(&sets)

@@ -24,7 +24,7 @@ use divert::{
     policy::verdict,
 };
 use divert_tests::{
-    cases::{expected, istio_matrix, seed_and_count, Generator},
+    cases::{expected, istio_matrix, seed_and_count, Generator, APP},
     command_in, divert_bin,
     goldens::{goldens, settings_for},
     require_root,
@@ -170,6 +170,10 @@ fn istio_goldens_applied_match_and_cleanup_restores() {
     assert!(goldens.len() >= 15, "only {} golden files", goldens.len());
     let mut failures = Vec::new();
     for (i, g) in goldens.iter().enumerate() {
+        if let Some(why) = &g.not_applied {
+            eprintln!("{}: rendering compared only: {why}", g.name);
+            continue;
+        }
         let theirs = twin(&format!("{i}e"), g.ipv6);
         let ours = twin(&format!("{i}d"), g.ipv6);
         let before: Vec<String> = [Fam::V4, Fam::V6].map(|f| save(&ours, f)).to_vec();
@@ -444,4 +448,32 @@ fn uses_the_iptables_variant_the_namespace_already_uses() {
     let bad = init_with(Some("ebtables"), &["-i", "*"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("FORCE_IPTABLES_BINARY=\"ebtables\""));
+}
+
+#[test]
+fn an_owner_group_filter_captures_only_the_groups_it_names() {
+    require_root!();
+    use divert::policy::{Action, Capture, OwnerGroups, Policy};
+    let mut rig = IptablesRig::start();
+    let dst = SocketAddr::new(rig.lab.v4(2), 80);
+    let (redirect, pass) = (
+        expected(Action::Redirect(15001), dst, false),
+        expected(Action::PassThrough, dst, false),
+    );
+    // ISTIO_OUTBOUND_OWNER_GROUPS=2000: group 2000 only.
+    let only = Capture {
+        owner_groups: OwnerGroups::Only(vec!["2000".into()]),
+        ..Capture::default()
+    };
+    rig.set_with(Policy::default(), &only);
+    assert_eq!(rig.dial(dst, APP, 2000, false), redirect, "in the group");
+    assert_eq!(rig.dial(dst, APP, APP, false), pass, "outside the group");
+    // ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE=2000: every group but 2000.
+    let except = Capture {
+        owner_groups: OwnerGroups::AllExcept(vec!["2000".into()]),
+        ..Capture::default()
+    };
+    rig.set_with(Policy::default(), &except);
+    assert_eq!(rig.dial(dst, APP, 2000, false), pass, "the excluded group");
+    assert_eq!(rig.dial(dst, APP, APP, false), redirect, "another group");
 }

@@ -98,7 +98,7 @@ fn what_divert_does_not_do_is_refused_by_name() {
         (vec!["--redirect-dns"], vec![], "--redirect-dns"),
         (
             vec![],
-            vec![("ISTIO_OUTBOUND_OWNER_GROUPS", "java")],
+            vec![("ISTIO_OUTBOUND_OWNER_GROUPS", "java,a b")],
             "ISTIO_OUTBOUND_OWNER_GROUPS",
         ),
         (
@@ -142,6 +142,40 @@ fn what_divert_does_not_do_is_refused_by_name() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn owner_group_filters_are_written_as_istio_writes_them_and_refused_by_ebpf() {
+    let args = dry(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let only = istio_iptables(&args, &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202")]);
+    assert!(only.status.success(), "{}", text(&only.stderr));
+    assert!(text(&only.stdout).contains(
+        "-A ISTIO_OUTPUT -m owner ! --gid-owner java -m owner ! --gid-owner 202 -j RETURN"
+    ));
+    let except = istio_iptables(&args, &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "888,ftp")]);
+    assert!(except.status.success(), "{}", text(&except.stderr));
+    assert!(text(&except.stdout).contains("-A ISTIO_OUTPUT -m owner --gid-owner ftp -j RETURN"));
+    // istio's limit on an include list.
+    let many: Vec<String> = (1..=65).map(|g| g.to_string()).collect();
+    let out = istio_iptables(&args, &[("ISTIO_OUTBOUND_OWNER_GROUPS", &many.join(","))]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot exceed 64"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The ebpf backend cannot apply it: refused, not ignored.
+    let out = istio_iptables(
+        &["--backend", "ebpf", "--dry-run"],
+        &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java")],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("owner-group"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

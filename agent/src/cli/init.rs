@@ -364,10 +364,11 @@ pub fn not_applied_under_ebpf(capture: &Capture) -> Vec<String> {
     v
 }
 
-/// What the eBPF backend refuses: interface settings, which it cannot
-/// apply either way without changing what is captured (`-c` would leave
-/// connections through the excluded interfaces redirected: more capture
-/// than asked; `-k` would leave the VM's traffic uncaptured).
+/// What the eBPF backend refuses: interface settings and the owner-group
+/// filter, which it cannot apply either way without changing what is
+/// captured (`-c` and an owner-group filter would leave connections it
+/// exempts redirected: more capture than asked; `-k` would leave the VM's
+/// traffic uncaptured).
 pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
     let mut v = Vec::new();
     if !capture.exclude_interfaces.is_empty() {
@@ -381,6 +382,9 @@ pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
             "-k {} (KubeVirt interfaces)",
             capture.kube_virt_interfaces.join(",")
         ));
+    }
+    if capture.owner_groups != crate::policy::OwnerGroups::default() {
+        v.push("ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE] (an owner-group filter)".to_string());
     }
     v
 }

@@ -23,7 +23,9 @@ pub use apply::{apply, cleanup, detect, detect_forced, Iptables};
 
 use std::fmt::Write as _;
 
-use crate::policy::{self, Capture, InboundPorts, InterceptionMode, IpNetwork, Policy};
+use crate::policy::{
+    self, Capture, InboundPorts, InterceptionMode, IpNetwork, OwnerGroups, Policy,
+};
 
 /// Chains this backend owns in the nat table, in istio-iptables' names.
 /// Nothing else is ever created, flushed or deleted.
@@ -262,7 +264,7 @@ fn port_matches(ports: &[u16]) -> Vec<Vec<String>> {
 /// 5. `OUTPUT -j ISTIO_OUTPUT`, then in `ISTIO_OUTPUT`: `-o` ports (tcp and
 ///    udp), the inbound-passthrough source, per proxy UID then per GID the
 ///    three owner rules (the middle one dropped when an include range is a
-///    loopback address), the host loopback, `-x`, `-q`, and `-i` (`*`, or
+///    loopback address), the owner-group filter, the host loopback, `-x`, `-q`, and `-i` (`*`, or
 ///    one rule per range of this family; with `-k`, matching
 ///    `PREROUTING` jumps inserted at the top).
 ///
@@ -439,6 +441,25 @@ pub fn render(policy: &Policy, capture: &Capture, family: Family) -> Result<Rule
                 Rule::append(ISTIO_OUTPUT, &["-m", "owner", owner, &id, "-j", "RETURN"])
                     .deciding([is_owner(n)]),
             );
+        }
+    }
+    // The owner-group filter (run.go `handleCaptureByOwnerGroup`).
+    match &capture.owner_groups {
+        OwnerGroups::AllExcept(groups) => {
+            for g in groups {
+                rules.push(Rule::append(
+                    ISTIO_OUTPUT,
+                    &["-m", "owner", "--gid-owner", g, "-j", "RETURN"],
+                ));
+            }
+        }
+        OwnerGroups::Only(groups) => {
+            let mut spec: Vec<&str> = Vec::new();
+            for g in groups {
+                spec.extend(["-m", "owner", "!", "--gid-owner", g]);
+            }
+            spec.extend(["-j", "RETURN"]);
+            rules.push(Rule::append(ISTIO_OUTPUT, &spec));
         }
     }
     rules.push(

@@ -114,6 +114,26 @@ pub struct Capture {
     /// address; without it, only when its first address is IPv6 (istio's
     /// `getLocalIP`).
     pub dual_stack: bool,
+    /// The owner-group filter (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`).
+    pub owner_groups: OwnerGroups,
+}
+
+/// Which processes' outbound connects are captured, by group (istio-iptables'
+/// `InterceptFilter` over `ISTIO_OUTBOUND_OWNER_GROUPS` and
+/// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`), group names or GIDs as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnerGroups {
+    /// Every group but these (`*`, and the exclude list).
+    AllExcept(Vec<String>),
+    /// These groups only (an include list; empty: none).
+    Only(Vec<String>),
+}
+
+impl Default for OwnerGroups {
+    /// istio-iptables' default: every group.
+    fn default() -> Self {
+        OwnerGroups::AllExcept(Vec::new())
+    }
 }
 
 /// One network namespace's outbound interception policy, validated: what

@@ -12,7 +12,7 @@ use clap::{parser::ValueSource, ArgMatches, Args};
 use ipnetwork::IpNetwork;
 
 use super::{
-    Capture, Inbound, InboundPorts, IncludeRanges, InterceptionMode, Policy,
+    Capture, Inbound, InboundPorts, IncludeRanges, InterceptionMode, OwnerGroups, Policy,
     DEFAULT_INBOUND_CAPTURE_PORT, DEFAULT_INBOUND_TUNNEL_PORT, DEFAULT_PROXY_ID,
     DEFAULT_PROXY_PORT, MAX_PROXY_IDS,
 };
@@ -98,6 +98,14 @@ pub enum PolicyError {
     Unsupported { what: &'static str, origin: Source },
     #[error("invalid boolean in {origin}: {reason}")]
     InvalidBool { reason: String, origin: Source },
+    #[error("invalid group {value:?} in {origin}: a GID or a group name (letters, digits, '_', '.', '-'; at most 32 bytes)")]
+    InvalidGroup { value: String, origin: Source },
+    #[error("{count} groups in {origin}: the groups whose outbound traffic is captured cannot exceed {max}")]
+    TooManyGroups {
+        count: usize,
+        max: usize,
+        origin: Source,
+    },
 }
 
 impl PolicyError {
@@ -118,7 +126,9 @@ impl PolicyError {
             | PolicyError::InvalidInterface { origin, .. }
             | PolicyError::DnsCaptureUnsupported { origin }
             | PolicyError::Unsupported { origin, .. }
-            | PolicyError::InvalidBool { origin, .. } => origin,
+            | PolicyError::InvalidBool { origin, .. }
+            | PolicyError::InvalidGroup { origin, .. }
+            | PolicyError::TooManyGroups { origin, .. } => origin,
         }
     }
 }
@@ -344,6 +354,29 @@ pub struct CaptureArgs {
     )]
     pub exclude_interfaces: String,
 
+    /// Groups whose outbound traffic is captured: `*` (all) or a list of
+    /// group names and GIDs, at most 64 (istio-iptables reads it from
+    /// ISTIO_OUTBOUND_OWNER_GROUPS only). A connect by a process in none of
+    /// them passes the proxy by. iptables backend only.
+    #[arg(
+        long = "outbound-owner-groups",
+        env = "ISTIO_OUTBOUND_OWNER_GROUPS",
+        default_value = "*",
+        value_name = "GROUPS"
+    )]
+    pub owner_groups: String,
+
+    /// With `--outbound-owner-groups '*'`: groups whose outbound traffic is
+    /// not captured (ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE). iptables backend
+    /// only.
+    #[arg(
+        long = "outbound-owner-groups-exclude",
+        env = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+        default_value = "",
+        value_name = "GROUPS"
+    )]
+    pub owner_groups_exclude: String,
+
     /// TPROXY mode's packet mark (used with -m TPROXY only).
     #[arg(
         short = 't',
@@ -400,6 +433,55 @@ pub fn go_bool_flag(a: clap::Arg) -> clap::Arg {
         .require_equals(true)
         .default_missing_value("true")
         .default_value("false")
+}
+
+/// The most groups an include list may name (istio-iptables'
+/// `maxOwnerGroupsInclude`: they become one rule of that many matches).
+pub const MAX_OWNER_GROUPS_INCLUDE: usize = 64;
+
+/// istio-iptables' owner-group filter (`ParseInterceptFilter`): `include`
+/// `*` captures every group but those of `exclude`; otherwise only the
+/// groups of `include` are captured (none when it is empty). Lists are
+/// comma-separated with empty elements dropped, as istio's `Split`; each
+/// group is a GID or a group name (letters, digits, `_`, `.`, `-`; at most
+/// 32 bytes), which iptables resolves.
+fn parse_owner_groups(
+    include: &str,
+    exclude: &str,
+    include_origin: Source,
+    exclude_origin: Source,
+) -> Result<OwnerGroups, PolicyError> {
+    let list = |s: &str, origin: &Source| -> Result<Vec<String>, PolicyError> {
+        s.split(',')
+            .filter(|g| !g.is_empty())
+            .map(|g| {
+                let ok = g.len() <= 32
+                    && g.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+                    && !g.starts_with('-');
+                if ok {
+                    Ok(g.to_string())
+                } else {
+                    Err(PolicyError::InvalidGroup {
+                        value: g.to_string(),
+                        origin: origin.clone(),
+                    })
+                }
+            })
+            .collect()
+    };
+    if include == "*" {
+        return Ok(OwnerGroups::AllExcept(list(exclude, &exclude_origin)?));
+    }
+    let only = list(include, &include_origin)?;
+    if only.len() > MAX_OWNER_GROUPS_INCLUDE {
+        return Err(PolicyError::TooManyGroups {
+            count: only.len(),
+            max: MAX_OWNER_GROUPS_INCLUDE,
+            origin: include_origin,
+        });
+    }
+    Ok(OwnerGroups::Only(only))
 }
 
 /// A boolean as Go's `strconv.ParseBool` (istio-iptables' flags and
@@ -469,31 +551,20 @@ impl CaptureArgs {
                 origin: drop_invalid.1,
             });
         }
-        // Settings istio-iptables reads from the environment only.
-        for (var, default, what) in [
-            (
-                "ISTIO_OUTBOUND_OWNER_GROUPS",
-                "*",
-                "an outbound owner-group filter",
-            ),
-            (
-                "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
-                "",
-                "an outbound owner-group filter",
-            ),
-            (
-                "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
-                "127.0.0.1/32",
-                "a host loopback range other than 127.0.0.1/32",
-            ),
-        ] {
-            if std::env::var(var).is_ok_and(|v| v != default) {
-                return Err(PolicyError::Unsupported {
-                    what,
-                    origin: Source::Env(var.to_string()),
-                });
-            }
+        // A setting istio-iptables reads from the environment only.
+        let loopback = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR";
+        if std::env::var(loopback).is_ok_and(|v| v != "127.0.0.1/32") {
+            return Err(PolicyError::Unsupported {
+                what: "a host loopback range other than 127.0.0.1/32",
+                origin: Source::Env(loopback.to_string()),
+            });
         }
+        let owner_groups = parse_owner_groups(
+            &self.owner_groups,
+            &self.owner_groups_exclude,
+            origin("owner_groups"),
+            origin("owner_groups_exclude"),
+        )?;
         let mode = match self.interception_mode.as_str() {
             // Empty is REDIRECT, as istio-iptables.
             "" | "REDIRECT" => InterceptionMode::Redirect,
@@ -528,6 +599,7 @@ impl CaptureArgs {
                 origin("exclude_interfaces"),
             )?,
             dual_stack,
+            owner_groups,
         })
     }
 }
