@@ -103,7 +103,7 @@ fn what_divert_does_not_do_is_refused_by_name() {
         ),
         (
             vec![],
-            vec![("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8")],
+            vec![("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/8")],
             "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
         ),
         (

@@ -383,6 +383,12 @@ pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
             capture.kube_virt_interfaces.join(",")
         ));
     }
+    if capture.host_loopback_v4 != crate::policy::DEFAULT_HOST_LOOPBACK_V4 {
+        v.push(format!(
+            "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR {} (a host loopback range)",
+            capture.host_loopback_v4
+        ));
+    }
     if capture.owner_groups != crate::policy::OwnerGroups::default() {
         v.push("ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE] (an owner-group filter)".to_string());
     }

@@ -275,7 +275,10 @@ pub fn render(policy: &Policy, capture: &Capture, family: Family) -> Result<Rule
     }
     let mut rules: Vec<Rule> = Vec::new();
     let tunnel = policy.inbound_tunnel_port.to_string();
-    let lo = family.loopback();
+    let lo = match family {
+        Family::V4 => capture.host_loopback_v4.as_str(),
+        Family::V6 => family.loopback(),
+    };
 
     for ifc in &capture.exclude_interfaces {
         rules.push(Rule::append("PREROUTING", &["-i", ifc, "-j", "RETURN"]));

@@ -100,7 +100,7 @@ pub struct Inbound {
 /// iptables backend's PREROUTING and interface rules): inbound capture and
 /// interfaces. Not part of [`Policy`], which is what the kernel maps hold
 /// and the daemon's socket takes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capture {
     /// `-m`, `-b`, `-d`.
     pub inbound: Inbound,
@@ -116,6 +116,28 @@ pub struct Capture {
     pub dual_stack: bool,
     /// The owner-group filter (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`).
     pub owner_groups: OwnerGroups,
+    /// The IPv4 host loopback range of the rules
+    /// (`ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`), as written; 127.0.0.1/32 by
+    /// default. Only the iptables backend applies another.
+    pub host_loopback_v4: String,
+}
+
+/// istio-iptables' host loopback range, `HostIPv4LoopbackCidr`'s default.
+pub const DEFAULT_HOST_LOOPBACK_V4: &str = "127.0.0.1/32";
+
+impl Default for Capture {
+    /// istio-iptables' defaults: no inbound capture, no interfaces, one
+    /// address family decision, every group, 127.0.0.1/32.
+    fn default() -> Self {
+        Capture {
+            inbound: Inbound::default(),
+            kube_virt_interfaces: Vec::new(),
+            exclude_interfaces: Vec::new(),
+            dual_stack: false,
+            owner_groups: OwnerGroups::default(),
+            host_loopback_v4: DEFAULT_HOST_LOOPBACK_V4.to_string(),
+        }
+    }
 }
 
 /// Which processes' outbound connects are captured, by group (istio-iptables'

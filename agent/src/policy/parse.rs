@@ -377,6 +377,17 @@ pub struct CaptureArgs {
     )]
     pub owner_groups_exclude: String,
 
+    /// The IPv4 range the rules treat as the host's loopback (istio-iptables
+    /// reads it from ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR only): a loopback
+    /// CIDR with a mask from 8 to 32. iptables backend only.
+    #[arg(
+        long = "outbound-ipv4-loopback-cidr",
+        env = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+        default_value = "127.0.0.1/32",
+        value_name = "CIDR"
+    )]
+    pub host_loopback_v4: String,
+
     /// TPROXY mode's packet mark (used with -m TPROXY only).
     #[arg(
         short = 't',
@@ -433,6 +444,28 @@ pub fn go_bool_flag(a: clap::Arg) -> clap::Arg {
         .require_equals(true)
         .default_missing_value("true")
         .default_value("false")
+}
+
+/// istio-iptables' `ValidateIPv4LoopbackCidr`: an IPv4 loopback CIDR with a
+/// mask from 8 to 32, kept as written (`127.0.0.1/8` stays so in the rules).
+fn parse_loopback_cidr(value: &str, origin: Source) -> Result<String, PolicyError> {
+    let bad = |reason: &str| PolicyError::InvalidCidr {
+        value: value.to_string(),
+        origin: origin.clone(),
+        reason: reason.to_string(),
+    };
+    let (addr, len) = value
+        .split_once('/')
+        .ok_or_else(|| bad("write ADDRESS/LENGTH"))?;
+    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| bad("not an IPv4 address"))?;
+    let len: u8 = len.parse().map_err(|_| bad("not a prefix length"))?;
+    if !addr.is_loopback() {
+        return Err(bad("not a loopback address (127.0.0.0/8)"));
+    }
+    if !(8..=32).contains(&len) {
+        return Err(bad("the mask must be from 8 to 32"));
+    }
+    Ok(value.to_string())
 }
 
 /// The most groups an include list may name (istio-iptables'
@@ -551,14 +584,8 @@ impl CaptureArgs {
                 origin: drop_invalid.1,
             });
         }
-        // A setting istio-iptables reads from the environment only.
-        let loopback = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR";
-        if std::env::var(loopback).is_ok_and(|v| v != "127.0.0.1/32") {
-            return Err(PolicyError::Unsupported {
-                what: "a host loopback range other than 127.0.0.1/32",
-                origin: Source::Env(loopback.to_string()),
-            });
-        }
+        let host_loopback_v4 =
+            parse_loopback_cidr(&self.host_loopback_v4, origin("host_loopback_v4"))?;
         let owner_groups = parse_owner_groups(
             &self.owner_groups,
             &self.owner_groups_exclude,
@@ -600,6 +627,7 @@ impl CaptureArgs {
             )?,
             dual_stack,
             owner_groups,
+            host_loopback_v4,
         })
     }
 }
