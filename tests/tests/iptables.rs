@@ -65,20 +65,25 @@ fn ok(out: Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The nat table as iptables-save prints it, without comments and counters.
+/// The nat and mangle tables as iptables-save prints them, without
+/// comments and counters.
 fn save(ns: &Netns, f: Fam) -> String {
-    let out = in_ns(ns, &format!("{}-save", f.tool()))
-        .args(["-t", "nat"])
-        .output()
-        .unwrap();
-    ok(out, "iptables-save")
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match l.rfind(" [") {
-            Some(i) if l.starts_with(':') => l[..i].to_string(),
-            _ => l.to_string(),
+    ["nat", "mangle"]
+        .map(|table| {
+            let out = in_ns(ns, &format!("{}-save", f.tool()))
+                .args(["-t", table])
+                .output()
+                .unwrap();
+            ok(out, "iptables-save")
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| match l.rfind(" [") {
+                    Some(i) if l.starts_with(':') => l[..i].to_string(),
+                    _ => l.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
         })
-        .collect::<Vec<_>>()
         .join("\n")
 }
 

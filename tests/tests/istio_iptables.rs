@@ -88,8 +88,7 @@ type Refusal<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
 fn what_divert_does_not_do_is_refused_by_name() {
     let cases: Vec<Refusal> = vec![
         (vec!["--native-nftables"], vec![], "--native-nftables"),
-        (vec!["--drop-invalid=true"], vec![], "--drop-invalid"),
-        (vec![], vec![("INVALID_DROP", "1")], "INVALID_DROP"),
+        (vec![], vec![("INVALID_DROP", "maybe")], "INVALID_DROP"),
         (
             vec![],
             vec![("ISTIO_META_DNS_CAPTURE", "True")],
@@ -145,7 +144,7 @@ fn what_divert_does_not_do_is_refused_by_name() {
 }
 
 #[test]
-fn owner_group_filters_are_written_as_istio_writes_them_and_refused_by_ebpf() {
+fn iptables_only_settings_are_written_as_istio_writes_them_and_refused_by_ebpf() {
     let args = dry(&[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let only = istio_iptables(&args, &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202")]);
@@ -165,7 +164,20 @@ fn owner_group_filters_are_written_as_istio_writes_them_and_refused_by_ebpf() {
         "{}",
         text(&out.stderr)
     );
-    // The ebpf backend cannot apply it: refused, not ignored.
+    // --drop-invalid (or INVALID_DROP): the mangle table's ISTIO_DROP.
+    let drop = istio_iptables(&args, &[("INVALID_DROP", "1")]);
+    assert!(drop.status.success(), "{}", text(&drop.stderr));
+    assert!(
+        text(&drop.stdout).contains("-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP")
+    );
+    let out = istio_iptables(&["--backend", "ebpf", "--dry-run", "--drop-invalid"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--drop-invalid"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The ebpf backend cannot apply these either: refused, not ignored.
     let out = istio_iptables(
         &["--backend", "ebpf", "--dry-run"],
         &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java")],
@@ -173,6 +185,16 @@ fn owner_group_filters_are_written_as_istio_writes_them_and_refused_by_ebpf() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("owner-group"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = istio_iptables(
+        &["--backend", "ebpf", "--dry-run"],
+        &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8")],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"),
         "{}",
         text(&out.stderr)
     );

@@ -383,6 +383,9 @@ pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
             capture.kube_virt_interfaces.join(",")
         ));
     }
+    if capture.drop_invalid {
+        v.push("--drop-invalid (dropping invalid packets)".to_string());
+    }
     if capture.host_loopback_v4 != crate::policy::DEFAULT_HOST_LOOPBACK_V4 {
         v.push(format!(
             "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR {} (a host loopback range)",

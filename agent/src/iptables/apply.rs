@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{Family, RuleSet, CHAINS};
+use super::{Family, RuleSet, CHAINS, ISTIO_DROP};
 
 /// The iptables binaries chosen for one address family.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,14 +49,19 @@ impl Iptables {
 
     /// `<command>-save -t nat`: the nat table as iptables-restore input.
     pub fn save_nat(&self) -> Result<String> {
+        self.save_table("nat")
+    }
+
+    /// `<command>-save -t TABLE`: one table as iptables-restore input.
+    pub fn save_table(&self, table: &str) -> Result<String> {
         let out = Command::new(self.save_cmd())
-            .args(["-t", "nat"])
+            .args(["-t", table])
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("running {}", self.save_cmd()))?;
         if !out.status.success() {
             bail!(
-                "{} -t nat failed ({}): {}",
+                "{} -t {table} failed ({}): {}",
                 self.save_cmd(),
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
@@ -177,19 +182,73 @@ pub fn detect_forced(family: Family, force: Option<&str>) -> Result<Iptables> {
 
 /// The lines of the `*nat` section of iptables-save output.
 fn nat_lines(save: &str) -> Vec<&str> {
-    let mut in_nat = false;
+    table_lines(save, "nat")
+}
+
+/// The lines of the `*TABLE` section of iptables-save output.
+fn table_lines<'a>(save: &'a str, table: &str) -> Vec<&'a str> {
+    let mut inside = false;
     let mut out = Vec::new();
     for line in save.lines() {
         let line = line.trim_end();
-        if let Some(table) = line.strip_prefix('*') {
-            in_nat = table.trim() == "nat";
+        if let Some(t) = line.strip_prefix('*') {
+            inside = t.trim() == table;
         } else if line == "COMMIT" {
-            in_nat = false;
-        } else if in_nat && !line.starts_with('#') {
+            inside = false;
+        } else if inside && !line.starts_with('#') {
             out.push(line);
         }
     }
     out
+}
+
+/// The mangle table's part of a transaction: make it hold `set.mangle`
+/// (`--drop-invalid`'s [`ISTIO_DROP`] and the jump to it), removing an
+/// earlier run's, or, when `set` has none, remove what an earlier run left.
+/// `None` when there is nothing to write.
+fn mangle_transaction(save: &str, set: &RuleSet) -> Option<String> {
+    let lines = table_lines(save, "mangle");
+    let exists = lines
+        .iter()
+        .any(|l| l.strip_prefix(':').and_then(|r| r.split(' ').next()) == Some(ISTIO_DROP));
+    if set.mangle.is_empty() && !exists {
+        return None;
+    }
+    let mut s = String::from("*mangle\n");
+    // Jumps to ours from built-in chains.
+    for l in &lines {
+        let Some(rest) = l.strip_prefix("-A ") else {
+            continue;
+        };
+        let words: Vec<&str> = rest.split(' ').collect();
+        if words[0] != ISTIO_DROP && words.windows(2).any(|w| w == ["-j", ISTIO_DROP]) {
+            s.push_str(&format!("-D {rest}\n"));
+        }
+    }
+    if set.mangle.is_empty() {
+        s.push_str(&format!("-F {ISTIO_DROP}\n-X {ISTIO_DROP}\n"));
+    } else {
+        s.push_str(&format!(":{ISTIO_DROP} - [0:0]\n"));
+        for r in &set.mangle {
+            s.push_str(&r.line());
+            s.push('\n');
+        }
+    }
+    s.push_str("COMMIT\n");
+    Some(s)
+}
+
+/// An iptables-save snapshot of the mangle table as input that puts it
+/// back exactly.
+fn mangle_snapshot(before: &str) -> String {
+    let lines = table_lines(before, "mangle");
+    let mut s = String::from("*mangle\n");
+    for l in lines {
+        s.push_str(l);
+        s.push('\n');
+    }
+    s.push_str("COMMIT\n");
+    s
 }
 
 /// Our chains that exist in `save`.
@@ -290,14 +349,20 @@ pub fn apply(sets: &[(Iptables, RuleSet)]) -> Result<()> {
     let mut done: Vec<(&Iptables, String)> = Vec::new();
     for (ipt, set) in sets {
         let result = ipt.save_nat().and_then(|before| {
-            ipt.restore(&apply_transaction(&before, set), false)
-                .map(|()| before)
+            let mut tx = apply_transaction(&before, set);
+            let mut snapshot = snapshot_input(&before);
+            let mangle_before = ipt.save_table("mangle")?;
+            if let Some(m) = mangle_transaction(&mangle_before, set) {
+                tx.push_str(&m);
+                snapshot.push_str(&mangle_snapshot(&mangle_before));
+            }
+            ipt.restore(&tx, false).map(|()| snapshot)
         });
         match result {
-            Ok(before) => done.push((ipt, before)),
+            Ok(snapshot) => done.push((ipt, snapshot)),
             Err(e) => {
-                for (prev, before) in done.iter().rev() {
-                    if let Err(re) = prev.restore(&snapshot_input(before), true) {
+                for (prev, snapshot) in done.iter().rev() {
+                    if let Err(re) = prev.restore(snapshot, true) {
                         tracing::error!(family = %prev.family, error = %format!("{re:#}"), "rollback failed");
                     }
                 }
@@ -315,7 +380,18 @@ pub fn cleanup(sets: &[(Iptables, RuleSet)]) -> Result<Vec<bool>> {
     let mut removed = Vec::new();
     for (ipt, set) in sets {
         let before = ipt.save_nat()?;
-        match cleanup_transaction(&before, set) {
+        let mangle_before = ipt.save_table("mangle")?;
+        let nothing = RuleSet {
+            family: set.family,
+            rules: Vec::new(),
+            mangle: Vec::new(),
+        };
+        let mangle = mangle_transaction(&mangle_before, &nothing);
+        let tx = match (cleanup_transaction(&before, set), mangle) {
+            (None, None) => None,
+            (nat, mangle) => Some(nat.unwrap_or_default() + &mangle.unwrap_or_default()),
+        };
+        match tx {
             Some(tx) => {
                 ipt.restore(&tx, false)
                     .with_context(|| format!("removing the {} rules", set.family))?;
@@ -461,6 +537,40 @@ COMMIT
             "the rollback input is the snapshot"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_mangle_table_holds_istio_drop_exactly_when_asked() {
+        const MANGLE: &str = "*mangle
+:PREROUTING ACCEPT [0:0]
+:ISTIO_DROP - [0:0]
+-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP
+-A PREROUTING -j MARK --set-xmark 0x1/0xffffffff
+-A ISTIO_DROP -j DROP
+COMMIT
+";
+        let drop = Capture {
+            drop_invalid: true,
+            ..Capture::default()
+        };
+        let with = render(&Policy::default(), &drop, Family::V4).unwrap();
+        let without = render(&Policy::default(), &Capture::default(), Family::V4).unwrap();
+        // Asked, over an earlier run's: the old jump goes, the chain is
+        // emptied and written again; someone else's rule stays.
+        let tx = mangle_transaction(MANGLE, &with).unwrap();
+        assert_eq!(
+            tx,
+            "*mangle\n-D PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP\n:ISTIO_DROP - [0:0]\n-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP\n-A ISTIO_DROP -j DROP\nCOMMIT\n"
+        );
+        // Not asked any more: removed.
+        let tx = mangle_transaction(MANGLE, &without).unwrap();
+        assert_eq!(
+            tx,
+            "*mangle\n-D PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP\n-F ISTIO_DROP\n-X ISTIO_DROP\nCOMMIT\n"
+        );
+        // Never asked, nothing there: the mangle table is not touched.
+        assert_eq!(mangle_transaction("*mangle\nCOMMIT\n", &without), None);
+        assert_eq!(mangle_transaction(SAVED, &without), None);
     }
 
     #[test]

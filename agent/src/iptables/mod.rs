@@ -45,6 +45,11 @@ pub const ISTIO_IN_REDIRECT: &str = "ISTIO_IN_REDIRECT";
 /// The outbound decision, entered from `OUTPUT` for every packet.
 pub const ISTIO_OUTPUT: &str = "ISTIO_OUTPUT";
 
+/// The mangle-table chain of `--drop-invalid`: packets conntrack finds
+/// invalid are dropped (`PREROUTING -m conntrack --ctstate INVALID -j
+/// ISTIO_DROP`). The only mangle chain this backend owns.
+pub const ISTIO_DROP: &str = "ISTIO_DROP";
+
 /// The most ports one `-m multiport --dports` match takes (the kernel's
 /// `XT_MULTI_PORTS`); longer lists are split over several rules.
 pub const MULTIPORT_MAX: usize = 15;
@@ -185,11 +190,15 @@ impl Rule {
     }
 }
 
-/// The nat-table rules of one address family, in istio-iptables' order.
+/// The rules of one address family, in istio-iptables' order: the nat
+/// table's, and the mangle table's (`--drop-invalid`; usually none).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleSet {
     pub family: Family,
+    /// The nat table.
     pub rules: Vec<Rule>,
+    /// The mangle table: [`ISTIO_DROP`] and the jump to it.
+    pub mangle: Vec<Rule>,
 }
 
 impl RuleSet {
@@ -214,12 +223,22 @@ impl RuleSet {
         out
     }
 
-    /// iptables-restore input in istio-iptables' spelling: `* nat`, one `-N`
-    /// per chain, the rules, `COMMIT`. Meant for `--noflush` on a namespace
+    /// iptables-restore input in istio-iptables' spelling: the mangle
+    /// table's section when there is one, then `* nat`, one `-N` per chain,
+    /// the rules, `COMMIT`. Meant for `--noflush` on a namespace
     /// without the chains (what `--dry-run` prints; [`apply`] writes a
     /// variant that also replaces an earlier run's rules).
     pub fn restore_text(&self) -> String {
-        let mut s = String::from("* nat\n");
+        let mut s = String::new();
+        if !self.mangle.is_empty() {
+            s.push_str("* mangle\n");
+            let _ = writeln!(s, "-N {ISTIO_DROP}");
+            for r in &self.mangle {
+                let _ = writeln!(s, "{}", r.line());
+            }
+            s.push_str("COMMIT\n");
+        }
+        s.push_str("* nat\n");
         for c in self.chains() {
             let _ = writeln!(s, "-N {c}");
         }
@@ -513,7 +532,23 @@ pub fn render(policy: &Policy, capture: &Capture, family: Family) -> Result<Rule
             }
         }
     }
-    Ok(RuleSet { family, rules })
+    // --drop-invalid (run.go: the mangle table's ISTIO_DROP).
+    let mangle = if capture.drop_invalid {
+        vec![
+            Rule::append(
+                "PREROUTING",
+                &["-m", "conntrack", "--ctstate", "INVALID", "-j", ISTIO_DROP],
+            ),
+            Rule::append(ISTIO_DROP, &["-j", "DROP"]),
+        ]
+    } else {
+        Vec::new()
+    };
+    Ok(RuleSet {
+        family,
+        rules,
+        mangle,
+    })
 }
 
 #[cfg(test)]

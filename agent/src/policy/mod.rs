@@ -114,6 +114,9 @@ pub struct Capture {
     /// address; without it, only when its first address is IPv6 (istio's
     /// `getLocalIP`).
     pub dual_stack: bool,
+    /// `--drop-invalid` (`DROP_INVALID`, `INVALID_DROP`): drop packets
+    /// conntrack finds invalid (the mangle table's `ISTIO_DROP`).
+    pub drop_invalid: bool,
     /// The owner-group filter (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`).
     pub owner_groups: OwnerGroups,
     /// The IPv4 host loopback range of the rules
@@ -134,6 +137,7 @@ impl Default for Capture {
             kube_virt_interfaces: Vec::new(),
             exclude_interfaces: Vec::new(),
             dual_stack: false,
+            drop_invalid: false,
             owner_groups: OwnerGroups::default(),
             host_loopback_v4: DEFAULT_HOST_LOOPBACK_V4.to_string(),
         }

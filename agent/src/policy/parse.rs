@@ -417,8 +417,8 @@ pub struct CaptureArgs {
     #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS", value_parser = go_bool, value_name = "BOOL")]
     pub capture_all_dns: bool,
 
-    /// Drop packets conntrack finds invalid (not supported yet: refused).
-    /// Also from INVALID_DROP.
+    /// Drop packets conntrack finds invalid (the mangle table's ISTIO_DROP).
+    /// Also from INVALID_DROP. iptables backend only.
     #[arg(long = "drop-invalid", env = "DROP_INVALID", value_parser = go_bool, value_name = "BOOL")]
     pub drop_invalid: bool,
 
@@ -568,7 +568,7 @@ impl CaptureArgs {
         let either =
             |value: bool, id: &str, other: &str| or_env(value, given(id), origin(id), other);
         let redirect_dns = either(self.redirect_dns, "redirect_dns", "ISTIO_META_DNS_CAPTURE")?;
-        let drop_invalid = either(self.drop_invalid, "drop_invalid", "INVALID_DROP")?;
+        let (drop_invalid, _) = either(self.drop_invalid, "drop_invalid", "INVALID_DROP")?;
         let (dual_stack, _) = either(self.dual_stack, "dual_stack", "ISTIO_DUAL_STACK")?;
         for (set, from) in [
             redirect_dns,
@@ -577,12 +577,6 @@ impl CaptureArgs {
             if set {
                 return Err(PolicyError::DnsCaptureUnsupported { origin: from });
             }
-        }
-        if drop_invalid.0 {
-            return Err(PolicyError::Unsupported {
-                what: "dropping invalid packets",
-                origin: drop_invalid.1,
-            });
         }
         let host_loopback_v4 =
             parse_loopback_cidr(&self.host_loopback_v4, origin("host_loopback_v4"))?;
@@ -626,6 +620,7 @@ impl CaptureArgs {
                 origin("exclude_interfaces"),
             )?,
             dual_stack,
+            drop_invalid,
             owner_groups,
             host_loopback_v4,
         })
