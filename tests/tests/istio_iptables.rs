@@ -1,13 +1,13 @@
 //! `divert istio-iptables`: the command line Istio's injector writes, run
 //! unchanged. Every istio-init and istio-validation container of Istio's own
-//! injector goldens (`../shared/istio-testdata/pkg/kube/inject/testdata`),
+//! injector goldens (kept as `tests/testdata/istio-injector/commands.json`),
 //! its args and env exactly, is either applied or refused with a message
 //! naming what divert does not do; never a usage error. Exit statuses,
 //! istio's defaults and booleans; `--run-validation` as istio-validation
 //! runs it (root, in a lab).
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output, Stdio},
     time::Duration,
 };
@@ -259,72 +259,22 @@ fn istio_defaults_and_value_syntax() {
 /// its literal environment.
 type Injected = (String, Vec<String>, Vec<(String, String)>);
 
-/// Every container named istio-init or istio-validation in the injector's
-/// goldens.
+/// Every istio-init and istio-validation container of Istio's injector
+/// goldens (`tests/testdata/istio-injector/commands.json`).
 fn injected_containers() -> Vec<Injected> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/istio-testdata/pkg/kube/inject/testdata/inject");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "injected"))
-        .collect();
-    files.sort();
-    let mut out = Vec::new();
-    fn walk(v: &serde_yaml_ng::Value, found: &mut Vec<serde_yaml_ng::Value>) {
-        match v {
-            serde_yaml_ng::Value::Mapping(m) => {
-                let name = m.get("name").and_then(|n| n.as_str());
-                if matches!(name, Some("istio-init" | "istio-validation")) && m.contains_key("args")
-                {
-                    found.push(v.clone());
-                }
-                for (_, x) in m {
-                    walk(x, found);
-                }
-            }
-            serde_yaml_ng::Value::Sequence(s) => s.iter().for_each(|x| walk(x, found)),
-            _ => {}
-        }
+    #[derive(serde::Deserialize)]
+    struct Container {
+        file: String,
+        container: String,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
     }
-    for f in files {
-        let text = std::fs::read_to_string(&f).unwrap();
-        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            let Ok(v) = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc) else {
-                continue;
-            };
-            let mut found = Vec::new();
-            walk(&v, &mut found);
-            for c in found {
-                let args: Vec<String> = c["args"]
-                    .as_sequence()
-                    .unwrap()
-                    .iter()
-                    .map(|a| a.as_str().unwrap_or_default().to_string())
-                    .collect();
-                if args.first().map(String::as_str) != Some("istio-iptables") {
-                    continue;
-                }
-                let env = c
-                    .get("env")
-                    .and_then(|e| e.as_sequence())
-                    .map(|e| {
-                        e.iter()
-                            .filter_map(|kv| {
-                                Some((
-                                    kv.get("name")?.as_str()?.to_string(),
-                                    kv.get("value")?.as_str()?.to_string(),
-                                ))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let name = f.file_name().unwrap().to_string_lossy().into_owned();
-                out.push((name, args[1..].to_vec(), env));
-            }
-        }
-    }
-    out
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/istio-injector/commands.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let all: Vec<Container> = serde_json::from_str(&text).expect("commands.json");
+    all.into_iter()
+        .map(|c| (format!("{} ({})", c.file, c.container), c.args, c.env))
+        .collect()
 }
 
 #[test]
