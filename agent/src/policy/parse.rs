@@ -84,8 +84,6 @@ pub enum PolicyError {
     },
     #[error("{origin} is not what the command line would give: {reason}")]
     NotCanonical { origin: Source, reason: String },
-    #[error("{origin} is empty: at least one proxy UID is needed, or the proxy's own connections loop back into it")]
-    NoProxyUid { origin: Source },
     #[error(
         "invalid interception mode {value:?} in {origin}: istio-iptables knows REDIRECT and TPROXY"
     )]
@@ -121,7 +119,6 @@ impl PolicyError {
             | PolicyError::WhiteSpace { origin, .. }
             | PolicyError::TooManyIds { origin, .. }
             | PolicyError::NotCanonical { origin, .. }
-            | PolicyError::NoProxyUid { origin }
             | PolicyError::InvalidMode { origin, .. }
             | PolicyError::InvalidInterface { origin, .. }
             | PolicyError::DnsCaptureUnsupported { origin }
@@ -256,16 +253,13 @@ impl PolicyArgs {
     /// `istio-proxy`) when that user exists here, else 1337; an empty `-g`
     /// is the `-u` IDs.
     pub fn to_policy_from(&self, origin: &dyn Fn(&str) -> Source) -> Result<Policy, PolicyError> {
+        // A non-empty list has at least one ID (`split` refuses empty
+        // elements), so a policy always has a proxy UID.
         let proxy_uids = if self.proxy_uids.is_empty() {
             vec![default_proxy_uid()]
         } else {
             parse_ids(&self.proxy_uids, origin("proxy_uids"))?
         };
-        if proxy_uids.is_empty() {
-            return Err(PolicyError::NoProxyUid {
-                origin: origin("proxy_uids"),
-            });
-        }
         let proxy_gids = if self.proxy_gids.is_empty() {
             proxy_uids.clone()
         } else {
