@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{Family, RuleSet, CHAINS, ISTIO_DROP};
+use super::{Family, Rule, RuleSet, CHAINS, ISTIO_DROP};
 
 /// The iptables binaries chosen for one address family.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,11 +180,6 @@ pub fn detect_forced(family: Family, force: Option<&str>) -> Result<Iptables> {
     )
 }
 
-/// The lines of the `*nat` section of iptables-save output.
-fn nat_lines(save: &str) -> Vec<&str> {
-    table_lines(save, "nat")
-}
-
 /// The lines of the `*TABLE` section of iptables-save output.
 fn table_lines<'a>(save: &'a str, table: &str) -> Vec<&'a str> {
     let mut inside = false;
@@ -203,27 +198,19 @@ fn table_lines<'a>(save: &'a str, table: &str) -> Vec<&'a str> {
 }
 
 /// The mangle table's part of a transaction: make it hold `set.mangle`
-/// (`--drop-invalid`'s [`ISTIO_DROP`] and the jump to it), removing an
+/// (`--drop-invalid`'s [`ISTIO_DROP`] and the jump to it), replacing an
 /// earlier run's, or, when `set` has none, remove what an earlier run left.
 /// `None` when there is nothing to write.
 fn mangle_transaction(save: &str, set: &RuleSet) -> Option<String> {
-    let lines = table_lines(save, "mangle");
-    let exists = lines
-        .iter()
-        .any(|l| l.strip_prefix(':').and_then(|r| r.split(' ').next()) == Some(ISTIO_DROP));
+    let owned = [ISTIO_DROP];
+    let exists = !existing_chains(save, "mangle", &owned).is_empty();
     if set.mangle.is_empty() && !exists {
         return None;
     }
     let mut s = String::from("*mangle\n");
-    // Jumps to ours from built-in chains.
-    for l in &lines {
-        let Some(rest) = l.strip_prefix("-A ") else {
-            continue;
-        };
-        let words: Vec<&str> = rest.split(' ').collect();
-        if words[0] != ISTIO_DROP && words.windows(2).any(|w| w == ["-j", ISTIO_DROP]) {
-            s.push_str(&format!("-D {rest}\n"));
-        }
+    for d in deletions(save, "mangle", &owned, &set.mangle) {
+        s.push_str(&d);
+        s.push('\n');
     }
     if set.mangle.is_empty() {
         s.push_str(&format!("-F {ISTIO_DROP}\n-X {ISTIO_DROP}\n"));
@@ -251,10 +238,10 @@ fn mangle_snapshot(before: &str) -> String {
     s
 }
 
-/// Our chains that exist in `save`.
-fn existing_chains(save: &str) -> Vec<&'static str> {
-    let lines = nat_lines(save);
-    CHAINS
+/// The chains of `owned` that exist in `save`'s `table`.
+fn existing_chains(save: &str, table: &str, owned: &[&'static str]) -> Vec<&'static str> {
+    let lines = table_lines(save, table);
+    owned
         .iter()
         .copied()
         .filter(|c| {
@@ -265,29 +252,30 @@ fn existing_chains(save: &str) -> Vec<&'static str> {
         .collect()
 }
 
-/// `-D` lines for the rules of ours that `save` holds in built-in chains:
-/// every jump to one of [`CHAINS`], and each interface rule `set` renders,
-/// as many times as it renders it.
-fn deletions(save: &str, set: &RuleSet) -> Vec<String> {
-    let mut wanted: Vec<String> = set
-        .rules
+/// `-D` lines for the rules of ours that `save` holds in the built-in
+/// chains of `table`: every jump to one of the chains we own there
+/// (`owned`: [`CHAINS`] in nat, [`ISTIO_DROP`] in mangle), and each other
+/// built-in-chain rule of `rules` (the interface rules), as many times as
+/// `rules` has it.
+fn deletions(save: &str, table: &str, owned: &[&str], rules: &[Rule]) -> Vec<String> {
+    let mut wanted: Vec<String> = rules
         .iter()
-        .filter(|r| r.in_builtin_chain() && !r.target().is_some_and(|t| CHAINS.contains(&t)))
+        .filter(|r| !owned.contains(&r.chain) && !r.target().is_some_and(|t| owned.contains(&t)))
         .map(|r| r.saved_form())
         .collect();
     let mut out = Vec::new();
-    for line in nat_lines(save) {
+    for line in table_lines(save, table) {
         let Some(rest) = line.strip_prefix("-A ") else {
             continue;
         };
         let chain = rest.split(' ').next().unwrap_or_default();
-        if CHAINS.contains(&chain) {
+        if owned.contains(&chain) {
             continue;
         }
         let words: Vec<&str> = rest.split(' ').collect();
         let jumps_to_ours = words
             .windows(2)
-            .any(|w| w[0] == "-j" && CHAINS.contains(&w[1]));
+            .any(|w| w[0] == "-j" && owned.contains(&w[1]));
         if jumps_to_ours {
             out.push(format!("-D {rest}"));
         } else if let Some(i) = wanted.iter().position(|w| w == line) {
@@ -306,7 +294,7 @@ pub fn apply_transaction(save: &str, set: &RuleSet) -> String {
     for c in CHAINS {
         s.push_str(&format!(":{c} - [0:0]\n"));
     }
-    for d in deletions(save, set) {
+    for d in deletions(save, "nat", &CHAINS, &set.rules) {
         s.push_str(&d);
         s.push('\n');
     }
@@ -321,8 +309,8 @@ pub fn apply_transaction(save: &str, set: &RuleSet) -> String {
 /// The transaction that removes ours from the nat table, or `None` when
 /// nothing of ours is there.
 pub fn cleanup_transaction(save: &str, set: &RuleSet) -> Option<String> {
-    let dels = deletions(save, set);
-    let chains = existing_chains(save);
+    let dels = deletions(save, "nat", &CHAINS, &set.rules);
+    let chains = existing_chains(save, "nat", &CHAINS);
     if dels.is_empty() && chains.is_empty() {
         return None;
     }
@@ -406,7 +394,7 @@ pub fn cleanup(sets: &[(Iptables, RuleSet)]) -> Result<Vec<bool>> {
 /// An iptables-save snapshot as input that puts the nat table back exactly
 /// (empty when the table did not exist: an empty nat table).
 fn snapshot_input(before: &str) -> String {
-    if nat_lines(before).is_empty() {
+    if table_lines(before, "nat").is_empty() {
         "*nat\nCOMMIT\n".to_string()
     } else {
         before.to_string()
@@ -453,7 +441,7 @@ COMMIT
 
     #[test]
     fn deletes_our_jumps_and_rendered_interface_rules_only() {
-        let d = deletions(SAVED, &kube_virt_eth1());
+        let d = deletions(SAVED, "nat", &CHAINS, &kube_virt_eth1().rules);
         assert_eq!(
             d,
             vec![
