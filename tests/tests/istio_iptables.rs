@@ -170,34 +170,32 @@ fn iptables_only_settings_are_written_as_istio_writes_them_and_refused_by_ebpf()
     assert!(
         text(&drop.stdout).contains("-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP")
     );
-    let out = istio_iptables(&["--backend", "ebpf", "--dry-run", "--drop-invalid"], &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("--drop-invalid"),
-        "{}",
-        text(&out.stderr)
-    );
-    // The ebpf backend cannot apply these either: refused, not ignored.
-    let out = istio_iptables(
-        &["--backend", "ebpf", "--dry-run"],
-        &[("ISTIO_OUTBOUND_OWNER_GROUPS", "java")],
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("owner-group"),
-        "{}",
-        text(&out.stderr)
-    );
-    let out = istio_iptables(
-        &["--backend", "ebpf", "--dry-run"],
-        &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8")],
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"),
-        "{}",
-        text(&out.stderr)
-    );
+    // The ebpf backend cannot apply any of them: refused by name, not
+    // ignored.
+    let cases: Vec<Refusal> = vec![
+        (vec!["--drop-invalid"], vec![], "--drop-invalid"),
+        (
+            vec![],
+            vec![("ISTIO_OUTBOUND_OWNER_GROUPS", "java")],
+            "owner-group",
+        ),
+        (
+            vec![],
+            vec![("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8")],
+            "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+        ),
+    ];
+    for (extra, env, names) in cases {
+        let mut a = vec!["--backend", "ebpf", "--dry-run"];
+        a.extend(extra);
+        let out = istio_iptables(&a, &env);
+        assert_eq!(out.status.code(), Some(1), "{a:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(names),
+            "{a:?}: {}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[test]
