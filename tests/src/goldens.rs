@@ -12,7 +12,10 @@ use divert::{
 
 /// One golden file: its flags, whether the namespace has IPv6, and the
 /// iptables-restore input istio-iptables writes per family (`v6` empty
-/// without IPv6).
+/// without IPv6). A case with DNS capture names its nameservers
+/// (`nameservers: 127.0.0.53 ::127.0.0.53`, possibly none): they are written
+/// to a resolv.conf of the case's own, and `--resolv-conf` with its path is
+/// added to the flags.
 pub struct Golden {
     pub name: String,
     pub flags: Vec<String>,
@@ -45,7 +48,10 @@ pub fn goldens() -> Vec<Golden> {
         let mut cur = 0;
         for line in text.lines() {
             if let Some(f) = line.strip_prefix("flags:") {
-                g.flags = f.split_whitespace().map(String::from).collect();
+                g.flags.splice(0..0, f.split_whitespace().map(String::from));
+            } else if let Some(ns) = line.strip_prefix("nameservers:") {
+                let conf = resolv_conf(&g.name, ns.split_whitespace());
+                g.flags.extend(["--resolv-conf".to_string(), conf]);
             } else if let Some(v) = line.strip_prefix("apply: no") {
                 g.not_applied = Some(v.trim().to_string());
             } else if let Some(v) = line.strip_prefix("ipv6:") {
@@ -64,6 +70,17 @@ pub fn goldens() -> Vec<Golden> {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// A resolv.conf naming `servers`, in a directory of this process's own;
+/// its path.
+fn resolv_conf<'a>(case: &str, servers: impl Iterator<Item = &'a str>) -> String {
+    let dir = std::env::temp_dir().join(format!("divert-goldens-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("a directory for the goldens' resolv.conf files");
+    let path = dir.join(format!("{case}.resolv.conf"));
+    let text: String = servers.map(|s| format!("nameserver {s}\n")).collect();
+    fs::write(&path, text).expect("writing a golden's resolv.conf");
+    path.to_string_lossy().into_owned()
 }
 
 #[derive(Parser, Debug)]

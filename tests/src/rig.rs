@@ -101,10 +101,7 @@ impl IptablesRig {
             .enter(move || -> anyhow::Result<()> {
                 let mut sets = Vec::new();
                 for f in [Family::V4, Family::V6] {
-                    sets.push((
-                        iptables::detect(f)?,
-                        iptables::render(&policy, &capture, f)?,
-                    ));
+                    sets.push((iptables::detect(f)?, iptables::render(&policy, &capture, f)));
                 }
                 iptables::apply(&sets)
             })

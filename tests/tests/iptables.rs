@@ -65,10 +65,10 @@ fn ok(out: Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The nat and mangle tables as iptables-save prints them, without
+/// The nat, mangle and raw tables as iptables-save prints them, without
 /// comments and counters.
 fn save(ns: &Netns, f: Fam) -> String {
-    ["nat", "mangle"]
+    ["nat", "mangle", "raw"]
         .map(|table| {
             let out = in_ns(ns, &format!("{}-save", f.tool()))
                 .args(["-t", table])
@@ -125,7 +125,9 @@ fn user_rules(f: Fam) -> String {
         Fam::V6 => ("2001:db8::1/128", "eth9"),
     };
     format!(
-        "*nat\n:USER_CHAIN - [0:0]\n-A PREROUTING -i {ifc} -j RETURN\n-A OUTPUT -d {dst} -j USER_CHAIN\n-A USER_CHAIN -j RETURN\nCOMMIT\n"
+        "*nat\n:USER_CHAIN - [0:0]\n-A PREROUTING -i {ifc} -j RETURN\n-A OUTPUT -d {dst} -j USER_CHAIN\n-A USER_CHAIN -j RETURN\nCOMMIT\n\
+         *mangle\n-A PREROUTING -i {ifc} -j RETURN\n-A OUTPUT -o lo -m mark --mark 7 -j RETURN\nCOMMIT\n\
+         *raw\n-A OUTPUT -d {dst} -j CT --zone 9\nCOMMIT\n"
     )
 }
 
@@ -148,7 +150,7 @@ fn twin(tag: &str, ipv6: bool) -> Netns {
 #[test]
 fn every_istio_case_renders_as_istio_iptables_writes_it() {
     let goldens = goldens();
-    assert!(goldens.len() >= 15, "only {} golden files", goldens.len());
+    assert!(goldens.len() >= 32, "only {} golden files", goldens.len());
     let mut failures = Vec::new();
     for g in &goldens {
         let (p, c) = settings_for(&g.flags).unwrap_or_else(|e| panic!("{}: {e:#}", g.name));
@@ -159,7 +161,7 @@ fn every_istio_case_renders_as_istio_iptables_writes_it() {
             assert!(g.v6.is_empty(), "{}: ipv6 line and blocks disagree", g.name);
         }
         for (f, want) in fams {
-            let got = render(&p, &c, f).unwrap().restore_text();
+            let got = render(&p, &c, f).restore_text();
             if &got != want {
                 failures.push(format!("{} ({f}):\n--- want\n{want}--- got\n{got}", g.name));
             }
@@ -172,7 +174,7 @@ fn every_istio_case_renders_as_istio_iptables_writes_it() {
 fn istio_goldens_applied_match_and_cleanup_restores() {
     require_root!();
     let goldens = goldens();
-    assert!(goldens.len() >= 15, "only {} golden files", goldens.len());
+    assert!(goldens.len() >= 32, "only {} golden files", goldens.len());
     let mut failures = Vec::new();
     for (i, g) in goldens.iter().enumerate() {
         if let Some(why) = &g.not_applied {
@@ -213,9 +215,52 @@ fn istio_goldens_applied_match_and_cleanup_restores() {
                 g.name, again[0], again[1]
             ));
         }
+        // TPROXY's policy routing (istio's configureTProxyRoutes), once.
+        let tproxy = g.flags.windows(2).any(|w| w == ["-m", "TPROXY"]);
+        let fams: &[Fam] = if g.ipv6 {
+            &[Fam::V4, Fam::V6]
+        } else {
+            &[Fam::V4]
+        };
+        let routing = |f: Fam| {
+            let v = if f == Fam::V4 { "-4" } else { "-6" };
+            let rules = ok(
+                in_ns(&ours, "ip")
+                    .args([v, "rule", "show", "fwmark", "1337", "lookup", "133"])
+                    .output()
+                    .unwrap(),
+                "ip rule show",
+            );
+            let routes = in_ns(&ours, "ip")
+                .args([v, "route", "show", "table", "133"])
+                .output()
+                .unwrap();
+            (
+                rules.lines().count(),
+                String::from_utf8_lossy(&routes.stdout).contains("local default dev lo"),
+            )
+        };
+        for &f in fams {
+            let want = if tproxy { (1, true) } else { (0, false) };
+            if routing(f) != want {
+                failures.push(format!(
+                    "{}: {f:?} policy routing {:?}, want {want:?}",
+                    g.name,
+                    routing(f)
+                ));
+            }
+        }
         let mut cleanup = vec!["--cleanup".to_string()];
         cleanup.extend(g.flags.iter().cloned());
         ok(init(&ours, &cleanup), "divert init --cleanup");
+        for &f in fams {
+            if routing(f) != (0, false) {
+                failures.push(format!(
+                    "{}: {f:?} policy routing left after --cleanup",
+                    g.name
+                ));
+            }
+        }
         let after: Vec<String> = [Fam::V4, Fam::V6].map(|f| save(&ours, f)).to_vec();
         if after != before {
             failures.push(format!(
@@ -264,9 +309,15 @@ fn bad_input_exits_2_and_changes_nothing() {
         (vec!["-i", "10.0.0.0/33"], "10.0.0.0/33"),
         (vec!["-b", "80,http"], "--istio-inbound-ports (-b)"),
         (vec!["-c", "a/b"], "--istio-exclude-interfaces (-c)"),
-        (vec!["-m", "TPROXY"], "TPROXY"),
+        (
+            vec!["-m", "TPROXY", "-t", "0x539"],
+            "--inbound-tproxy-mark (-t)",
+        ),
         (vec!["-m", "tproxy"], "interception mode"),
-        (vec!["--redirect-dns"], "--redirect-dns"),
+        (
+            vec!["--redirect-dns", "--resolv-conf", "/nonexistent"],
+            "--redirect-dns",
+        ),
         // (An empty -u is istio-iptables' default, not an error.)
         (vec!["-u", "1,,2"], "--proxy-uid (-u)"),
     ] {
@@ -481,4 +532,202 @@ fn an_owner_group_filter_captures_only_the_groups_it_names() {
     rig.set_with(Policy::default(), &except);
     assert_eq!(rig.dial(dst, APP, 2000, false), pass, "the excluded group");
     assert_eq!(rig.dial(dst, APP, APP, false), redirect, "another group");
+}
+
+/// testkit `args` in `ns`, in `cgroup`, as `ids`: its output line.
+fn kit(
+    ns: &Netns,
+    cgroup: &divert_tests::Cgroup,
+    ids: Option<(u32, u32)>,
+    args: &[&str],
+) -> String {
+    let (mut cmd, _keep) = command_in(
+        Placement {
+            netns: ns,
+            cgroup,
+            ids,
+        },
+        testkit_bin(),
+    )
+    .unwrap();
+    let out = cmd.args(args).output().unwrap();
+    ok(out, &format!("testkit {args:?}")).trim().to_string()
+}
+
+/// testkit `args` running in `ns` as `ids` until the test ends.
+fn kit_daemon(
+    ns: &Netns,
+    cgroup: &divert_tests::Cgroup,
+    ids: Option<(u32, u32)>,
+    name: &str,
+    args: &[&str],
+) -> Daemon {
+    let (mut cmd, _keep) = command_in(
+        Placement {
+            netns: ns,
+            cgroup,
+            ids,
+        },
+        testkit_bin(),
+    )
+    .unwrap();
+    cmd.args(args);
+    Daemon::spawn(name, cmd).unwrap()
+}
+
+#[test]
+fn dns_capture_sends_the_apps_queries_to_the_agent_and_lets_the_proxys_through() {
+    require_root!();
+    let rig = IptablesRig::start();
+    let lab = &rig.lab;
+    let (nameserver, other) = (lab.v4(2), lab.v4(3));
+    let (ns53, other53) = (SocketAddr::new(nameserver, 53), SocketAddr::new(other, 53));
+    // Two DNS servers in the peer namespace; istio-agent's DNS proxy on
+    // 127.0.0.1:15053, UDP and TCP, in the client's, as the proxy's UID (its
+    // answers go back through conntrack zone 2 by that UID).
+    let _servers = kit_daemon(
+        &lab.peer,
+        &lab.plain,
+        None,
+        "nameservers",
+        &["udp-server", &ns53.to_string(), &other53.to_string()],
+    );
+    let _agent_udp = kit_daemon(
+        &lab.client,
+        &lab.proxy,
+        Some((1337, 1337)),
+        "agent udp",
+        &["udp-server", "127.0.0.1:15053"],
+    );
+    let _agent_tcp = kit_daemon(
+        &lab.client,
+        &lab.proxy,
+        Some((1337, 1337)),
+        "agent tcp",
+        &["proxy", "127.0.0.1:15053"],
+    );
+    divert_tests::wait_listening(
+        &lab.client,
+        &["127.0.0.1:15053".parse().unwrap()],
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("resolv.conf");
+    std::fs::write(
+        &conf,
+        format!("search svc.cluster.local\nnameserver {nameserver}\n"),
+    )
+    .unwrap();
+    let conf = conf.to_str().unwrap().to_string();
+    let set = |extra: &[&str]| {
+        let mut args = vec![
+            "--redirect-dns".to_string(),
+            "--resolv-conf".into(),
+            conf.clone(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        ok(init(&lab.client, &args), "divert init --redirect-dns");
+    };
+    let app = |args: &[&str]| kit(&lab.client, &lab.plain, Some((APP, APP)), args);
+    let proxy = |args: &[&str]| kit(&lab.client, &lab.proxy, Some((1337, 1337)), args);
+    let agent = |dst: SocketAddr, got: &str| {
+        got.starts_with("udp 127.0.0.1:15053 from=") && got.ends_with(&format!("peer={dst}"))
+    };
+    let direct = |dst: SocketAddr, got: &str| {
+        got.starts_with(&format!("udp {dst} from=")) && got.ends_with(&format!("peer={dst}"))
+    };
+
+    set(&[]);
+    let got = app(&["udp", &ns53.to_string()]);
+    assert!(
+        agent(ns53, &got),
+        "the app's query to its nameserver: {got}"
+    );
+    let got = app(&["client", &ns53.to_string()]);
+    assert_eq!(
+        got,
+        format!("proxy 127.0.0.1:15053 orig={ns53} peer={ns53}"),
+        "DNS over TCP"
+    );
+    let got = app(&["udp", &other53.to_string()]);
+    assert!(
+        direct(other53, &got),
+        "not a nameserver of resolv.conf: {got}"
+    );
+    let got = proxy(&["udp", &ns53.to_string()]);
+    assert!(direct(ns53, &got), "the proxy's own query upstream: {got}");
+
+    // --capture-all-dns: every address's port 53.
+    set(&["--capture-all-dns"]);
+    let got = app(&["udp", &other53.to_string()]);
+    assert!(agent(other53, &got), "--capture-all-dns: {got}");
+    let got = proxy(&["udp", &other53.to_string()]);
+    assert!(
+        direct(other53, &got),
+        "the proxy's own query upstream: {got}"
+    );
+
+    // Without DNS capture (a run without the flag replaces the rules).
+    ok(init(&lab.client, &[]), "divert init");
+    let got = app(&["udp", &ns53.to_string()]);
+    assert!(direct(ns53, &got), "no DNS capture: {got}");
+}
+
+#[test]
+fn tproxy_hands_inbound_connections_over_with_their_destination_as_local_address() {
+    require_root!();
+    let rig = IptablesRig::start();
+    let own = rig.lab.v4(1);
+    let listener = SocketAddr::new(own, 15006);
+    let _tproxy = kit_daemon(
+        &rig.lab.client,
+        &rig.lab.proxy,
+        None,
+        "TPROXY inbound listener",
+        &["tproxy", &listener.to_string()],
+    );
+    divert_tests::wait_listening(
+        &rig.lab.client,
+        &[listener],
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
+    let at = |p: u16| SocketAddr::new(own, p);
+    let set = |flags: &[&str]| {
+        let args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        ok(init(&rig.lab.client, &args), "divert init");
+    };
+    set(&["-m", "TPROXY", "-b", "8080"]);
+    // No NAT: the listener's accepted socket has the destination the
+    // client dialled as its local address, and the client sees it answer.
+    assert_eq!(
+        dial_in(&rig, at(8080)),
+        format!("tproxy {} peer={}", at(8080), at(8080))
+    );
+    assert_eq!(
+        dial_in(&rig, at(8080)),
+        format!("tproxy {} peer={}", at(8080), at(8080)),
+        "again"
+    );
+    assert_eq!(
+        dial_in(&rig, at(80)),
+        format!("server {} peer={}", at(80), at(80)),
+        "not -b"
+    );
+    set(&["-m", "TPROXY", "-b", "*", "-d", "80"]);
+    assert_eq!(
+        dial_in(&rig, at(5432)),
+        format!("tproxy {} peer={}", at(5432), at(5432))
+    );
+    assert_eq!(
+        dial_in(&rig, at(80)),
+        format!("server {} peer={}", at(80), at(80)),
+        "-d"
+    );
+    set(&["--cleanup", "-m", "TPROXY", "-b", "*", "-d", "80"]);
+    assert_eq!(
+        dial_in(&rig, at(8080)),
+        format!("server {} peer={}", at(8080), at(8080))
+    );
 }

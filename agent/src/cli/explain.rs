@@ -164,12 +164,10 @@ pub fn explain_for(policy: &Policy, c: &Connect) -> (Verdict, Vec<Step>) {
         Family::V6
     };
     // Only ISTIO_OUTPUT is walked, which capture settings do not change.
-    let rules = iptables::render(policy, &Capture::default(), family)
-        .expect("REDIRECT mode always renders");
+    let rules = iptables::render(policy, &Capture::default(), family);
     let mut steps = Vec::new();
     for r in rules
-        .rules
-        .iter()
+        .in_table(iptables::Table::Nat)
         .filter(|r| r.chain == iptables::ISTIO_OUTPUT)
     {
         let matched = r.decides.contains(&v.rule);

@@ -14,9 +14,9 @@ use anyhow::Context as _;
 use clap::{ArgMatches, Args, ValueEnum};
 
 use crate::{
-    iptables::{self, Family, Iptables, RuleSet},
+    iptables::{self, route, Family, Iptables, RuleSet},
     netns,
-    policy::{go_bool, go_bool_flag, Capture, CaptureArgs, Policy, PolicyArgs},
+    policy::{go_bool, go_bool_flag, Capture, CaptureArgs, InterceptionMode, Policy, PolicyArgs},
 };
 
 /// How interception is put in place.
@@ -368,7 +368,8 @@ pub fn not_applied_under_ebpf(capture: &Capture) -> Vec<String> {
 /// filter, which it cannot apply either way without changing what is
 /// captured (`-c` and an owner-group filter would leave connections it
 /// exempts redirected: more capture than asked; `-k` would leave the VM's
-/// traffic uncaptured).
+/// traffic uncaptured); DNS capture and TPROXY, which its programs do not
+/// do yet.
 pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
     let mut v = Vec::new();
     if !capture.exclude_interfaces.is_empty() {
@@ -394,6 +395,12 @@ pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
     }
     if capture.owner_groups != crate::policy::OwnerGroups::default() {
         v.push("ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE] (an owner-group filter)".to_string());
+    }
+    if capture.dns.is_some() {
+        v.push("--redirect-dns / ISTIO_META_DNS_CAPTURE (DNS capture)".to_string());
+    }
+    if capture.inbound.mode == crate::policy::InterceptionMode::Tproxy {
+        v.push("-m TPROXY (TPROXY inbound interception)".to_string());
     }
     v
 }
@@ -456,8 +463,9 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
     }
     let mut sets: Vec<RuleSet> = Vec::new();
     for f in &wanted {
-        sets.push(iptables::render(&policy, capture, *f)?);
+        sets.push(iptables::render(&policy, capture, *f));
     }
+    let tproxy = (capture.inbound.mode == InterceptionMode::Tproxy).then_some(&capture.tproxy);
     if args.dry_run {
         for set in &sets {
             println!(
@@ -466,6 +474,9 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
                 set.family.command()
             );
             print!("{}", set.restore_text());
+            for cmd in tproxy.iter().flat_map(|t| route::commands(t, set.family)) {
+                println!("# ip {}", cmd.join(" "));
+            }
         }
         return Ok(());
     }
@@ -480,6 +491,14 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
     }
     if args.cleanup {
         let removed = iptables::cleanup(&with_bins)?;
+        if let Some(t) = tproxy {
+            if route::remove(t, &wanted).context("removing TPROXY's policy routing")? {
+                eprintln!(
+                    "divert init: removed TPROXY's ip rule and route (table {})",
+                    t.route_table
+                );
+            }
+        }
         if wanted.contains(&Family::V6) {
             netns::remove_inbound_passthrough_v6().context("removing ::6/128 from lo")?;
         }
@@ -501,7 +520,12 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
     // bind to (IPv4 has 127.0.0.6 in 127/8 already).
     let added = wanted.contains(&Family::V6)
         && netns::add_inbound_passthrough_v6().context("adding ::6/128 to lo")?;
-    if let Err(e) = iptables::apply(&with_bins) {
+    let applied = match tproxy {
+        Some(t) => route::add(t, &wanted)
+            .and_then(|routes| iptables::apply(&with_bins).inspect_err(|_| routes.undo())),
+        None => iptables::apply(&with_bins),
+    };
+    if let Err(e) = applied {
         if added {
             let _ = netns::remove_inbound_passthrough_v6();
         }

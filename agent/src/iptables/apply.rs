@@ -6,16 +6,20 @@
 //!   binaries when legacy rules already exist in this namespace; otherwise
 //!   the nft binaries; otherwise plain `iptables`.
 //! * **Atomic**: one `iptables-restore --noflush` transaction per address
-//!   family touching only the nat table. Chains are declared with
-//!   `:CHAIN - [0:0]`, which creates them or empties them, so a transaction
-//!   also replaces an earlier run's rules: running twice leaves the same
-//!   table as running once. If the IPv6 transaction fails after the IPv4
-//!   one succeeded, the IPv4 nat table is restored from the snapshot taken
-//!   before, so a namespace is either fully configured or as it was.
-//! * **Exactly ours**: what belongs to divert is the four [`CHAINS`], every
-//!   rule in a built-in chain that jumps to one of them, and the interface
-//!   rules (`-i/-o IF -j RETURN`) the same flags render, one for one.
-//!   [`cleanup`] removes those and nothing else.
+//!   family, touching only the tables the rules use (or, on cleanup, that
+//!   hold something of ours). Chains are declared with `:CHAIN - [0:0]`,
+//!   which creates them or empties them, and chains of ours the rules no
+//!   longer use are removed, so a transaction also replaces an earlier
+//!   run's rules: running twice leaves the same tables as running once. If
+//!   the IPv6 transaction fails after the IPv4 one succeeded, the IPv4
+//!   tables are restored from the snapshot taken before, so a namespace is
+//!   either fully configured or as it was.
+//! * **Exactly ours**: what belongs to divert is the chains of
+//!   [`Table::chains`], every rule in a built-in chain that jumps to one of
+//!   them, and the other built-in-chain rules the same flags render
+//!   (interface rules, TPROXY's marks), one for one, matched in
+//!   iptables-save's own spelling of them. [`cleanup`] removes those and
+//!   nothing else.
 
 use std::{
     io::Write as _,
@@ -24,7 +28,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{Family, Rule, RuleSet, CHAINS, ISTIO_DROP};
+use super::{Family, Rule, RuleSet, Table};
 
 /// The iptables binaries chosen for one address family.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,11 +49,6 @@ impl Iptables {
 
     fn restore_cmd(&self) -> String {
         format!("{}-restore", self.command)
-    }
-
-    /// `<command>-save -t nat`: the nat table as iptables-restore input.
-    pub fn save_nat(&self) -> Result<String> {
-        self.save_table("nat")
     }
 
     /// `<command>-save -t TABLE`: one table as iptables-restore input.
@@ -197,40 +196,12 @@ fn table_lines<'a>(save: &'a str, table: &str) -> Vec<&'a str> {
     out
 }
 
-/// The mangle table's part of a transaction: make it hold `set.mangle`
-/// (`--drop-invalid`'s [`ISTIO_DROP`] and the jump to it), replacing an
-/// earlier run's, or, when `set` has none, remove what an earlier run left.
-/// `None` when there is nothing to write.
-fn mangle_transaction(save: &str, set: &RuleSet) -> Option<String> {
-    let owned = [ISTIO_DROP];
-    let exists = !existing_chains(save, "mangle", &owned).is_empty();
-    if set.mangle.is_empty() && !exists {
-        return None;
-    }
-    let mut s = String::from("*mangle\n");
-    for d in deletions(save, "mangle", &owned, &set.mangle) {
-        s.push_str(&d);
-        s.push('\n');
-    }
-    if set.mangle.is_empty() {
-        s.push_str(&format!("-F {ISTIO_DROP}\n-X {ISTIO_DROP}\n"));
-    } else {
-        s.push_str(&format!(":{ISTIO_DROP} - [0:0]\n"));
-        for r in &set.mangle {
-            s.push_str(&r.line());
-            s.push('\n');
-        }
-    }
-    s.push_str("COMMIT\n");
-    Some(s)
-}
-
-/// An iptables-save snapshot of the mangle table as input that puts it
-/// back exactly.
-fn mangle_snapshot(before: &str) -> String {
-    let lines = table_lines(before, "mangle");
-    let mut s = String::from("*mangle\n");
-    for l in lines {
+/// An iptables-save snapshot of one table as input that puts it back
+/// exactly (restored without `--noflush`, which replaces only the tables
+/// the input names).
+fn snapshot(save: &str, table: Table) -> String {
+    let mut s = format!("*{table}\n");
+    for l in table_lines(save, table.name()) {
         s.push_str(l);
         s.push('\n');
     }
@@ -238,10 +209,11 @@ fn mangle_snapshot(before: &str) -> String {
     s
 }
 
-/// The chains of `owned` that exist in `save`'s `table`.
-fn existing_chains(save: &str, table: &str, owned: &[&'static str]) -> Vec<&'static str> {
-    let lines = table_lines(save, table);
-    owned
+/// Our chains of `table` that exist in `save`.
+fn existing_chains(save: &str, table: Table) -> Vec<&'static str> {
+    let lines = table_lines(save, table.name());
+    table
+        .chains()
         .iter()
         .copied()
         .filter(|c| {
@@ -252,19 +224,68 @@ fn existing_chains(save: &str, table: &str, owned: &[&'static str]) -> Vec<&'sta
         .collect()
 }
 
-/// `-D` lines for the rules of ours that `save` holds in the built-in
-/// chains of `table`: every jump to one of the chains we own there
-/// (`owned`: [`CHAINS`] in nat, [`ISTIO_DROP`] in mangle), and each other
-/// built-in-chain rule of `rules` (the interface rules), as many times as
-/// `rules` has it.
-fn deletions(save: &str, table: &str, owned: &[&str], rules: &[Rule]) -> Vec<String> {
-    let mut wanted: Vec<String> = rules
-        .iter()
-        .filter(|r| !owned.contains(&r.chain) && !r.target().is_some_and(|t| owned.contains(&t)))
-        .map(|r| r.saved_form())
+/// The rules of `set` in `table`'s built-in chains that do not jump to our
+/// chains (interface rules, TPROXY's marks): the rules of ours that only
+/// their text tells apart from someone else's.
+fn builtin_rules(set: &RuleSet, table: Table) -> Vec<&Rule> {
+    set.in_table(table)
+        .filter(|r| r.in_builtin_chain() && !r.jumps_to_ours())
+        .collect()
+}
+
+/// The scratch chain [`saved_forms`] writes to.
+const PROBE_CHAIN: &str = "DIVERT_PROBE";
+
+/// How iptables-save prints each of `rules` (built-in-chain rules of one
+/// table), in order: iptables canonicalises what it is given (`--mark
+/// 1337` is saved as `--mark 0x539`, matches are reordered, defaults
+/// added), so the only exact spelling is its own. The rules are written to
+/// a scratch chain that nothing jumps to, read back, and the chain is
+/// removed.
+fn saved_forms(ipt: &Iptables, table: Table, rules: &[&Rule]) -> Result<Vec<String>> {
+    if rules.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut probe = format!("*{table}\n:{PROBE_CHAIN} - [0:0]\n");
+    for r in rules {
+        probe.push_str(&format!("-A {PROBE_CHAIN} {}\n", r.spec.join(" ")));
+    }
+    probe.push_str("COMMIT\n");
+    let remove = format!("*{table}\n-F {PROBE_CHAIN}\n-X {PROBE_CHAIN}\nCOMMIT\n");
+    ipt.restore(&probe, false)
+        .context("learning iptables-save's spelling of our rules in built-in chains")?;
+    let saved = ipt.save_table(table.name());
+    ipt.restore(&remove, false)?;
+    let prefix = format!("-A {PROBE_CHAIN} ");
+    let saved = saved?;
+    let spelled: Vec<&str> = table_lines(&saved, table.name())
+        .into_iter()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
         .collect();
+    if spelled.len() != rules.len() {
+        bail!(
+            "{}-save printed {} of the {} rules written to {PROBE_CHAIN} in {table}",
+            ipt.command,
+            spelled.len(),
+            rules.len()
+        );
+    }
+    Ok(rules
+        .iter()
+        .zip(spelled)
+        .map(|(r, rest)| format!("-A {} {rest}", r.chain))
+        .collect())
+}
+
+/// `-D` lines for the rules of ours that `save` holds in the built-in
+/// chains of `table`: every jump to one of our chains there, and each line
+/// of `ours` (our other built-in-chain rules as iptables-save prints them),
+/// as many times as `ours` has it.
+fn deletions(save: &str, table: Table, ours: &[String]) -> Vec<String> {
+    let owned = table.chains();
+    let mut wanted: Vec<&str> = ours.iter().map(String::as_str).collect();
     let mut out = Vec::new();
-    for line in table_lines(save, table) {
+    for line in table_lines(save, table.name()) {
         let Some(rest) = line.strip_prefix("-A ") else {
             continue;
         };
@@ -278,7 +299,7 @@ fn deletions(save: &str, table: &str, owned: &[&str], rules: &[Rule]) -> Vec<Str
             .any(|w| w[0] == "-j" && owned.contains(&w[1]));
         if jumps_to_ours {
             out.push(format!("-D {rest}"));
-        } else if let Some(i) = wanted.iter().position(|w| w == line) {
+        } else if let Some(i) = wanted.iter().position(|w| *w == line) {
             wanted.remove(i);
             out.push(format!("-D {rest}"));
         }
@@ -286,71 +307,93 @@ fn deletions(save: &str, table: &str, owned: &[&str], rules: &[Rule]) -> Vec<Str
     out
 }
 
-/// The transaction that makes the nat table hold `set`, whatever an
-/// earlier run left: declare (create or empty) our chains, delete our
-/// rules in built-in chains, write the rules.
-pub fn apply_transaction(save: &str, set: &RuleSet) -> String {
-    let mut s = String::from("*nat\n");
-    for c in CHAINS {
-        s.push_str(&format!(":{c} - [0:0]\n"));
-    }
-    for d in deletions(save, "nat", &CHAINS, &set.rules) {
-        s.push_str(&d);
-        s.push('\n');
-    }
-    for r in &set.rules {
-        s.push_str(&r.line());
-        s.push('\n');
-    }
-    s.push_str("COMMIT\n");
-    s
-}
-
-/// The transaction that removes ours from the nat table, or `None` when
-/// nothing of ours is there.
-pub fn cleanup_transaction(save: &str, set: &RuleSet) -> Option<String> {
-    let dels = deletions(save, "nat", &CHAINS, &set.rules);
-    let chains = existing_chains(save, "nat", &CHAINS);
-    if dels.is_empty() && chains.is_empty() {
+/// The part of a transaction that makes `table` hold exactly `write` (the
+/// table's rules of a [`RuleSet`]; none to clean up), whatever an earlier
+/// run left: declare (create or empty) the chains `write` uses, delete our
+/// rules in built-in chains (`ours`, see [`deletions`]), empty and delete
+/// our chains it no longer uses, write the rules. `None` when there is
+/// nothing to do, so a table divert never used is never touched.
+fn table_transaction(save: &str, table: Table, write: &RuleSet, ours: &[String]) -> Option<String> {
+    let declared = write.chains(table);
+    let stale: Vec<&str> = existing_chains(save, table)
+        .into_iter()
+        .filter(|c| !declared.contains(c))
+        .collect();
+    let dels = deletions(save, table, ours);
+    if declared.is_empty() && stale.is_empty() && dels.is_empty() {
         return None;
     }
-    let mut s = String::from("*nat\n");
+    let mut s = format!("*{table}\n");
+    for c in &declared {
+        s.push_str(&format!(":{c} - [0:0]\n"));
+    }
     for d in dels {
         s.push_str(&d);
         s.push('\n');
     }
-    // Empty every chain before deleting any: they jump to each other.
-    for c in &chains {
+    // Empty every stale chain before deleting any: they jump to each other.
+    for c in &stale {
         s.push_str(&format!("-F {c}\n"));
     }
-    for c in &chains {
+    for c in &stale {
         s.push_str(&format!("-X {c}\n"));
+    }
+    for r in write.in_table(table) {
+        s.push_str(&r.line());
+        s.push('\n');
     }
     s.push_str("COMMIT\n");
     Some(s)
 }
 
+/// One family's transaction that makes its tables hold `write` (`set`
+/// itself to apply, an empty set to clean up; `set` tells which rules in
+/// built-in chains are ours), and the snapshot input that undoes it.
+/// `None` when there is nothing to do.
+fn family_transaction(
+    ipt: &Iptables,
+    set: &RuleSet,
+    write: &RuleSet,
+) -> Result<Option<(String, String)>> {
+    let (mut tx, mut undo) = (String::new(), String::new());
+    for table in Table::ALL {
+        let save = ipt.save_table(table.name())?;
+        // Learn the spelling only where there is something to delete.
+        let builtin = builtin_rules(set, table);
+        let ours = if table_lines(&save, table.name())
+            .iter()
+            .any(|l| l.starts_with("-A "))
+        {
+            saved_forms(ipt, table, &builtin)?
+        } else {
+            Vec::new()
+        };
+        if let Some(part) = table_transaction(&save, table, write, &ours) {
+            tx.push_str(&part);
+            undo.push_str(&snapshot(&save, table));
+        }
+    }
+    Ok((!tx.is_empty()).then_some((tx, undo)))
+}
+
 /// Install `sets` (one per address family, each with its binaries), all or
-/// nothing: on a failure, families already written get their nat table back
-/// as it was.
+/// nothing: on a failure, families already written get their tables back
+/// as they were.
 pub fn apply(sets: &[(Iptables, RuleSet)]) -> Result<()> {
     let mut done: Vec<(&Iptables, String)> = Vec::new();
     for (ipt, set) in sets {
-        let result = ipt.save_nat().and_then(|before| {
-            let mut tx = apply_transaction(&before, set);
-            let mut snapshot = snapshot_input(&before);
-            let mangle_before = ipt.save_table("mangle")?;
-            if let Some(m) = mangle_transaction(&mangle_before, set) {
-                tx.push_str(&m);
-                snapshot.push_str(&mangle_snapshot(&mangle_before));
-            }
-            ipt.restore(&tx, false).map(|()| snapshot)
+        let result = family_transaction(ipt, set, set).and_then(|tx| match tx {
+            Some((tx, undo)) => ipt.restore(&tx, false).map(|()| undo),
+            None => Ok(String::new()),
         });
         match result {
-            Ok(snapshot) => done.push((ipt, snapshot)),
+            Ok(undo) => done.push((ipt, undo)),
             Err(e) => {
-                for (prev, snapshot) in done.iter().rev() {
-                    if let Err(re) = prev.restore(snapshot, true) {
+                for (prev, undo) in done.iter().rev() {
+                    if undo.is_empty() {
+                        continue;
+                    }
+                    if let Err(re) = prev.restore(undo, true) {
                         tracing::error!(family = %prev.family, error = %format!("{re:#}"), "rollback failed");
                     }
                 }
@@ -361,26 +404,18 @@ pub fn apply(sets: &[(Iptables, RuleSet)]) -> Result<()> {
     Ok(())
 }
 
-/// Remove ours from each family's nat table (what `set` renders tells
-/// which interface rules are ours). Returns, per family, whether there was
-/// anything to remove.
+/// Remove ours from each family's tables (what `set` renders tells which
+/// rules in built-in chains are ours). Returns, per family, whether there
+/// was anything to remove.
 pub fn cleanup(sets: &[(Iptables, RuleSet)]) -> Result<Vec<bool>> {
     let mut removed = Vec::new();
     for (ipt, set) in sets {
-        let before = ipt.save_nat()?;
-        let mangle_before = ipt.save_table("mangle")?;
         let nothing = RuleSet {
             family: set.family,
             rules: Vec::new(),
-            mangle: Vec::new(),
         };
-        let mangle = mangle_transaction(&mangle_before, &nothing);
-        let tx = match (cleanup_transaction(&before, set), mangle) {
-            (None, None) => None,
-            (nat, mangle) => Some(nat.unwrap_or_default() + &mangle.unwrap_or_default()),
-        };
-        match tx {
-            Some(tx) => {
+        match family_transaction(ipt, set, &nothing)? {
+            Some((tx, _)) => {
                 ipt.restore(&tx, false)
                     .with_context(|| format!("removing the {} rules", set.family))?;
                 removed.push(true);
@@ -391,21 +426,11 @@ pub fn cleanup(sets: &[(Iptables, RuleSet)]) -> Result<Vec<bool>> {
     Ok(removed)
 }
 
-/// An iptables-save snapshot as input that puts the nat table back exactly
-/// (empty when the table did not exist: an empty nat table).
-fn snapshot_input(before: &str) -> String {
-    if table_lines(before, "nat").is_empty() {
-        "*nat\nCOMMIT\n".to_string()
-    } else {
-        before.to_string()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
-        iptables::render,
+        iptables::{render, ISTIO_INBOUND, ISTIO_IN_REDIRECT, ISTIO_OUTPUT, ISTIO_REDIRECT},
         policy::{Capture, Policy},
     };
 
@@ -418,6 +443,7 @@ mod tests {
 :ISTIO_INBOUND - [0:0]
 :ISTIO_IN_REDIRECT - [0:0]
 :ISTIO_OUTPUT - [0:0]
+:ISTIO_OUTPUT_DNS - [0:0]
 :ISTIO_REDIRECT - [0:0]
 :USER_CHAIN - [0:0]
 -A PREROUTING -i eth1 -j ISTIO_REDIRECT
@@ -436,12 +462,23 @@ COMMIT
             kube_virt_interfaces: vec!["eth1".into()],
             ..Capture::default()
         };
-        render(&Policy::default(), &c, Family::V4).unwrap()
+        render(&Policy::default(), &c, Family::V4)
+    }
+
+    /// The saved spelling of `-I PREROUTING 1 -i eth1 -j RETURN`.
+    fn eth1_return() -> Vec<String> {
+        vec!["-A PREROUTING -i eth1 -j RETURN".to_string()]
     }
 
     #[test]
     fn deletes_our_jumps_and_rendered_interface_rules_only() {
-        let d = deletions(SAVED, "nat", &CHAINS, &kube_virt_eth1().rules);
+        let set = kube_virt_eth1();
+        let builtin: Vec<String> = builtin_rules(&set, Table::Nat)
+            .iter()
+            .map(|r| r.line())
+            .collect();
+        assert_eq!(builtin, vec!["-I PREROUTING 1 -i eth1 -j RETURN"]);
+        let d = deletions(SAVED, Table::Nat, &eth1_return());
         assert_eq!(
             d,
             vec![
@@ -454,13 +491,18 @@ COMMIT
 
     #[test]
     fn cleanup_empties_before_deleting_and_leaves_user_chains() {
-        let tx = cleanup_transaction(SAVED, &kube_virt_eth1()).unwrap();
+        let nothing = RuleSet {
+            family: Family::V4,
+            rules: Vec::new(),
+        };
+        let tx = table_transaction(SAVED, Table::Nat, &nothing, &eth1_return()).unwrap();
         let f = tx.find("-F ISTIO_INBOUND").unwrap();
         let x = tx.find("-X ").unwrap();
         assert!(f < x, "{tx}");
+        assert!(tx.contains("-X ISTIO_OUTPUT_DNS"), "{tx}");
         assert!(!tx.contains("USER_CHAIN"), "{tx}");
         assert!(!tx.contains("eth9"), "{tx}");
-        assert_eq!(cleanup_transaction("", &kube_virt_eth1()), None);
+        assert_eq!(table_transaction("", Table::Nat, &nothing, &[]), None);
     }
 
     /// Stand-in iptables binaries in a temporary directory: `-save` prints
@@ -508,8 +550,8 @@ COMMIT
         let v4 = fake(&dir, "ipt4", Family::V4, SAVED, 0);
         let v6 = fake(&dir, "ipt6", Family::V6, "", 1);
         let err = apply(&[
-            (v4, render(&p, &Capture::default(), Family::V4).unwrap()),
-            (v6, render(&p, &Capture::default(), Family::V6).unwrap()),
+            (v4, render(&p, &Capture::default(), Family::V4)),
+            (v6, render(&p, &Capture::default(), Family::V6)),
         ])
         .unwrap_err();
         assert!(format!("{err:#}").contains("IPv6"), "{err:#}");
@@ -521,9 +563,10 @@ COMMIT
         let snapshot_at = log4.rfind("ARGS \n").unwrap() + "ARGS \n".len();
         assert_eq!(
             &log4[snapshot_at..],
-            SAVED,
+            snapshot(SAVED, Table::Nat),
             "the rollback input is the snapshot"
         );
+        assert!(snapshot(SAVED, Table::Nat).contains("-A USER_CHAIN -j RETURN\n"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -541,32 +584,44 @@ COMMIT
             drop_invalid: true,
             ..Capture::default()
         };
-        let with = render(&Policy::default(), &drop, Family::V4).unwrap();
-        let without = render(&Policy::default(), &Capture::default(), Family::V4).unwrap();
+        let with = render(&Policy::default(), &drop, Family::V4);
+        let without = render(&Policy::default(), &Capture::default(), Family::V4);
         // Asked, over an earlier run's: the old jump goes, the chain is
         // emptied and written again; someone else's rule stays.
-        let tx = mangle_transaction(MANGLE, &with).unwrap();
+        let tx = table_transaction(MANGLE, Table::Mangle, &with, &[]).unwrap();
         assert_eq!(
             tx,
-            "*mangle\n-D PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP\n:ISTIO_DROP - [0:0]\n-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP\n-A ISTIO_DROP -j DROP\nCOMMIT\n"
+            "*mangle\n:ISTIO_DROP - [0:0]\n-D PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP\n-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP\n-A ISTIO_DROP -j DROP\nCOMMIT\n"
         );
         // Not asked any more: removed.
-        let tx = mangle_transaction(MANGLE, &without).unwrap();
+        let tx = table_transaction(MANGLE, Table::Mangle, &without, &[]).unwrap();
         assert_eq!(
             tx,
             "*mangle\n-D PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP\n-F ISTIO_DROP\n-X ISTIO_DROP\nCOMMIT\n"
         );
         // Never asked, nothing there: the mangle table is not touched.
-        assert_eq!(mangle_transaction("*mangle\nCOMMIT\n", &without), None);
-        assert_eq!(mangle_transaction(SAVED, &without), None);
+        assert_eq!(
+            table_transaction("*mangle\nCOMMIT\n", Table::Mangle, &without, &[]),
+            None
+        );
+        assert_eq!(table_transaction(SAVED, Table::Mangle, &without, &[]), None);
     }
 
     #[test]
-    fn apply_declares_every_chain_and_replaces_old_jumps() {
-        let tx = apply_transaction(SAVED, &kube_virt_eth1());
-        for c in CHAINS {
+    fn apply_declares_the_chains_it_uses_and_replaces_old_jumps() {
+        let set = kube_virt_eth1();
+        let tx = table_transaction(SAVED, Table::Nat, &set, &eth1_return()).unwrap();
+        for c in [
+            ISTIO_INBOUND,
+            ISTIO_REDIRECT,
+            ISTIO_IN_REDIRECT,
+            ISTIO_OUTPUT,
+        ] {
             assert!(tx.contains(&format!(":{c} - [0:0]\n")), "{tx}");
         }
+        // DNS capture is off: an earlier run's ISTIO_OUTPUT_DNS goes.
+        assert!(!tx.contains(":ISTIO_OUTPUT_DNS"), "{tx}");
+        assert!(tx.contains("-X ISTIO_OUTPUT_DNS\n"), "{tx}");
         assert!(!tx.contains("-N "), "{tx}");
         let del = tx.find("-D OUTPUT -j ISTIO_OUTPUT").unwrap();
         let add = tx.find("-A OUTPUT -j ISTIO_OUTPUT").unwrap();

@@ -33,7 +33,7 @@ fn long_port_lists_are_split_at_fifteen() {
         exclude_ports: ports,
         ..Policy::default()
     };
-    let set = render(&p, &Capture::default(), Family::V4).unwrap();
+    let set = render(&p, &Capture::default(), Family::V4);
     let lines: Vec<String> = set
         .rules
         .iter()
@@ -52,18 +52,85 @@ fn long_port_lists_are_split_at_fifteen() {
 }
 
 #[test]
-fn tproxy_and_dns_are_refused_whole() {
-    let (p, c) = policy_for(&["-m".into(), "TPROXY".into()]);
-    assert_eq!(render(&p, &c, Family::V4), Err(RenderError::Tproxy));
+fn tproxy_mark_and_route_table_are_checked_numbers() {
+    let (_, c) = policy_for(&["-m".into(), "TPROXY".into(), "-t".into(), "7".into()]);
+    assert_eq!(c.tproxy.mark, 7);
+    assert_eq!(
+        c.tproxy.route_table,
+        crate::policy::DEFAULT_TPROXY_ROUTE_TABLE
+    );
     let _g = crate::policy::TEST_ENV
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let m = Cli::command()
-        .try_get_matches_from(["divert-init", "--redirect-dns"])
-        .unwrap();
-    let cli = Cli::from_arg_matches(&m).unwrap();
-    let err = cli.init.settings(Some(&m)).unwrap_err().to_string();
-    assert!(err.contains("--redirect-dns"), "{err}");
+    for (args, says) in [
+        (["-t", "0x539"], "--inbound-tproxy-mark (-t)"),
+        (["-t", "4294967296"], "32 bits"),
+        (["-r", "254"], "main"),
+        (["-r", ""], "--inbound-tproxy-route-table (-r)"),
+    ] {
+        let m = Cli::command()
+            .try_get_matches_from(std::iter::once("divert-init").chain(args))
+            .unwrap();
+        let cli = Cli::from_arg_matches(&m).unwrap();
+        let err = cli.init.settings(Some(&m)).unwrap_err().to_string();
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn dns_capture_reads_the_nameservers_and_refuses_what_it_cannot_match() {
+    let dir = std::env::temp_dir().join(format!("divert-resolv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("resolv.conf");
+    std::fs::write(
+        &conf,
+        "# comment\nsearch svc.cluster.local\nnameserver 10.96.0.10 ; kube-dns\nnameserver fd00::a\noptions ndots:5\n",
+    )
+    .unwrap();
+    let path = conf.to_str().unwrap().to_string();
+    let (_, c) = policy_for(&[
+        "--redirect-dns".into(),
+        "--resolv-conf".into(),
+        path.clone(),
+    ]);
+    let dns = c.dns.unwrap();
+    assert_eq!(dns.servers_v4, vec!["10.96.0.10"]);
+    assert_eq!(dns.servers_v6, vec!["fd00::a"]);
+    assert!(!dns.capture_all);
+    // --capture-all-dns does not read the file.
+    let (_, c) = policy_for(&[
+        "--redirect-dns".into(),
+        "--capture-all-dns".into(),
+        "--resolv-conf".into(),
+        "/nonexistent".into(),
+    ]);
+    assert!(c.dns.unwrap().capture_all);
+    // No nameserver: DNS capture is off, as istio-iptables turns it off.
+    std::fs::write(&conf, "search x\n").unwrap();
+    let (_, c) = policy_for(&[
+        "--redirect-dns".into(),
+        "--resolv-conf".into(),
+        path.clone(),
+    ]);
+    assert_eq!(c.dns, None);
+    // A nameserver iptables cannot match, and a missing file: errors that
+    // name the file and the setting.
+    let _g = crate::policy::TEST_ENV
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    std::fs::write(&conf, "nameserver fe80::1%eth0\n").unwrap();
+    for file in [path.as_str(), "/nonexistent/resolv.conf"] {
+        let m = Cli::command()
+            .try_get_matches_from(["divert-init", "--redirect-dns", "--resolv-conf", file])
+            .unwrap();
+        let cli = Cli::from_arg_matches(&m).unwrap();
+        let err = cli.init.settings(Some(&m)).unwrap_err().to_string();
+        assert!(
+            err.contains(file) && err.contains("--redirect-dns"),
+            "{err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -29,6 +29,13 @@ pub const DEFAULT_INBOUND_CAPTURE_PORT: u16 = 15006;
 pub const DEFAULT_INBOUND_TUNNEL_PORT: u16 = 15008;
 /// Istio's proxy UID and GID.
 pub const DEFAULT_PROXY_ID: u32 = 1337;
+/// The port istio-agent's DNS proxy listens on, where DNS capture sends
+/// port 53 (istio's `IstioAgentDNSListenerPort`).
+pub const DNS_PROXY_PORT: u16 = 15053;
+/// TPROXY mode's packet mark (`-t`, `INBOUND_TPROXY_MARK`), istio's default.
+pub const DEFAULT_TPROXY_MARK: u32 = 1337;
+/// TPROXY mode's route table (`-r`, `INBOUND_TPROXY_ROUTE_TABLE`), istio's default.
+pub const DEFAULT_TPROXY_ROUTE_TABLE: u32 = 133;
 /// Most proxy UIDs, and separately GIDs, one policy can name (kernel map layout).
 pub const MAX_PROXY_IDS: usize = divert_common::limits::MAX_PROXY_IDS;
 
@@ -97,8 +104,8 @@ pub struct Inbound {
 }
 
 /// The capture settings only a backend that sees packets applies (the
-/// iptables backend's PREROUTING and interface rules): inbound capture and
-/// interfaces. Not part of [`Policy`], which is what the kernel maps hold
+/// iptables backend's PREROUTING, interface, mangle and raw rules): inbound
+/// capture, interfaces, DNS capture, owner groups. Not part of [`Policy`], which is what the kernel maps hold
 /// and the daemon's socket takes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capture {
@@ -123,6 +130,49 @@ pub struct Capture {
     /// (`ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`), as written; 127.0.0.1/32 by
     /// default. Only the iptables backend applies another.
     pub host_loopback_v4: String,
+    /// DNS capture (`--redirect-dns`, `ISTIO_META_DNS_CAPTURE`); `None`
+    /// when off.
+    pub dns: Option<DnsCapture>,
+    /// TPROXY mode's mark and route table (`-t`, `-r`); used only with
+    /// `-m TPROXY`.
+    pub tproxy: Tproxy,
+}
+
+/// DNS capture as istio-iptables does it (run.go `SetupDNSRedir`): TCP and
+/// UDP to port 53 of the nameservers (or of every address, with
+/// `--capture-all-dns`) go to istio-agent's [`DNS_PROXY_PORT`], except the
+/// proxy's own; UDP DNS is split over two conntrack zones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsCapture {
+    /// `--capture-all-dns`: port 53 of every destination, not only of the
+    /// nameservers.
+    pub capture_all: bool,
+    /// The IPv4 nameservers of the namespace's resolv.conf, as written
+    /// there (none with `capture_all`, which does not read it).
+    pub servers_v4: Vec<String>,
+    /// The IPv6 nameservers, likewise.
+    pub servers_v6: Vec<String>,
+}
+
+/// TPROXY mode's policy routing (istio-iptables' `-t` and `-r`): inbound
+/// packets marked `mark` are routed by table `route_table`, whose one
+/// route delivers everything locally (`local default dev lo`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tproxy {
+    /// The packet and connection mark (decimal, 32 bits).
+    pub mark: u32,
+    /// The routing table number.
+    pub route_table: u32,
+}
+
+impl Default for Tproxy {
+    /// istio-iptables' defaults, 1337 and 133.
+    fn default() -> Self {
+        Tproxy {
+            mark: DEFAULT_TPROXY_MARK,
+            route_table: DEFAULT_TPROXY_ROUTE_TABLE,
+        }
+    }
 }
 
 /// istio-iptables' host loopback range, `HostIPv4LoopbackCidr`'s default.
@@ -130,7 +180,7 @@ pub const DEFAULT_HOST_LOOPBACK_V4: &str = "127.0.0.1/32";
 
 impl Default for Capture {
     /// istio-iptables' defaults: no inbound capture, no interfaces, one
-    /// address family decision, every group, 127.0.0.1/32.
+    /// address family decision, every group, 127.0.0.1/32, no DNS capture.
     fn default() -> Self {
         Capture {
             inbound: Inbound::default(),
@@ -140,6 +190,8 @@ impl Default for Capture {
             drop_invalid: false,
             owner_groups: OwnerGroups::default(),
             host_loopback_v4: DEFAULT_HOST_LOOPBACK_V4.to_string(),
+            dns: None,
+            tproxy: Tproxy::default(),
         }
     }
 }

@@ -12,9 +12,10 @@ use clap::{parser::ValueSource, ArgMatches, Args};
 use ipnetwork::IpNetwork;
 
 use super::{
-    Capture, Inbound, InboundPorts, IncludeRanges, InterceptionMode, OwnerGroups, Policy,
-    DEFAULT_INBOUND_CAPTURE_PORT, DEFAULT_INBOUND_TUNNEL_PORT, DEFAULT_PROXY_ID,
-    DEFAULT_PROXY_PORT, MAX_PROXY_IDS,
+    Capture, DnsCapture, Inbound, InboundPorts, IncludeRanges, InterceptionMode, OwnerGroups,
+    Policy, Tproxy, DEFAULT_HOST_LOOPBACK_V4, DEFAULT_INBOUND_CAPTURE_PORT,
+    DEFAULT_INBOUND_TUNNEL_PORT, DEFAULT_PROXY_ID, DEFAULT_PROXY_PORT, DEFAULT_TPROXY_MARK,
+    DEFAULT_TPROXY_ROUTE_TABLE, MAX_PROXY_IDS,
 };
 
 /// Where a setting's value came from, for error messages.
@@ -90,10 +91,19 @@ pub enum PolicyError {
     InvalidMode { value: String, origin: Source },
     #[error("invalid interface name {value:?} in {origin}: 1 to 15 characters, no '/', ':' or white space ('+' only at the end, as iptables' wildcard)")]
     InvalidInterface { value: String, origin: Source },
-    #[error("{origin} is set, but divert does not capture DNS yet: remove it (or keep istio-iptables for this pod) rather than run with DNS silently uncaptured")]
-    DnsCaptureUnsupported { origin: Source },
-    #[error("{origin} asks for {what}, which divert does not do yet: remove it (or keep istio-iptables for this pod) rather than run with it silently left out")]
-    Unsupported { what: &'static str, origin: Source },
+    #[error("cannot read the nameservers {origin} captures from {path}: {reason}")]
+    ResolvConf {
+        path: String,
+        reason: String,
+        origin: Source,
+    },
+    #[error("invalid {what} {value:?} in {origin}: {reason}")]
+    InvalidNumber {
+        what: &'static str,
+        value: String,
+        reason: &'static str,
+        origin: Source,
+    },
     #[error("invalid boolean in {origin}: {reason}")]
     InvalidBool { reason: String, origin: Source },
     #[error("invalid group {value:?} in {origin}: a GID or a group name (letters, digits, '_', '.', '-'; at most 32 bytes)")]
@@ -121,8 +131,8 @@ impl PolicyError {
             | PolicyError::NotCanonical { origin, .. }
             | PolicyError::InvalidMode { origin, .. }
             | PolicyError::InvalidInterface { origin, .. }
-            | PolicyError::DnsCaptureUnsupported { origin }
-            | PolicyError::Unsupported { origin, .. }
+            | PolicyError::ResolvConf { origin, .. }
+            | PolicyError::InvalidNumber { origin, .. }
             | PolicyError::InvalidBool { origin, .. }
             | PolicyError::InvalidGroup { origin, .. }
             | PolicyError::TooManyGroups { origin, .. } => origin,
@@ -377,39 +387,54 @@ pub struct CaptureArgs {
     #[arg(
         long = "outbound-ipv4-loopback-cidr",
         env = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
-        default_value = "127.0.0.1/32",
+        default_value = DEFAULT_HOST_LOOPBACK_V4,
         value_name = "CIDR"
     )]
     pub host_loopback_v4: String,
 
-    /// TPROXY mode's packet mark (used with -m TPROXY only).
+    /// TPROXY mode's packet and connection mark, decimal (used with -m
+    /// TPROXY only).
     #[arg(
         short = 't',
         long = "inbound-tproxy-mark",
         env = "INBOUND_TPROXY_MARK",
-        default_value = "1337",
+        default_value_t = DEFAULT_TPROXY_MARK.to_string(),
         value_name = "MARK"
     )]
     pub inbound_tproxy_mark: String,
 
-    /// TPROXY mode's route table (used with -m TPROXY only).
+    /// TPROXY mode's route table, 1 to 4294967295 but not 253, 254 or 255
+    /// (the kernel's default, main and local tables) (used with -m TPROXY
+    /// only).
     #[arg(
         short = 'r',
         long = "inbound-tproxy-route-table",
         env = "INBOUND_TPROXY_ROUTE_TABLE",
-        default_value = "133",
+        default_value_t = DEFAULT_TPROXY_ROUTE_TABLE.to_string(),
         value_name = "TABLE"
     )]
     pub inbound_tproxy_route_table: String,
 
-    /// Capture DNS to the agent's port 15053 (not supported yet: refused).
-    /// Also from ISTIO_META_DNS_CAPTURE.
+    /// Capture DNS: TCP and UDP to port 53 of the nameservers in
+    /// --resolv-conf go to istio-agent's port 15053, except the proxy's
+    /// own (UDP in two conntrack zones). Also from ISTIO_META_DNS_CAPTURE.
+    /// iptables backend only.
     #[arg(long = "redirect-dns", env = "REDIRECT_DNS", value_parser = go_bool, value_name = "BOOL")]
     pub redirect_dns: bool,
 
-    /// Capture DNS to every server (not supported yet: refused).
+    /// With --redirect-dns: capture port 53 of every destination, not
+    /// only of the nameservers (what istio-cni uses).
     #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS", value_parser = go_bool, value_name = "BOOL")]
     pub capture_all_dns: bool,
+
+    /// The resolv.conf whose `nameserver` lines --redirect-dns captures
+    /// (istio-iptables reads /etc/resolv.conf).
+    #[arg(
+        long = "resolv-conf",
+        default_value = "/etc/resolv.conf",
+        value_name = "PATH"
+    )]
+    pub resolv_conf: std::path::PathBuf,
 
     /// Drop packets conntrack finds invalid (the mangle table's ISTIO_DROP).
     /// Also from INVALID_DROP. iptables backend only.
@@ -564,14 +589,52 @@ impl CaptureArgs {
         let redirect_dns = either(self.redirect_dns, "redirect_dns", "ISTIO_META_DNS_CAPTURE")?;
         let (drop_invalid, _) = either(self.drop_invalid, "drop_invalid", "INVALID_DROP")?;
         let (dual_stack, _) = either(self.dual_stack, "dual_stack", "ISTIO_DUAL_STACK")?;
-        for (set, from) in [
-            redirect_dns,
-            (self.capture_all_dns, origin("capture_all_dns")),
-        ] {
-            if set {
-                return Err(PolicyError::DnsCaptureUnsupported { origin: from });
+        let (redirect_dns, dns_origin) = redirect_dns;
+        let dns = if !redirect_dns {
+            if self.capture_all_dns {
+                tracing::warn!(
+                    "--capture-all-dns is set but DNS capture (--redirect-dns, ISTIO_META_DNS_CAPTURE) is not: no DNS is captured"
+                );
             }
-        }
+            None
+        } else if self.capture_all_dns {
+            Some(DnsCapture {
+                capture_all: true,
+                servers_v4: Vec::new(),
+                servers_v6: Vec::new(),
+            })
+        } else {
+            let (servers_v4, servers_v6) = nameservers(&self.resolv_conf, dns_origin)?;
+            if servers_v4.is_empty() && servers_v6.is_empty() {
+                // istio-iptables: "REDIRECT_DNS is set, but CAPTURE_ALL_DNS
+                // is false, and no DNS servers provided. DNS capture disabled."
+                tracing::warn!(
+                    resolv_conf = %self.resolv_conf.display(),
+                    "DNS capture is set, but --capture-all-dns is not and resolv.conf names no nameserver: no DNS is captured (as istio-iptables)"
+                );
+                None
+            } else {
+                Some(DnsCapture {
+                    capture_all: false,
+                    servers_v4,
+                    servers_v6,
+                })
+            }
+        };
+        let tproxy = Tproxy {
+            mark: parse_u32(
+                "TPROXY mark",
+                &self.inbound_tproxy_mark,
+                origin("inbound_tproxy_mark"),
+                &[],
+            )?,
+            route_table: parse_u32(
+                "route table",
+                &self.inbound_tproxy_route_table,
+                origin("inbound_tproxy_route_table"),
+                &[0, 253, 254, 255],
+            )?,
+        };
         let host_loopback_v4 =
             parse_loopback_cidr(&self.host_loopback_v4, origin("host_loopback_v4"))?;
         let owner_groups = parse_owner_groups(
@@ -617,8 +680,86 @@ impl CaptureArgs {
             drop_invalid,
             owner_groups,
             host_loopback_v4,
+            dns,
+            tproxy,
         })
     }
+}
+
+/// A decimal 32-bit number (`what` names it in errors), not one of
+/// `reserved`.
+fn parse_u32(
+    what: &'static str,
+    value: &str,
+    origin: Source,
+    reserved: &[u32],
+) -> Result<u32, PolicyError> {
+    let bad = |reason| PolicyError::InvalidNumber {
+        what,
+        value: value.to_string(),
+        reason,
+        origin: origin.clone(),
+    };
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad("write a decimal number"));
+    }
+    let n: u32 = value.parse().map_err(|_| bad("it must fit in 32 bits"))?;
+    if reserved.contains(&n) {
+        return Err(bad(
+            "0, 253, 254 and 255 are the kernel's unspecified, default, main and local tables",
+        ));
+    }
+    Ok(n)
+}
+
+/// The most of a resolv.conf that is read.
+const RESOLV_CONF_MAX: u64 = 64 * 1024;
+
+/// The `nameserver` addresses of a resolv.conf, IPv4 and IPv6 apart, as
+/// written (what istio-iptables takes from miekg/dns'
+/// `ClientConfigFromFile`): the second word of each `nameserver` line;
+/// `#` and `;` start comments. A nameserver that is not an IP address
+/// (a zone-scoped `fe80::1%eth0`) is an error rather than left
+/// uncaptured. Errors name the file and `origin`, the setting that asked.
+fn nameservers(
+    path: &std::path::Path,
+    origin: Source,
+) -> Result<(Vec<String>, Vec<String>), PolicyError> {
+    use std::io::Read as _;
+    let fail = |reason: String| PolicyError::ResolvConf {
+        path: path.display().to_string(),
+        reason,
+        origin: origin.clone(),
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(RESOLV_CONF_MAX + 1).read_to_string(&mut text))
+        .map_err(|e| fail(e.to_string()))?;
+    if text.len() as u64 > RESOLV_CONF_MAX {
+        return Err(fail(format!("longer than {RESOLV_CONF_MAX} bytes")));
+    }
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split(['#', ';']).next().unwrap_or_default();
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        let Some(addr) = words.next() else {
+            continue;
+        };
+        match addr.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(_)) => v4.push(addr.to_string()),
+            Ok(std::net::IpAddr::V6(_)) => v6.push(addr.to_string()),
+            Err(_) => {
+                return Err(fail(format!(
+                    "line {}: nameserver {addr:?} is not an IP address iptables can match",
+                    n + 1
+                )))
+            }
+        }
+    }
+    Ok((v4, v6))
 }
 
 impl PolicyArgs {

@@ -10,6 +10,14 @@
 //!   `proxy <its local address> orig=<original destination or none>`. When
 //!   the call of the other family answers too (which the kernel's never
 //!   does), ` also=<its answer>` follows.
+//! * `tproxy ADDR…`: `proxy` with `IP_TRANSPARENT` listeners, the inbound
+//!   listener of a TPROXY-mode proxy: a connection TPROXY hands it keeps
+//!   its original destination as its local address.
+//! * `udp-server ADDR…`: answers every datagram to each ADDR with
+//!   `udp <its local address> from=<the sender>`.
+//! * `udp DST`: sends one datagram from a socket connected to DST and
+//!   prints the answer and ` peer=<the answer's source>`; `error …` when
+//!   none comes.
 //! * `late-proxy ADDR MS`: accepts, waits MS milliseconds, then asks
 //!   `SO_ORIGINAL_DST` and prints `late orig=<…>` on stdout (one line per
 //!   connection): a proxy that asks after the client may have gone.
@@ -70,6 +78,9 @@ fn main() -> ExitCode {
         Some("server") => server(&args[1..]),
         Some("http") => http(&args[1], args[2].clone()),
         Some("proxy") => proxy(&args[1..]),
+        Some("tproxy") => tproxy(&args[1..]),
+        Some("udp-server") => udp_server(&args[1..]),
+        Some("udp") => udp(&args[1]),
         Some("client") => client(&args[1], &args[2..]),
         Some("late-proxy") => late_proxy(&args[1], &args[2]),
         Some("send") => send(&args[1]),
@@ -191,6 +202,60 @@ fn proxy(addrs: &[String]) -> Result<()> {
             Err(_) => format!("proxy {local} orig={orig}"),
         }
     })
+}
+
+fn tproxy(addrs: &[String]) -> Result<()> {
+    let mut ls = Vec::new();
+    for a in addrs {
+        let addr: SocketAddr = a.parse()?;
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        s.set_ip_transparent(true)?;
+        s.bind(&addr.into())?;
+        s.listen(1024)?;
+        ls.push(s.into());
+    }
+    serve(ls, |s| {
+        let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        format!("tproxy {local}")
+    })
+}
+
+fn udp_server(addrs: &[String]) -> Result<()> {
+    let handles: Vec<_> = addrs
+        .iter()
+        .map(|a| -> Result<_> {
+            let sock = std::net::UdpSocket::bind(a.parse::<SocketAddr>()?)?;
+            Ok(thread::spawn(move || {
+                let mut buf = [0u8; 512];
+                let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                while let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(format!("udp {local} from={from}").as_bytes(), from);
+                }
+            }))
+        })
+        .collect::<Result<_>>()?;
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn udp(dst: &str) -> Result<()> {
+    let dst: SocketAddr = dst.parse()?;
+    let any: SocketAddr = if dst.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = std::net::UdpSocket::bind(any)?;
+    sock.set_read_timeout(Some(TIMEOUT))?;
+    sock.connect(dst)?;
+    sock.send(b"query")?;
+    let mut buf = [0u8; 512];
+    let (n, from) = sock.recv_from(&mut buf)?;
+    println!("{} peer={from}", String::from_utf8_lossy(&buf[..n]));
+    Ok(())
 }
 
 fn send(socket: &str) -> Result<()> {
