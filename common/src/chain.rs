@@ -178,6 +178,12 @@ pub enum Hit {
     LocalNotProxy(Owner, u32),
     /// `-m owner --uid-owner ID -j RETURN` (or `--gid-owner`).
     Proxy(Owner, u32),
+    /// `-m owner --gid-owner G -j RETURN`: the connecting GID is in the
+    /// owner-group exclude list.
+    OwnerGroupExcluded,
+    /// `-m owner ! --gid-owner G1 … -j RETURN`: the connecting GID is not in
+    /// the owner-group include list.
+    OwnerGroupNotIncluded,
     /// `-d 127.0.0.1/32 -j RETURN`.
     HostLoopback,
     /// `-d CIDR -j RETURN` (`-x`).
@@ -208,6 +214,9 @@ pub trait Lookups {
     fn exclude_range(&mut self, dst: Dst) -> bool;
     /// `dst` is in an include range (`-i`) of its family.
     fn include_range(&mut self, dst: Dst) -> bool;
+    /// `gid` is in the owner-group list (include or exclude, as the
+    /// header's flags say).
+    fn owner_group(&mut self, gid: u32) -> bool;
 }
 
 /// The verdict of istio-iptables' `ISTIO_OUTPUT` chain for `c` under the
@@ -220,11 +229,13 @@ pub trait Lookups {
 ///    destination and owner not U (rule absent when an include range is
 ///    written with a loopback address) → pass through; owner U → pass through;
 /// 4. the same for each proxy GID;
-/// 5. 127.0.0.1 / ::1 → pass through;
-/// 6. in an exclude range → pass through;
-/// 7. port in `-q` → redirect;
-/// 8. include `*`, or in an include range → redirect;
-/// 9. pass through.
+/// 5. the owner-group filter: GID in the exclude list, or not in the
+///    include list → pass through;
+/// 6. 127.0.0.1 / ::1 → pass through;
+/// 7. in an exclude range → pass through;
+/// 8. port in `-q` → redirect;
+/// 9. include `*`, or in an include range → redirect;
+/// 10. pass through.
 ///
 /// "Local" is what iptables' `-o lo` matches: 127.0.0.0/8, ::1 and the
 /// namespace's own addresses; only rules 2–4 ask, so without a passthrough
@@ -277,6 +288,14 @@ pub fn judge<L: Lookups>(p: &PolicyHeader, c: &Connect, l: &mut L) -> (Verdict, 
     }
     if let Some(d) = owner_rules(Owner::Gid, &p.proxy_gids, p.proxy_gid_count, c.gid) {
         return d;
+    }
+    // -m owner --gid-owner <excluded group> -j RETURN
+    if p.flags & flags::OWNER_GROUPS_EXCEPT != 0 && l.owner_group(c.gid) {
+        return (PassThrough, Hit::OwnerGroupExcluded);
+    }
+    // -m owner ! --gid-owner <group> … -j RETURN
+    if p.flags & flags::OWNER_GROUPS_ONLY != 0 && !l.owner_group(c.gid) {
+        return (PassThrough, Hit::OwnerGroupNotIncluded);
     }
     // -d 127.0.0.1/32 -j RETURN
     if host_lo {
@@ -332,6 +351,10 @@ mod tests {
             false
         }
         fn include_range(&mut self, _: Dst) -> bool {
+            self.asked += 1;
+            false
+        }
+        fn owner_group(&mut self, _: u32) -> bool {
             self.asked += 1;
             false
         }

@@ -39,6 +39,12 @@ pub mod maps {
     /// `HashMap<AddrKey, u8>`: the namespace's own addresses (what iptables
     /// calls `-o lo`: destinations routed over loopback).
     pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    /// `HashMap<GroupKey, u8>`: the owner-group filter's GIDs
+    /// (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`); the header's
+    /// [`flags::OWNER_GROUPS_ONLY`](crate::flags::OWNER_GROUPS_ONLY) or
+    /// [`flags::OWNER_GROUPS_EXCEPT`](crate::flags::OWNER_GROUPS_EXCEPT) says
+    /// which list they are.
+    pub const OWNER_GROUPS: &str = "OWNER_GROUPS";
     /// `LruHashMap<u64 socket cookie, OrigDst>`: original destination of each
     /// diverted socket, for `getpeername` and `sock_ops`.
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
@@ -72,7 +78,7 @@ pub enum MapKind {
 /// Every map of the object with its kind, in the order the loader takes,
 /// pins and adopts them (`divert-ebpf`'s `maps` module declares each with
 /// this kind).
-pub const MAPS: [(&str, MapKind); 11] = [
+pub const MAPS: [(&str, MapKind); 12] = [
     (maps::POLICIES, MapKind::Hash),
     (maps::INCLUDE_V4, MapKind::LpmTrie),
     (maps::EXCLUDE_V4, MapKind::LpmTrie),
@@ -80,6 +86,7 @@ pub const MAPS: [(&str, MapKind); 11] = [
     (maps::EXCLUDE_V6, MapKind::LpmTrie),
     (maps::PORTS, MapKind::Hash),
     (maps::LOCAL_ADDRS, MapKind::Hash),
+    (maps::OWNER_GROUPS, MapKind::Hash),
     (maps::ORIG_BY_COOKIE, MapKind::LruHash),
     (maps::ORIG_BY_TUPLE, MapKind::LruHash),
     (maps::COUNTERS, MapKind::LruPerCpuHash),
@@ -186,6 +193,12 @@ pub mod limits {
     pub const MAX_COUNTERS: u32 = 65_536;
     /// Proxy UIDs and, separately, proxy GIDs per policy.
     pub const MAX_PROXY_IDS: usize = 8;
+    /// Owner-group GIDs, all pods together.
+    pub const MAX_OWNER_GROUP_ENTRIES: u32 = 16_384;
+    /// Owner-group GIDs per policy (istio-iptables' limit on an include
+    /// list, `maxOwnerGroupsInclude`; the kernel holds an exclude list to
+    /// it too).
+    pub const MAX_OWNER_GROUPS: usize = 64;
 }
 
 /// Bits of [`PolicyHeader::flags`].
@@ -205,6 +218,12 @@ pub mod flags {
     pub const HAS_EXCLUDE_V6: u32 = 1 << 7;
     /// At least one own address is in `LOCAL_ADDRS`.
     pub const HAS_LOCAL_ADDRS: u32 = 1 << 8;
+    /// An owner-group include list (`ISTIO_OUTBOUND_OWNER_GROUPS` other than
+    /// `*`): a connect whose GID is not in `OWNER_GROUPS` passes through.
+    pub const OWNER_GROUPS_ONLY: u32 = 1 << 9;
+    /// An owner-group exclude list (`ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`,
+    /// non-empty): a connect whose GID is in `OWNER_GROUPS` passes through.
+    pub const OWNER_GROUPS_EXCEPT: u32 = 1 << 10;
 }
 
 /// Who registered a policy, as stored in [`PolicyHeader::registered_by`]
@@ -331,6 +350,16 @@ pub struct PortKey {
     /// [`port_list::EXCLUDE`] or [`port_list::INCLUDE`].
     pub list: u8,
     pub _pad: [u8; 5],
+}
+
+/// Key of the `OWNER_GROUPS` map: 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    pub netns_cookie: u64,
+    /// A GID, as `bpf_get_current_uid_gid()` reports the caller's.
+    pub gid: u32,
+    pub _pad: [u8; 4],
 }
 
 /// Key of the `LOCAL_ADDRS` map: 24 bytes.
@@ -463,6 +492,7 @@ mod user {
     unsafe impl aya::Pod for LpmKey4 {}
     unsafe impl aya::Pod for LpmKey6 {}
     unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for GroupKey {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
@@ -485,6 +515,7 @@ mod tests {
         assert_eq!(size_of::<LpmKey4>(), 12);
         assert_eq!(size_of::<LpmKey6>(), 24);
         assert_eq!(size_of::<PortKey>(), 16);
+        assert_eq!(size_of::<GroupKey>(), 16);
         assert_eq!(size_of::<AddrKey>(), 24);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<TupleKey>(), 32);

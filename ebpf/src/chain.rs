@@ -10,15 +10,15 @@ use aya_ebpf::{
 };
 use divert_common::{
     chain::{self, Connect, Dst, Lookups, PASSTHROUGH_SRC4, PASSTHROUGH_SRC6},
-    mapped_v4, port_list, AddrKey, CounterValue, LpmKey4, LpmKey6, OrigDst, PortKey, Verdict,
-    COOKIE_PREFIX_BITS,
+    mapped_v4, port_list, AddrKey, CounterValue, GroupKey, LpmKey4, LpmKey6, OrigDst, PortKey,
+    Verdict, COOKIE_PREFIX_BITS,
 };
 
 use crate::{
     counters::count,
     maps::{
-        EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_ADDRS, ORIG_BY_COOKIE, POLICIES,
-        PORTS,
+        EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_ADDRS, ORIG_BY_COOKIE, OWNER_GROUPS,
+        POLICIES, PORTS,
     },
 };
 
@@ -87,6 +87,15 @@ impl Lookups for MapLookups {
     #[inline(always)]
     fn include_range(&mut self, dst: Dst) -> bool {
         self.range(dst, true)
+    }
+    #[inline(always)]
+    fn owner_group(&mut self, gid: u32) -> bool {
+        let key = GroupKey {
+            netns_cookie: self.netns,
+            gid,
+            _pad: [0; 4],
+        };
+        unsafe { OWNER_GROUPS.get(&key) }.is_some()
     }
 }
 

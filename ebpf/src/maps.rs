@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, HashMap, LruHashMap, LruPerCpuHashMap},
 };
 use divert_common::{
-    limits, AddrKey, BoundOrig, CounterKey, CounterValue, LpmKey4, LpmKey6, OrigDst, PodName,
-    PolicyHeader, PortKey, TupleKey,
+    limits, AddrKey, BoundOrig, CounterKey, CounterValue, GroupKey, LpmKey4, LpmKey6, OrigDst,
+    PodName, PolicyHeader, PortKey, TupleKey,
 };
 
 #[map]
@@ -32,6 +32,9 @@ pub static PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(limits::MAX_P
 #[map]
 pub static LOCAL_ADDRS: HashMap<AddrKey, u8> =
     HashMap::with_max_entries(limits::MAX_LOCAL_ADDRS, 0);
+#[map]
+pub static OWNER_GROUPS: HashMap<GroupKey, u8> =
+    HashMap::with_max_entries(limits::MAX_OWNER_GROUP_ENTRIES, BPF_F_NO_PREALLOC);
 #[map]
 pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
     LruHashMap::with_max_entries(limits::MAX_ORIG, 0);

@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use divert::policy::{Action, IncludeRanges, IpNetwork, Policy};
+use divert::policy::{Action, IncludeRanges, IpNetwork, OwnerGroups, Policy};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng};
 
 use crate::Addrs;
@@ -333,6 +333,78 @@ pub fn istio_matrix(lab: impl Into<Addrs>) -> Vec<Case> {
             true,
             pass,
         ),
+        (
+            "owner groups 2000 only: a process of group 2000 is captured",
+            Policy {
+                owner_groups: OwnerGroups::Only(vec!["2000".into()]),
+                ..all.clone()
+            },
+            at(p2, 80),
+            APP,
+            2000,
+            false,
+            redirect,
+        ),
+        (
+            "owner groups 2000 only: another group passes",
+            Policy {
+                owner_groups: OwnerGroups::Only(vec!["2000".into()]),
+                ..all.clone()
+            },
+            at(p2, 80),
+            APP,
+            APP,
+            false,
+            pass,
+        ),
+        (
+            "owner groups: an empty include list captures nothing",
+            Policy {
+                owner_groups: OwnerGroups::Only(vec![]),
+                ..all.clone()
+            },
+            at(p2, 80),
+            APP,
+            APP,
+            false,
+            pass,
+        ),
+        (
+            "owner groups all but 2000: group 2000 passes",
+            Policy {
+                owner_groups: OwnerGroups::AllExcept(vec!["3000".into(), "2000".into()]),
+                ..all.clone()
+            },
+            at(p2, 80),
+            APP,
+            2000,
+            false,
+            pass,
+        ),
+        (
+            "owner groups all but 2000: another group is captured",
+            Policy {
+                owner_groups: OwnerGroups::AllExcept(vec!["2000".into()]),
+                ..all.clone()
+            },
+            at(p2, 80),
+            APP,
+            APP,
+            false,
+            redirect,
+        ),
+        (
+            "owner groups come after the proxy's rules: the proxy to its own pod is still inbound capture",
+            Policy {
+                owner_groups: OwnerGroups::Only(vec!["2000".into()]),
+                ..all.clone()
+            },
+            at(own, 80),
+            1337,
+            1337,
+            false,
+            Action::InboundCapture(15006),
+        ),
     ];
     rows.into_iter()
         .map(|(name, policy, dst, uid, gid, mapped, want)| Case {
@@ -445,6 +517,20 @@ impl Generator {
                 .collect(),
             proxy_uids,
             proxy_gids: self.id_sets.choose(rng).unwrap().clone(),
+            owner_groups: {
+                let groups = |rng: &mut StdRng| -> Vec<String> {
+                    self.ids
+                        .iter()
+                        .filter(|_| rng.gen_bool(0.4))
+                        .map(u32::to_string)
+                        .collect()
+                };
+                match rng.gen_range(0..5) {
+                    0 => OwnerGroups::Only(groups(rng)),
+                    1 => OwnerGroups::AllExcept(groups(rng)),
+                    _ => OwnerGroups::default(),
+                }
+            },
             ..Policy::default()
         }
     }

@@ -13,7 +13,7 @@ use divert::{
 };
 use divert_common::{
     chain::{self, Dst, Lookups},
-    port_list, AddrKey, PortKey, Verdict,
+    port_list, AddrKey, GroupKey, PortKey, Verdict,
 };
 use divert_tests::{
     cases::{istio_matrix, seed_and_count, Generator, APP},
@@ -105,6 +105,13 @@ impl Lookups for MapModel {
     }
     fn include_range(&mut self, dst: Dst) -> bool {
         self.range(dst, true)
+    }
+    fn owner_group(&mut self, gid: u32) -> bool {
+        self.entries.groups.contains(&GroupKey {
+            netns_cookie: NETNS,
+            gid,
+            _pad: [0; 4],
+        })
     }
 }
 

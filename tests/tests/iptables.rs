@@ -506,34 +506,6 @@ fn uses_the_iptables_variant_the_namespace_already_uses() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("FORCE_IPTABLES_BINARY=\"ebtables\""));
 }
 
-#[test]
-fn an_owner_group_filter_captures_only_the_groups_it_names() {
-    require_root!();
-    use divert::policy::{Action, Capture, OwnerGroups, Policy};
-    let mut rig = IptablesRig::start();
-    let dst = SocketAddr::new(rig.lab.v4(2), 80);
-    let (redirect, pass) = (
-        expected(Action::Redirect(15001), dst, false),
-        expected(Action::PassThrough, dst, false),
-    );
-    // ISTIO_OUTBOUND_OWNER_GROUPS=2000: group 2000 only.
-    let only = Capture {
-        owner_groups: OwnerGroups::Only(vec!["2000".into()]),
-        ..Capture::default()
-    };
-    rig.set_with(Policy::default(), &only);
-    assert_eq!(rig.dial(dst, APP, 2000, false), redirect, "in the group");
-    assert_eq!(rig.dial(dst, APP, APP, false), pass, "outside the group");
-    // ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE=2000: every group but 2000.
-    let except = Capture {
-        owner_groups: OwnerGroups::AllExcept(vec!["2000".into()]),
-        ..Capture::default()
-    };
-    rig.set_with(Policy::default(), &except);
-    assert_eq!(rig.dial(dst, APP, 2000, false), pass, "the excluded group");
-    assert_eq!(rig.dial(dst, APP, APP, false), redirect, "another group");
-}
-
 /// testkit `args` in `ns`, in `cgroup`, as `ids`: its output line.
 fn kit(
     ns: &Netns,

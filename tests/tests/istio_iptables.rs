@@ -223,11 +223,6 @@ fn iptables_only_settings_are_written_as_istio_writes_them_and_refused_by_ebpf()
         (vec!["-m", "TPROXY", "-b", "*"], vec![], "-m TPROXY"),
         (
             vec![],
-            vec![("ISTIO_OUTBOUND_OWNER_GROUPS", "java")],
-            "owner-group",
-        ),
-        (
-            vec![],
             vec![("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8")],
             "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
         ),
@@ -243,6 +238,41 @@ fn iptables_only_settings_are_written_as_istio_writes_them_and_refused_by_ebpf()
             text(&out.stderr)
         );
     }
+}
+
+#[test]
+fn owner_groups_reach_the_daemon_as_gids() {
+    // The ebpf backend registers the filter; names are resolved here, as
+    // iptables would resolve them, since the daemon cannot read the pod's
+    // /etc/group.
+    let out = istio_iptables(
+        &["--backend", "ebpf", "--dry-run"],
+        &[("ISTIO_OUTBOUND_OWNER_GROUPS", "root,2000,0")],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(r#""owner_groups":{"only":["0","2000"]}"#),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = istio_iptables(
+        &["--backend", "ebpf", "--dry-run"],
+        &[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "no-such-group-here")],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no-such-group-here"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Without a filter the request carries none (what daemons before it
+    // understand).
+    let out = istio_iptables(&["--backend", "ebpf", "--dry-run"], &[]);
+    assert!(
+        !text(&out.stdout).contains("owner_groups"),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]

@@ -364,12 +364,11 @@ pub fn not_applied_under_ebpf(capture: &Capture) -> Vec<String> {
     v
 }
 
-/// What the eBPF backend refuses: interface settings and the owner-group
-/// filter, which it cannot apply either way without changing what is
-/// captured (`-c` and an owner-group filter would leave connections it
-/// exempts redirected: more capture than asked; `-k` would leave the VM's
-/// traffic uncaptured); DNS capture and TPROXY, which its programs do not
-/// do yet.
+/// What the eBPF backend refuses: interface settings, which it cannot
+/// apply either way without changing what is captured (`-c` would leave
+/// connections it exempts redirected: more capture than asked; `-k` would
+/// leave the VM's traffic uncaptured); DNS capture, TPROXY, another host
+/// loopback range and `--drop-invalid`, which its programs do not do.
 pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
     let mut v = Vec::new();
     if !capture.exclude_interfaces.is_empty() {
@@ -393,9 +392,6 @@ pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
             capture.host_loopback_v4
         ));
     }
-    if capture.owner_groups != crate::policy::OwnerGroups::default() {
-        v.push("ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE] (an owner-group filter)".to_string());
-    }
     if capture.dns.is_some() {
         v.push("--redirect-dns / ISTIO_META_DNS_CAPTURE (DNS capture)".to_string());
     }
@@ -410,8 +406,17 @@ fn ebpf(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<(
     let op = if args.cleanup {
         Op::Unregister
     } else {
+        // Owner groups as iptables would read them: this container's
+        // /etc/group. The daemon takes GIDs.
+        let owner_groups = policy
+            .owner_groups
+            .resolved()
+            .map_err(|e| anyhow::anyhow!("ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]: {e}"))?;
         Op::Register {
-            policy: Box::new(policy.clone()),
+            policy: Box::new(Policy {
+                owner_groups,
+                ..policy.clone()
+            }),
         }
     };
     if args.dry_run {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::inspect::{self, Output, ReadArgs, Target};
 use crate::{
     ebpf::{PodRef, Registration},
-    policy::IncludeRanges,
+    policy::{IncludeRanges, OwnerGroups},
 };
 
 /// Arguments of `divert maps`.
@@ -53,6 +53,23 @@ pub struct PolicyRow {
     pub proxy_gids: Vec<u32>,
     /// The namespace's own addresses (iptables' `-o lo` besides loopback).
     pub local_addrs: Vec<IpAddr>,
+    /// The owner-group filter (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`):
+    /// `{"all_except": [GID…]}` (every group: an empty list) or
+    /// `{"only": [GID…]}`.
+    pub owner_groups: OwnerGroups,
+}
+
+/// The owner-group filter in a table cell: `*` (every group), `*,!G,…`
+/// (all but these) or `G,…` (only these; `-` for none).
+fn owner_groups_cell(g: &OwnerGroups) -> String {
+    match g {
+        OwnerGroups::AllExcept(v) => std::iter::once("*".to_string())
+            .chain(v.iter().map(|g| format!("!{g}")))
+            .collect::<Vec<_>>()
+            .join(","),
+        OwnerGroups::Only(v) if v.is_empty() => "-".to_string(),
+        OwnerGroups::Only(v) => v.join(","),
+    }
 }
 
 impl From<Registration> for PolicyRow {
@@ -76,6 +93,7 @@ impl From<Registration> for PolicyRow {
             proxy_uids: p.proxy_uids,
             proxy_gids: p.proxy_gids,
             local_addrs: p.local_addrs,
+            owner_groups: p.owner_groups,
         }
     }
 }
@@ -126,6 +144,7 @@ fn print_table(out: &mut impl Write, rows: &[PolicyRow]) -> std::io::Result<()> 
                 inspect::list(&r.exclude_ports),
                 inspect::list(&r.proxy_uids),
                 inspect::list(&r.proxy_gids),
+                owner_groups_cell(&r.owner_groups),
             ]
         })
         .collect();
@@ -143,6 +162,7 @@ fn print_table(out: &mut impl Write, rows: &[PolicyRow]) -> std::io::Result<()> 
             "EXCLUDE PORTS",
             "UIDS",
             "GIDS",
+            "OWNER GROUPS",
         ],
         &cells,
         &[0, 4],

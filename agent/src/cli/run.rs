@@ -57,6 +57,20 @@ pub fn main(args: &RunArgs, matches: &ArgMatches) -> ExitCode {
         Ok(p) => p,
         Err(e) => return super::fail("run", &e.into()),
     };
+    // The kernel compares GIDs: group names are resolved here, as iptables
+    // would resolve them.
+    let policy = match policy.owner_groups.resolved() {
+        Ok(owner_groups) => Policy {
+            owner_groups,
+            ..policy
+        },
+        Err(e) => {
+            return super::fail(
+                "run",
+                &anyhow::anyhow!("ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]: {e}"),
+            )
+        }
+    };
     match run(args, policy) {
         Ok(code) => code,
         Err(e) => super::fail("run", &e),

@@ -221,6 +221,9 @@ pub fn pod_policy(pod: &Pod, mesh: &MeshConfig, mesh_file: &str) -> Result<Polic
         exclude_ranges: value("exclude_ranges"),
         include_ports: value("include_ports"),
         exclude_ports: value("exclude_ports"),
+        // Istio has no annotation for the owner-group filter: every group.
+        owner_groups: "*".to_string(),
+        owner_groups_exclude: String::new(),
     };
     let origin = |field: &str| -> Source {
         match settings.iter().find(|s| s.0 == field) {

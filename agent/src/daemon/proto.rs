@@ -14,7 +14,10 @@
 //! socket's `SO_PEERCRED` (pid → /proc/pid/ns/net), so a pod can only
 //! configure itself. `policy` is held to the rules of the command line
 //! ([`crate::policy::Policy::validate`]); `policy.local_addrs` must be empty
-//! (the daemon reads the namespace's own addresses).
+//! (the daemon reads the namespace's own addresses). `policy.owner_groups`
+//! is optional (absent: every group, so requests without it read as they
+//! did), `{"only":[GID…]}` or `{"all_except":[GID…]}`, GIDs as decimal
+//! strings, at most 64, no names.
 //!
 //! A request line is at most [`MAX_REQUEST_BYTES`] and must arrive whole
 //! within [`REQUEST_DEADLINE`]; a refusal never quotes what was sent.
@@ -281,6 +284,8 @@ mod tests {
                         exclude_ranges: join(x),
                         include_ports: nums(&q),
                         exclude_ports: nums(&o),
+                        owner_groups: "*".into(),
+                        owner_groups_exclude: String::new(),
                     }
                     .to_policy_from(&request_origin)
                     .ok()
@@ -345,6 +350,38 @@ mod tests {
                 && !exclude.contains(&0) && ex.len() == exclude.len();
             prop_assert_eq!(ok, want, "{:?}", p.validate(&request_origin));
         }
+    }
+
+    #[test]
+    fn owner_groups_are_gids_at_most_64_none_repeated() {
+        let with = |groups: crate::policy::OwnerGroups| Policy {
+            owner_groups: groups,
+            ..Policy::default()
+        };
+        use crate::policy::OwnerGroups::{AllExcept, Only};
+        let gids = |n: u32| (0..n).map(|g| g.to_string()).collect::<Vec<_>>();
+        assert!(with(Only(gids(64))).validate(&request_origin).is_ok());
+        assert!(with(AllExcept(vec!["2000".into()]))
+            .validate(&request_origin)
+            .is_ok());
+        for (bad, says) in [
+            (Only(gids(65)), "65 groups"),
+            (Only(vec!["java".into()]), "GIDs"),
+            (AllExcept(vec!["7".into(), "7".into()]), "repeated"),
+        ] {
+            let e = with(bad.clone())
+                .validate(&request_origin)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(says) && e.contains("policy.owner_groups"),
+                "{bad:?}: {e}"
+            );
+        }
+        // On the wire: absent when every group, so older daemons read it.
+        let v = serde_json::to_value(with(Only(vec!["2000".into()]))).unwrap();
+        assert_eq!(v["owner_groups"], serde_json::json!({"only": ["2000"]}));
+        assert!(serde_json::to_value(Policy::default()).unwrap()["owner_groups"].is_null());
     }
 
     #[test]

@@ -10,13 +10,13 @@ use std::{
 
 use aya::maps::lpm_trie::Key;
 use divert_common::{
-    flags, mapped_v4, port_list, AddrKey, LpmKey4, LpmKey6, PolicyHeader, PortKey,
+    flags, mapped_v4, port_list, AddrKey, GroupKey, LpmKey4, LpmKey6, PolicyHeader, PortKey,
     COOKIE_PREFIX_BITS,
 };
 use ipnetwork::IpNetwork;
 
 use super::RegisteredBy;
-use crate::policy::{canonical, IncludeRanges, Policy};
+use crate::policy::{canonical, IncludeRanges, OwnerGroups, Policy};
 
 /// Every map entry (besides the header) that one namespace's policy owns.
 #[derive(Default)]
@@ -27,6 +27,7 @@ pub struct Entries {
     pub exclude6: Vec<Key<LpmKey6>>,
     pub ports: Vec<PortKey>,
     pub addrs: Vec<AddrKey>,
+    pub groups: Vec<GroupKey>,
 }
 
 impl Entries {
@@ -53,29 +54,24 @@ impl Entries {
                 .copied()
                 .collect()
         }
-        let ports: HashSet<&PortKey> = other.ports.iter().collect();
-        let addrs: HashSet<&AddrKey> = other.addrs.iter().collect();
+        fn minus<K: Copy + Eq + std::hash::Hash>(a: &[K], b: &[K]) -> Vec<K> {
+            let have: HashSet<&K> = b.iter().collect();
+            a.iter().filter(|k| !have.contains(k)).copied().collect()
+        }
         Entries {
             include4: lpm_minus(&self.include4, &other.include4),
             exclude4: lpm_minus(&self.exclude4, &other.exclude4),
             include6: lpm_minus(&self.include6, &other.include6),
             exclude6: lpm_minus(&self.exclude6, &other.exclude6),
-            ports: self
-                .ports
-                .iter()
-                .filter(|k| !ports.contains(k))
-                .copied()
-                .collect(),
-            addrs: self
-                .addrs
-                .iter()
-                .filter(|k| !addrs.contains(k))
-                .copied()
-                .collect(),
+            ports: minus(&self.ports, &other.ports),
+            addrs: minus(&self.addrs, &other.addrs),
+            groups: minus(&self.groups, &other.groups),
         }
     }
 
-    /// The entries `policy` owns in namespace `netns`.
+    /// The entries `policy` owns in namespace `netns`. Owner groups are
+    /// GIDs by then ([`Policy::validate`], [`OwnerGroups::resolved`]); a
+    /// name has no entry ([`super::Maps::register`] refuses it).
     pub fn of(netns: u64, policy: &Policy) -> Entries {
         let port = |port, list| PortKey {
             netns_cookie: netns,
@@ -110,6 +106,17 @@ impl Entries {
                         IpAddr::V4(v4) => mapped_v4(v4.octets()),
                         IpAddr::V6(v6) => v6.octets(),
                     },
+                })
+                .collect(),
+            groups: policy
+                .owner_groups
+                .groups()
+                .iter()
+                .filter_map(|g| g.parse().ok())
+                .map(|gid| GroupKey {
+                    netns_cookie: netns,
+                    gid,
+                    _pad: [0; 4],
                 })
                 .collect(),
         }
@@ -198,6 +205,9 @@ pub fn policy_from(h: &PolicyHeader, e: &Entries) -> Policy {
         .map(|k| canonical(IpAddr::from(k.addr)))
         .collect();
     local_addrs.sort();
+    let mut gids: Vec<u32> = e.groups.iter().map(|k| k.gid).collect();
+    gids.sort_unstable();
+    let gids: Vec<String> = gids.iter().map(u32::to_string).collect();
     Policy {
         proxy_port: h.proxy_port,
         inbound_capture_port: h.inbound_capture_port,
@@ -213,6 +223,11 @@ pub fn policy_from(h: &PolicyHeader, e: &Entries) -> Policy {
         include_ports: ports(port_list::INCLUDE),
         exclude_ports: ports(port_list::EXCLUDE),
         local_addrs,
+        owner_groups: if h.flags & flags::OWNER_GROUPS_ONLY != 0 {
+            OwnerGroups::Only(gids)
+        } else {
+            OwnerGroups::AllExcept(gids)
+        },
     }
 }
 
@@ -245,6 +260,14 @@ pub fn header(policy: &Policy) -> PolicyHeader {
         (!e.include6.is_empty(), flags::HAS_INCLUDE_V6),
         (!e.exclude6.is_empty(), flags::HAS_EXCLUDE_V6),
         (!policy.local_addrs.is_empty(), flags::HAS_LOCAL_ADDRS),
+        (
+            matches!(policy.owner_groups, OwnerGroups::Only(_)),
+            flags::OWNER_GROUPS_ONLY,
+        ),
+        (
+            matches!(&policy.owner_groups, OwnerGroups::AllExcept(g) if !g.is_empty()),
+            flags::OWNER_GROUPS_EXCEPT,
+        ),
     ] {
         if cond {
             h.flags |= bit;

@@ -26,7 +26,7 @@ use aya::{
     EbpfError,
 };
 use divert_common::{
-    maps, AddrKey, LpmKey4, LpmKey6, MapKind, PolicyHeader, PortKey, POD_NAMESPACE_LEN,
+    maps, AddrKey, GroupKey, LpmKey4, LpmKey6, MapKind, PolicyHeader, PortKey, POD_NAMESPACE_LEN,
     POD_NAME_LEN,
 };
 
@@ -81,6 +81,8 @@ pub enum Error {
     },
     #[error("netns {0:#x} is already registered in this instance")]
     AlreadyRegistered(u64),
+    #[error("owner groups {0:?}: the kernel takes GIDs; resolve group names first (OwnerGroups::resolved)")]
+    GroupName(String),
     #[error("pod {namespace}/{name} does not fit the PODS map (namespace at most {} bytes, name at most {} bytes)", POD_NAMESPACE_LEN - 1, POD_NAME_LEN - 1)]
     PodName { namespace: String, name: String },
 }
@@ -152,6 +154,7 @@ impl Maps {
         if self.policies()?.get(&netns_cookie, 0).is_ok() {
             return Err(Error::AlreadyRegistered(netns_cookie));
         }
+        kernel_ready(policy)?;
         let written = self.write_entries(netns_cookie, policy);
         let header = stamped(header(policy), by);
         let result = written.and_then(|()| {
@@ -210,6 +213,7 @@ impl Maps {
         if !self.is_registered(netns_cookie)? {
             return self.register(netns_cookie, policy, by);
         }
+        kernel_ready(policy)?;
         let old = self.owned(netns_cookie)?;
         let new = Entries::of(netns_cookie, policy);
         let added = new.minus(&old);
@@ -325,6 +329,10 @@ impl Maps {
         for k in addrs.keys().filter_map(|k| k.ok()) {
             by.entry(k.netns_cookie).or_default().addrs.push(k);
         }
+        let groups = self.read_hash::<GroupKey, u8>(maps::OWNER_GROUPS)?;
+        for k in groups.keys().filter_map(|k| k.ok()) {
+            by.entry(k.netns_cookie).or_default().groups.push(k);
+        }
         Ok(by)
     }
 
@@ -414,6 +422,11 @@ impl Maps {
             hash_map(&mut self.maps, maps::LOCAL_ADDRS)?,
             maps::LOCAL_ADDRS,
             &e.addrs,
+        )?;
+        insert_all(
+            hash_map(&mut self.maps, maps::OWNER_GROUPS)?,
+            maps::OWNER_GROUPS,
+            &e.groups,
         )
     }
 
@@ -455,8 +468,22 @@ impl Maps {
         e.addrs
             .iter()
             .for_each(|k| note(maps::LOCAL_ADDRS, addrs.remove(k)));
+        let mut groups: HashMap<&mut MapData, GroupKey, u8> =
+            hash_map(&mut self.maps, maps::OWNER_GROUPS)?;
+        e.groups
+            .iter()
+            .for_each(|k| note(maps::OWNER_GROUPS, groups.remove(k)));
         first.map_or(Ok(()), Err)
     }
+}
+
+/// What the maps cannot hold however they are written: an owner group
+/// given by name (the kernel compares GIDs).
+fn kernel_ready(policy: &Policy) -> Result<()> {
+    if policy.owner_groups.gids().is_none() {
+        return Err(Error::GroupName(policy.owner_groups.groups().join(",")));
+    }
+    Ok(())
 }
 
 fn insert_all<K: aya::Pod>(

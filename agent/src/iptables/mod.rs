@@ -453,13 +453,19 @@ pub fn render(policy: &Policy, capture: &Capture, family: Family) -> RuleSet {
     );
     owners(&mut rules, policy, capture, lo);
     // The owner-group filter (run.go `handleCaptureByOwnerGroup`).
-    match &capture.owner_groups {
+    match &policy.owner_groups {
         OwnerGroups::AllExcept(groups) => {
             for g in groups {
-                rules.push(Rule::nat(
-                    ISTIO_OUTPUT,
-                    &["-m", "owner", "--gid-owner", g, "-j", "RETURN"],
-                ));
+                // A name decides nothing verdict() can tell: it is resolved
+                // before the kernel sees it.
+                let decides = g.parse().ok().map(policy::Rule::OwnerGroupExcluded);
+                rules.push(
+                    Rule::nat(
+                        ISTIO_OUTPUT,
+                        &["-m", "owner", "--gid-owner", g, "-j", "RETURN"],
+                    )
+                    .deciding(decides),
+                );
             }
         }
         OwnerGroups::Only(groups) => {
@@ -468,7 +474,9 @@ pub fn render(policy: &Policy, capture: &Capture, family: Family) -> RuleSet {
                 spec.extend(["-m", "owner", "!", "--gid-owner", g]);
             }
             spec.extend(["-j", "RETURN"]);
-            rules.push(Rule::nat(ISTIO_OUTPUT, &spec));
+            rules.push(
+                Rule::nat(ISTIO_OUTPUT, &spec).deciding([policy::Rule::OwnerGroupNotIncluded]),
+            );
         }
     }
     if let Some(dns) = &capture.dns {

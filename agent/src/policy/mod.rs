@@ -124,8 +124,6 @@ pub struct Capture {
     /// `--drop-invalid` (`DROP_INVALID`, `INVALID_DROP`): drop packets
     /// conntrack finds invalid (the mangle table's `ISTIO_DROP`).
     pub drop_invalid: bool,
-    /// The owner-group filter (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`).
-    pub owner_groups: OwnerGroups,
     /// The IPv4 host loopback range of the rules
     /// (`ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`), as written; 127.0.0.1/32 by
     /// default. Only the iptables backend applies another.
@@ -188,7 +186,6 @@ impl Default for Capture {
             exclude_interfaces: Vec::new(),
             dual_stack: false,
             drop_invalid: false,
-            owner_groups: OwnerGroups::default(),
             host_loopback_v4: DEFAULT_HOST_LOOPBACK_V4.to_string(),
             dns: None,
             tproxy: Tproxy::default(),
@@ -199,7 +196,11 @@ impl Default for Capture {
 /// Which processes' outbound connects are captured, by group (istio-iptables'
 /// `InterceptFilter` over `ISTIO_OUTBOUND_OWNER_GROUPS` and
 /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`), group names or GIDs as written.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// iptables resolves names in the namespace; for the kernel, `divert init`
+/// and `divert run` resolve them first ([`OwnerGroups::resolved`]) and the
+/// daemon takes GIDs only.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OwnerGroups {
     /// Every group but these (`*`, and the exclude list).
     AllExcept(Vec<String>),
@@ -211,6 +212,63 @@ impl Default for OwnerGroups {
     /// istio-iptables' default: every group.
     fn default() -> Self {
         OwnerGroups::AllExcept(Vec::new())
+    }
+}
+
+impl OwnerGroups {
+    /// Whether this is the default, every group (no filter at all).
+    pub fn is_every_group(&self) -> bool {
+        *self == OwnerGroups::default()
+    }
+
+    /// The groups of the list, as written.
+    pub fn groups(&self) -> &[String] {
+        match self {
+            OwnerGroups::AllExcept(g) | OwnerGroups::Only(g) => g,
+        }
+    }
+
+    /// The list's GIDs, when every group is written as one (what the
+    /// kernel holds); `None` when a group is a name.
+    pub fn gids(&self) -> Option<Vec<u32>> {
+        self.groups().iter().map(|g| g.parse().ok()).collect()
+    }
+
+    /// Whether a process with real GID `gid` is in the list (a name is
+    /// never matched: resolve it first).
+    pub fn lists(&self, gid: u32) -> bool {
+        self.groups().iter().any(|g| g.parse() == Ok(gid))
+    }
+
+    /// The same filter with each group name resolved to its GID in this
+    /// process's group database (`getgrnam`, the `/etc/group` iptables
+    /// would read here). Errors name the group that does not resolve.
+    pub fn resolved(&self) -> Result<OwnerGroups, String> {
+        let resolve = |g: &String| -> Result<String, String> {
+            if g.parse::<u32>().is_ok() {
+                return Ok(g.clone());
+            }
+            match nix::unistd::Group::from_name(g) {
+                Ok(Some(group)) => Ok(group.gid.as_raw().to_string()),
+                Ok(None) => Err(format!("group {g:?} does not exist here (/etc/group)")),
+                Err(e) => Err(format!("looking up group {g:?}: {e}")),
+            }
+        };
+        let list = |v: &Vec<String>| -> Result<Vec<String>, String> {
+            let mut out: Vec<String> = Vec::new();
+            for g in v {
+                let gid = resolve(g)?;
+                // A name and its GID both listed are one group.
+                if !out.contains(&gid) {
+                    out.push(gid);
+                }
+            }
+            Ok(out)
+        };
+        Ok(match self {
+            OwnerGroups::AllExcept(v) => OwnerGroups::AllExcept(list(v)?),
+            OwnerGroups::Only(v) => OwnerGroups::Only(list(v)?),
+        })
     }
 }
 
@@ -245,6 +303,10 @@ pub struct Policy {
     /// The namespace's own addresses (what iptables' `-o lo` matches besides
     /// loopback), canonical: no IPv4-mapped IPv6.
     pub local_addrs: Vec<IpAddr>,
+    /// The owner-group filter (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`),
+    /// every group by default (and then absent from a request).
+    #[serde(default, skip_serializing_if = "OwnerGroups::is_every_group")]
+    pub owner_groups: OwnerGroups,
 }
 
 impl Default for Policy {
@@ -261,6 +323,7 @@ impl Default for Policy {
             include_ports: Vec::new(),
             exclude_ports: Vec::new(),
             local_addrs: Vec::new(),
+            owner_groups: OwnerGroups::default(),
         }
     }
 }

@@ -145,7 +145,7 @@ impl PolicyError {
 /// Defaults are istio-iptables' except `-i`, which is `*` (capture
 /// everything), the value Istio's injector always passes; `divert init`
 /// restores istio-iptables' own default, `""`.
-#[derive(Args, Clone, Debug, Default)]
+#[derive(Args, Clone, Debug)]
 pub struct PolicyArgs {
     /// Outbound proxy port that connects are redirected to.
     #[arg(
@@ -244,6 +244,29 @@ pub struct PolicyArgs {
         value_name = "PORTS"
     )]
     pub exclude_ports: String,
+
+    /// Groups whose outbound traffic is captured: `*` (all) or a list of
+    /// group names and GIDs, at most 64 (istio-iptables reads it from
+    /// ISTIO_OUTBOUND_OWNER_GROUPS only). A connect by a process in none of
+    /// them passes the proxy by. Names are resolved in this container's
+    /// /etc/group.
+    #[arg(
+        long = "outbound-owner-groups",
+        env = "ISTIO_OUTBOUND_OWNER_GROUPS",
+        default_value = "*",
+        value_name = "GROUPS"
+    )]
+    pub owner_groups: String,
+
+    /// With `--outbound-owner-groups '*'`: groups whose outbound traffic is
+    /// not captured (ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE).
+    #[arg(
+        long = "outbound-owner-groups-exclude",
+        env = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+        default_value = "",
+        value_name = "GROUPS"
+    )]
+    pub owner_groups_exclude: String,
 }
 
 impl PolicyArgs {
@@ -291,6 +314,12 @@ impl PolicyArgs {
             exclude_ranges: parse_exclude(&self.exclude_ranges, origin("exclude_ranges"))?,
             include_ports: parse_ports(&self.include_ports, origin("include_ports"))?,
             exclude_ports: parse_ports(&self.exclude_ports, origin("exclude_ports"))?,
+            owner_groups: parse_owner_groups(
+                &self.owner_groups,
+                &self.owner_groups_exclude,
+                origin("owner_groups"),
+                origin("owner_groups_exclude"),
+            )?,
             ..Policy::default()
         })
     }
@@ -357,29 +386,6 @@ pub struct CaptureArgs {
         value_name = "IFACES"
     )]
     pub exclude_interfaces: String,
-
-    /// Groups whose outbound traffic is captured: `*` (all) or a list of
-    /// group names and GIDs, at most 64 (istio-iptables reads it from
-    /// ISTIO_OUTBOUND_OWNER_GROUPS only). A connect by a process in none of
-    /// them passes the proxy by. iptables backend only.
-    #[arg(
-        long = "outbound-owner-groups",
-        env = "ISTIO_OUTBOUND_OWNER_GROUPS",
-        default_value = "*",
-        value_name = "GROUPS"
-    )]
-    pub owner_groups: String,
-
-    /// With `--outbound-owner-groups '*'`: groups whose outbound traffic is
-    /// not captured (ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE). iptables backend
-    /// only.
-    #[arg(
-        long = "outbound-owner-groups-exclude",
-        env = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
-        default_value = "",
-        value_name = "GROUPS"
-    )]
-    pub owner_groups_exclude: String,
 
     /// The IPv4 range the rules treat as the host's loopback (istio-iptables
     /// reads it from ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR only): a loopback
@@ -637,12 +643,6 @@ impl CaptureArgs {
         };
         let host_loopback_v4 =
             parse_loopback_cidr(&self.host_loopback_v4, origin("host_loopback_v4"))?;
-        let owner_groups = parse_owner_groups(
-            &self.owner_groups,
-            &self.owner_groups_exclude,
-            origin("owner_groups"),
-            origin("owner_groups_exclude"),
-        )?;
         let mode = match self.interception_mode.as_str() {
             // Empty is REDIRECT, as istio-iptables.
             "" | "REDIRECT" => InterceptionMode::Redirect,
@@ -678,7 +678,6 @@ impl CaptureArgs {
             )?,
             dual_stack,
             drop_invalid,
-            owner_groups,
             host_loopback_v4,
             dns,
             tproxy,
@@ -781,6 +780,14 @@ impl PolicyArgs {
             exclude_ranges: join(&mut policy.exclude_ranges.iter().map(IpNetwork::to_string)),
             include_ports: join(&mut policy.include_ports.iter().map(u16::to_string)),
             exclude_ports: join(&mut policy.exclude_ports.iter().map(u16::to_string)),
+            owner_groups: match &policy.owner_groups {
+                OwnerGroups::AllExcept(_) => "*".to_string(),
+                OwnerGroups::Only(g) => g.join(","),
+            },
+            owner_groups_exclude: match &policy.owner_groups {
+                OwnerGroups::AllExcept(g) => g.join(","),
+                OwnerGroups::Only(_) => String::new(),
+            },
         }
     }
 }
@@ -795,8 +802,11 @@ impl Policy {
     /// be this policy. So every value is checked by the one parser (ports
     /// 1–65535, 1 to 8 proxy UIDs and at most 8 GIDs, no IPv4-mapped
     /// range, …), and what the parser never returns is refused too: a
-    /// repeated value, and local addresses (the daemon reads a namespace's
-    /// own). `origin` names each field (`proxy_port`, …) in the error.
+    /// repeated value, local addresses (the daemon reads a namespace's
+    /// own), an owner group given by name (the daemon cannot read the pod's
+    /// /etc/group: `divert init` resolves names) and more than
+    /// [`MAX_OWNER_GROUPS`](divert_common::limits::MAX_OWNER_GROUPS) owner
+    /// groups. `origin` names each field (`proxy_port`, …) in the error.
     pub fn validate(&self, origin: &dyn Fn(&str) -> Source) -> Result<(), PolicyError> {
         let parsed = PolicyArgs::of(self).to_policy_from(origin)?;
         let again = Policy {
@@ -813,7 +823,23 @@ impl Policy {
                 "local addresses are not given, the daemon reads the namespace's own",
             ));
         }
+        let groups = self.owner_groups.groups();
+        if self.owner_groups.gids().is_none() {
+            return Err(differs(
+                "owner_groups",
+                "owner groups must be GIDs: the daemon cannot resolve a pod's group names",
+            ));
+        }
+        if groups.len() > divert_common::limits::MAX_OWNER_GROUPS {
+            return Err(PolicyError::TooManyGroups {
+                count: groups.len(),
+                max: divert_common::limits::MAX_OWNER_GROUPS,
+                origin: origin("owner_groups"),
+            });
+        }
+        let unique: std::collections::HashSet<&String> = groups.iter().collect();
         for (field, same) in [
+            ("owner_groups", unique.len() == groups.len()),
             ("proxy_uids", again.proxy_uids == self.proxy_uids),
             ("proxy_gids", again.proxy_gids == self.proxy_gids),
             (

@@ -55,6 +55,12 @@ pub enum Rule {
     ProxyUid(u32),
     /// `-m owner --gid-owner G -j RETURN`.
     ProxyGid(u32),
+    /// `-m owner --gid-owner G -j RETURN`: the connecting GID is in the
+    /// owner-group exclude list (`ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`).
+    OwnerGroupExcluded(u32),
+    /// `-m owner ! --gid-owner G1 … -j RETURN`: the connecting GID is not
+    /// in the owner-group include list (`ISTIO_OUTBOUND_OWNER_GROUPS`).
+    OwnerGroupNotIncluded,
     /// `-d 127.0.0.1/32 -j RETURN` (`::1/128` for IPv6).
     HostLoopback,
     /// `-d CIDR -j RETURN` (`-x`).
@@ -88,6 +94,14 @@ impl fmt::Display for Rule {
             Rule::LocalNotProxyGid(g) => write!(f, "local address, owner is not proxy GID {g}"),
             Rule::ProxyUid(u) => write!(f, "owner is proxy UID {u} (-u)"),
             Rule::ProxyGid(g) => write!(f, "owner is proxy GID {g} (-g)"),
+            Rule::OwnerGroupExcluded(g) => write!(
+                f,
+                "GID {g} is in the owner groups not captured (ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE)"
+            ),
+            Rule::OwnerGroupNotIncluded => write!(
+                f,
+                "the GID is not in the owner groups captured (ISTIO_OUTBOUND_OWNER_GROUPS)"
+            ),
             Rule::HostLoopback => write!(f, "destination is 127.0.0.1 / ::1"),
             Rule::ExcludeRange(n) => write!(f, "destination is in exclude range {n} (-x)"),
             Rule::IncludeOutboundPort(p) => {
@@ -175,6 +189,8 @@ pub fn verdict_for(policy: &Policy, c: &Connect) -> Verdict {
             by_owner(o, Rule::LocalNotProxyUid, Rule::LocalNotProxyGid, id)
         }
         Hit::Proxy(o, id) => by_owner(o, Rule::ProxyUid, Rule::ProxyGid, id),
+        Hit::OwnerGroupExcluded => Rule::OwnerGroupExcluded(c.gid),
+        Hit::OwnerGroupNotIncluded => Rule::OwnerGroupNotIncluded,
         Hit::HostLoopback => Rule::HostLoopback,
         Hit::ExcludeRange => Rule::ExcludeRange(lists.range.expect("the lookup found it")),
         Hit::IncludeOutboundPort => Rule::IncludeOutboundPort(port),
@@ -220,6 +236,9 @@ impl chain::Lookups for Lists<'_> {
     }
     fn include_range(&mut self, dst: chain::Dst) -> bool {
         self.first_containing(self.policy.include_ranges.cidrs(), dst)
+    }
+    fn owner_group(&mut self, gid: u32) -> bool {
+        self.policy.owner_groups.lists(gid)
     }
 }
 
