@@ -4,7 +4,8 @@
 //!   reference every backend agrees with.
 //! * [`ebpf`]: loading, attaching and filling the kernel programs and maps.
 //! * [`iptables`]: the same policy as istio-iptables' NAT rules, for pods
-//!   where eBPF is not allowed.
+//!   where eBPF is not allowed; [`nftables`]: istio-nftables' tables
+//!   (`--native-nftables`).
 //! * [`cgroup`], [`netns`]: the kernel objects a policy is attached to.
 //! * [`cli`]: one module per subcommand of the `divert` binary.
 //!
@@ -17,4 +18,5 @@ pub mod daemon;
 pub mod ebpf;
 pub mod iptables;
 pub mod netns;
+pub mod nftables;
 pub mod policy;

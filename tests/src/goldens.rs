@@ -25,13 +25,25 @@ pub struct Golden {
     pub not_applied: Option<String>,
     pub v4: String,
     pub v6: String,
+    /// The `nft -f` script istio-nftables writes (`--- nft`; its goldens
+    /// only).
+    pub nft: String,
 }
 
-/// Every golden file, by name.
+/// Every istio-iptables golden file (`testdata/istio-iptables/`), by name.
 pub fn goldens() -> Vec<Golden> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/istio-iptables");
+    load("testdata/istio-iptables")
+}
+
+/// Every istio-nftables golden file (`testdata/istio-nftables/`), by name.
+pub fn nft_goldens() -> Vec<Golden> {
+    load("testdata/istio-nftables")
+}
+
+fn load(under: &str) -> Vec<Golden> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(under);
     let mut out = Vec::new();
-    for e in fs::read_dir(&dir).expect("testdata/istio-iptables") {
+    for e in fs::read_dir(&dir).expect(under) {
         let path = e.unwrap().path();
         if path.extension().and_then(|x| x.to_str()) != Some("golden") {
             continue;
@@ -44,6 +56,7 @@ pub fn goldens() -> Vec<Golden> {
             not_applied: None,
             v4: String::new(),
             v6: String::new(),
+            nft: String::new(),
         };
         let mut cur = 0;
         for line in text.lines() {
@@ -60,6 +73,10 @@ pub fn goldens() -> Vec<Golden> {
                 cur = 4;
             } else if line == "--- ip6tables" {
                 cur = 6;
+            } else if line == "--- nft" {
+                cur = 1;
+            } else if cur == 1 {
+                g.nft += &format!("{line}\n");
             } else if cur == 4 {
                 g.v4 += &format!("{line}\n");
             } else if cur == 6 {

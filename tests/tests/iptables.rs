@@ -26,7 +26,7 @@ use divert::{
 use divert_tests::{
     cases::{expected, istio_matrix, seed_and_count, Generator, APP},
     command_in, divert_bin,
-    goldens::{goldens, settings_for},
+    goldens::{goldens, nft_goldens, settings_for},
     require_root,
     rig::{EbpfRig, IptablesRig},
     testkit_bin, Daemon, Netns, Placement,
@@ -701,5 +701,222 @@ fn tproxy_hands_inbound_connections_over_with_their_destination_as_local_address
     assert_eq!(
         dial_in(&rig, at(8080)),
         format!("server {} peer={}", at(8080), at(8080))
+    );
+}
+
+/// nft's ruleset as `nft list ruleset` prints it, without the counters'
+/// values (`counter packets N bytes M` is `counter`).
+fn nft_ruleset(ns: &Netns) -> String {
+    let out = ok(
+        in_ns(ns, "nft").args(["list", "ruleset"]).output().unwrap(),
+        "nft list ruleset",
+    );
+    out.lines()
+        .map(|l| {
+            let mut words: Vec<&str> = Vec::new();
+            let mut it = l.split(' ').peekable();
+            while let Some(w) = it.next() {
+                words.push(w);
+                if w == "counter" && it.peek() == Some(&"packets") {
+                    it.nth(3);
+                }
+            }
+            words.join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A namespace for the nftables goldens: an nft table of someone else's,
+/// and, when `ipv6`, an IPv6 address (what makes both write IPv6 rules).
+fn nft_twin(tag: &str, ipv6: bool) -> Netns {
+    let ns = twin(tag, ipv6);
+    let mut child = in_ns(&ns, "nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"table inet user {\n chain out {\n  type filter hook output priority 10; policy accept;\n  oifname \"eth9\" counter accept\n }\n}\n",
+        )
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "a user nft table");
+    ns
+}
+
+#[test]
+fn every_istio_nftables_case_renders_as_istio_writes_it() {
+    let goldens = nft_goldens();
+    assert!(goldens.len() >= 28, "only {} golden files", goldens.len());
+    let mut failures = Vec::new();
+    for g in &goldens {
+        let (p, c) = settings_for(&g.flags).unwrap_or_else(|e| panic!("{}: {e:#}", g.name));
+        let got = divert::nftables::render(&p, &c, g.ipv6).script();
+        if got != g.nft {
+            failures.push(format!("{}:\n--- want\n{}--- got\n{got}", g.name, g.nft));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn istio_nftables_goldens_applied_match_and_cleanup_restores() {
+    require_root!();
+    let goldens = nft_goldens();
+    let mut failures = Vec::new();
+    for (i, g) in goldens.iter().enumerate() {
+        if let Some(why) = &g.not_applied {
+            eprintln!("{}: rendering compared only: {why}", g.name);
+            continue;
+        }
+        let theirs = nft_twin(&format!("{i}ne"), g.ipv6);
+        let ours = nft_twin(&format!("{i}nd"), g.ipv6);
+        let before = (
+            nft_ruleset(&ours),
+            save(&ours, Fam::V4),
+            save(&ours, Fam::V6),
+        );
+        let mut child = in_ns(&theirs, "nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(g.nft.as_bytes())
+                .unwrap();
+        }
+        assert!(
+            child.wait().unwrap().success(),
+            "{}: nft -f of the golden",
+            g.name
+        );
+        let want = nft_ruleset(&theirs);
+        for run in ["divert init", "a second divert init"] {
+            let out = init(&ours, &g.flags);
+            if !out.status.success() {
+                failures.push(format!(
+                    "{}: {run} {:?} failed: {}",
+                    g.name,
+                    g.flags,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+                break;
+            }
+            let got = nft_ruleset(&ours);
+            if got != want {
+                failures.push(format!(
+                    "{}: after {run}, nft list ruleset differs\n--- istio-nftables' rules\n{want}\n--- divert\n{got}",
+                    g.name
+                ));
+                break;
+            }
+        }
+        let mut cleanup = vec!["--cleanup".to_string()];
+        cleanup.extend(g.flags.iter().cloned());
+        ok(init(&ours, &cleanup), "divert init --cleanup");
+        let after = (
+            nft_ruleset(&ours),
+            save(&ours, Fam::V4),
+            save(&ours, Fam::V6),
+        );
+        if after != before {
+            failures.push(format!(
+                "{}: --cleanup did not restore the namespace\n--- before\n{}\n--- after\n{}",
+                g.name, before.0, after.0
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn native_nftables_gives_the_matrixs_answers() {
+    require_root!();
+    let rig = IptablesRig::start();
+    let mut failures = Vec::new();
+    for case in istio_matrix(&rig.lab) {
+        let a = divert::policy::PolicyArgs::of(&case.policy);
+        let mut args: Vec<String> = vec!["--native-nftables".into(), "--dual-stack".into()];
+        for (flag, value) in [
+            ("-p", &a.proxy_port),
+            ("-z", &a.inbound_capture_port),
+            ("-e", &a.inbound_tunnel_port),
+            ("-u", &a.proxy_uids),
+            ("-g", &a.proxy_gids),
+            ("-i", &a.include_ranges),
+            ("-x", &a.exclude_ranges),
+            ("-q", &a.include_ports),
+            ("-o", &a.exclude_ports),
+            ("--outbound-owner-groups", &a.owner_groups),
+            ("--outbound-owner-groups-exclude", &a.owner_groups_exclude),
+        ] {
+            args.push(flag.to_string());
+            args.push(value.clone());
+        }
+        ok(
+            init(&rig.lab.client, &args),
+            &format!("{}: divert init", case.name),
+        );
+        let got = rig.dial(case.dst, case.uid, case.gid, case.mapped);
+        let want = expected(case.want, case.dst, case.mapped);
+        if got != want {
+            failures.push(format!("{}:\n  got  {got}\n  want {want}", case.name));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn native_nftables_replaces_an_earlier_runs_tables_whole() {
+    require_root!();
+    let ns = nft_twin("nftstale", false);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("resolv.conf");
+    std::fs::write(&conf, "nameserver 10.96.0.10\n").unwrap();
+    let conf = conf.to_string_lossy().into_owned();
+    let tables = || {
+        ok(
+            in_ns(&ns, "nft").args(["list", "tables"]).output().unwrap(),
+            "nft list tables",
+        )
+    };
+    let run = |extra: &[&str]| {
+        let mut a = vec!["--native-nftables".to_string()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        ok(init(&ns, &a), "divert init --native-nftables");
+    };
+    run(&["--redirect-dns", "--resolv-conf", &conf, "--drop-invalid"]);
+    let t = tables();
+    assert!(
+        t.contains("istio-proxy-raw") && t.contains("istio-proxy-mangle"),
+        "{t}"
+    );
+    assert!(nft_ruleset(&ns).contains("chain istio-output-dns"));
+    // Without DNS capture and --drop-invalid: their tables and chains go.
+    run(&[]);
+    let t = tables();
+    assert!(
+        !t.contains("istio-proxy-raw") && !t.contains("istio-proxy-mangle"),
+        "{t}"
+    );
+    assert!(!nft_ruleset(&ns).contains("istio-output-dns"));
+    assert!(
+        t.contains("table inet user"),
+        "someone else's table stays: {t}"
     );
 }

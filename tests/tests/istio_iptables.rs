@@ -87,7 +87,6 @@ type Refusal<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
 #[test]
 fn what_divert_does_not_do_is_refused_by_name() {
     let cases: Vec<Refusal> = vec![
-        (vec!["--native-nftables"], vec![], "--native-nftables"),
         (vec![], vec![("INVALID_DROP", "maybe")], "INVALID_DROP"),
         (
             vec![],
@@ -211,6 +210,18 @@ fn iptables_only_settings_are_written_as_istio_writes_them_and_refused_by_ebpf()
         "{}",
         text(&tproxy.stdout)
     );
+    // --native-nftables: istio-nftables' script (compared whole with its
+    // goldens in tests/iptables.rs).
+    let nft = dry(&["--native-nftables"]);
+    let nft: Vec<&str> = nft.iter().map(String::as_str).collect();
+    let nft = istio_iptables(&nft, &[]);
+    assert!(nft.status.success(), "{}", text(&nft.stderr));
+    assert!(
+        text(&nft.stdout)
+            .contains("add rule inet istio-proxy-nat istio-output counter jump istio-redirect"),
+        "{}",
+        text(&nft.stdout)
+    );
     // The ebpf backend cannot apply any of them: refused by name, not
     // ignored.
     let cases: Vec<Refusal> = vec![
@@ -221,6 +232,7 @@ fn iptables_only_settings_are_written_as_istio_writes_them_and_refused_by_ebpf()
             "DNS capture",
         ),
         (vec!["-m", "TPROXY", "-b", "*"], vec![], "-m TPROXY"),
+        (vec!["--native-nftables"], vec![], "--native-nftables"),
         (
             vec![],
             vec![("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8")],

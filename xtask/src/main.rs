@@ -21,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "iptables",
+    "nftables",
     "bpftool",
     "iproute2",
     "curl",

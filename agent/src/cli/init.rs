@@ -15,7 +15,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 
 use crate::{
     iptables::{self, route, Family, Iptables, RuleSet},
-    netns,
+    netns, nftables,
     policy::{go_bool, go_bool_flag, Capture, CaptureArgs, InterceptionMode, Policy, PolicyArgs},
 };
 
@@ -129,7 +129,8 @@ pub struct InitArgs {
     )]
     pub network_namespace: String,
 
-    /// istio's native nftables rules: not supported yet, refused.
+    /// Write istio-nftables' rules (three `inet` tables, applied with `nft
+    /// -f`) instead of iptables rules (iptables backend).
     #[arg(long = "native-nftables", env = "NATIVE_NFTABLES", value_parser = go_bool, value_name = "BOOL")]
     pub native_nftables: bool,
 
@@ -268,11 +269,6 @@ fn run(args: &InitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
             "run divert in the namespace to configure",
         ),
         (
-            args.native_nftables,
-            "--native-nftables (NATIVE_NFTABLES)",
-            "divert writes iptables rules (or eBPF); istio's native nftables rules are not implemented yet",
-        ),
-        (
             args.cni_mode,
             "--cni-mode (CNI_MODE)",
             "istio-cni's host-filesystem mode is not supported",
@@ -318,7 +314,10 @@ fn run(args: &InitArgs, matches: &ArgMatches) -> anyhow::Result<()> {
 /// Put the interception in place (or, with `--cleanup`, remove it; with
 /// `--dry-run`, print it) with the backend `--backend` chooses.
 fn apply(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<()> {
-    let refused = refused_under_ebpf(capture);
+    let mut refused = refused_under_ebpf(capture);
+    if args.native_nftables {
+        refused.push("--native-nftables (istio's nftables rules)".to_string());
+    }
     let backend = match args.backend {
         Backend::Auto if !refused.is_empty() => {
             eprintln!(
@@ -466,6 +465,9 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
         // Remove from both families, whatever the addresses are now.
         wanted = vec![Family::V4, Family::V6];
     }
+    if args.native_nftables {
+        return nftables_backend(args, &policy, capture, &wanted);
+    }
     let mut sets: Vec<RuleSet> = Vec::new();
     for f in &wanted {
         sets.push(iptables::render(&policy, capture, *f));
@@ -546,6 +548,62 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
             policy.inbound_capture_port
         );
     }
+    Ok(())
+}
+
+/// `--native-nftables`: istio-nftables' tables instead of iptables rules,
+/// with the same `::6` and TPROXY routing around them.
+fn nftables_backend(
+    args: &InitArgs,
+    policy: &Policy,
+    capture: &Capture,
+    wanted: &[Family],
+) -> anyhow::Result<()> {
+    let set = nftables::render(policy, capture, wanted.contains(&Family::V6));
+    let tproxy = (capture.inbound.mode == InterceptionMode::Tproxy).then_some(&capture.tproxy);
+    if args.dry_run {
+        println!("# nft -f -");
+        print!("{}", set.script());
+        for f in wanted {
+            for cmd in tproxy.iter().flat_map(|t| route::commands(t, *f)) {
+                println!("# ip {}", cmd.join(" "));
+            }
+        }
+        return Ok(());
+    }
+    if args.cleanup {
+        nftables::cleanup().context("removing istio-nftables' tables")?;
+        if let Some(t) = tproxy {
+            route::remove(t, wanted).context("removing TPROXY's policy routing")?;
+        }
+        netns::remove_inbound_passthrough_v6().context("removing ::6/128 from lo")?;
+        eprintln!("divert init: removed istio-nftables' tables");
+        return Ok(());
+    }
+    let added = wanted.contains(&Family::V6)
+        && netns::add_inbound_passthrough_v6().context("adding ::6/128 to lo")?;
+    let applied = match tproxy {
+        Some(t) => route::add(t, wanted)
+            .and_then(|routes| nftables::apply(&set).inspect_err(|_| routes.undo())),
+        None => nftables::apply(&set),
+    };
+    if let Err(e) = applied {
+        if added {
+            let _ = netns::remove_inbound_passthrough_v6();
+        }
+        return Err(e);
+    }
+    eprintln!(
+        "divert init: native nftables: {} rules in {} in place (proxy port {}, inbound capture port {})",
+        set.rules.len(),
+        set.tables()
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        policy.proxy_port,
+        policy.inbound_capture_port
+    );
     Ok(())
 }
 
