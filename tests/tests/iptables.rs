@@ -403,17 +403,12 @@ fn ebpf_and_iptables_give_the_same_answers() {
 
 /// Dial `dst` from the peer namespace (into the client namespace).
 fn dial_in(rig: &IptablesRig, dst: SocketAddr) -> String {
-    let (mut cmd, _keep) = command_in(
-        Placement {
-            netns: &rig.lab.peer,
-            cgroup: &rig.lab.plain,
-            ids: None,
-        },
-        testkit_bin(),
+    kit(
+        &rig.lab.peer,
+        &rig.lab.plain,
+        None,
+        &["client", &dst.to_string()],
     )
-    .unwrap();
-    let out = cmd.arg("client").arg(dst.to_string()).output().unwrap();
-    ok(out, &format!("client to {dst}")).trim().to_string()
 }
 
 #[test]
@@ -506,14 +501,14 @@ fn uses_the_iptables_variant_the_namespace_already_uses() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("FORCE_IPTABLES_BINARY=\"ebtables\""));
 }
 
-/// testkit `args` in `ns`, in `cgroup`, as `ids`: its output line.
-fn kit(
+/// testkit in `ns`, in `cgroup`, as `ids`, and what keeps its placement
+/// alive.
+fn kit_command(
     ns: &Netns,
     cgroup: &divert_tests::Cgroup,
     ids: Option<(u32, u32)>,
-    args: &[&str],
-) -> String {
-    let (mut cmd, _keep) = command_in(
+) -> (Command, impl Sized) {
+    command_in(
         Placement {
             netns: ns,
             cgroup,
@@ -521,7 +516,17 @@ fn kit(
         },
         testkit_bin(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// testkit `args` in `ns`, in `cgroup`, as `ids`: its output line.
+fn kit(
+    ns: &Netns,
+    cgroup: &divert_tests::Cgroup,
+    ids: Option<(u32, u32)>,
+    args: &[&str],
+) -> String {
+    let (mut cmd, _keep) = kit_command(ns, cgroup, ids);
     let out = cmd.args(args).output().unwrap();
     ok(out, &format!("testkit {args:?}")).trim().to_string()
 }
@@ -534,15 +539,7 @@ fn kit_daemon(
     name: &str,
     args: &[&str],
 ) -> Daemon {
-    let (mut cmd, _keep) = command_in(
-        Placement {
-            netns: ns,
-            cgroup,
-            ids,
-        },
-        testkit_bin(),
-    )
-    .unwrap();
+    let (mut cmd, _keep) = kit_command(ns, cgroup, ids);
     cmd.args(args);
     Daemon::spawn(name, cmd).unwrap()
 }
@@ -731,22 +728,28 @@ fn nft_ruleset(ns: &Netns) -> String {
 /// and, when `ipv6`, an IPv6 address (what makes both write IPv6 rules).
 fn nft_twin(tag: &str, ipv6: bool) -> Netns {
     let ns = twin(tag, ipv6);
-    let mut child = in_ns(&ns, "nft")
+    nft_f(
+        &ns,
+        "table inet user {\n chain out {\n  type filter hook output priority 10; policy accept;\n  oifname \"eth9\" counter accept\n }\n}\n",
+    );
+    ns
+}
+
+/// `nft -f` of `script` in `ns`, which must succeed.
+fn nft_f(ns: &Netns, script: &str) {
+    use std::io::Write;
+    let mut child = in_ns(ns, "nft")
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    use std::io::Write;
     child
         .stdin
         .take()
         .unwrap()
-        .write_all(
-            b"table inet user {\n chain out {\n  type filter hook output priority 10; policy accept;\n  oifname \"eth9\" counter accept\n }\n}\n",
-        )
+        .write_all(script.as_bytes())
         .unwrap();
-    assert!(child.wait().unwrap().success(), "a user nft table");
-    ns
+    assert!(child.wait().unwrap().success(), "nft -f of:\n{script}");
 }
 
 #[test]
@@ -781,25 +784,7 @@ fn istio_nftables_goldens_applied_match_and_cleanup_restores() {
             save(&ours, Fam::V4),
             save(&ours, Fam::V6),
         );
-        let mut child = in_ns(&theirs, "nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(g.nft.as_bytes())
-                .unwrap();
-        }
-        assert!(
-            child.wait().unwrap().success(),
-            "{}: nft -f of the golden",
-            g.name
-        );
+        nft_f(&theirs, &g.nft);
         let want = nft_ruleset(&theirs);
         for run in ["divert init", "a second divert init"] {
             let out = init(&ours, &g.flags);

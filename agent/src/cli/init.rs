@@ -498,17 +498,7 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
     }
     if args.cleanup {
         let removed = iptables::cleanup(&with_bins)?;
-        if let Some(t) = tproxy {
-            if route::remove(t, &wanted).context("removing TPROXY's policy routing")? {
-                eprintln!(
-                    "divert init: removed TPROXY's ip rule and route (table {})",
-                    t.route_table
-                );
-            }
-        }
-        if wanted.contains(&Family::V6) {
-            netns::remove_inbound_passthrough_v6().context("removing ::6/128 from lo")?;
-        }
+        remove_around(tproxy, &wanted)?;
         for ((ipt, set), r) in with_bins.iter().zip(removed) {
             eprintln!(
                 "divert init: {} {} with {}",
@@ -523,21 +513,7 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
         }
         return Ok(());
     }
-    // istio-iptables adds ::6 on lo for the inbound passthrough cluster to
-    // bind to (IPv4 has 127.0.0.6 in 127/8 already).
-    let added = wanted.contains(&Family::V6)
-        && netns::add_inbound_passthrough_v6().context("adding ::6/128 to lo")?;
-    let applied = match tproxy {
-        Some(t) => route::add(t, &wanted)
-            .and_then(|routes| iptables::apply(&with_bins).inspect_err(|_| routes.undo())),
-        None => iptables::apply(&with_bins),
-    };
-    if let Err(e) = applied {
-        if added {
-            let _ = netns::remove_inbound_passthrough_v6();
-        }
-        return Err(e);
-    }
+    apply_around(tproxy, &wanted, || iptables::apply(&with_bins))?;
     for (ipt, set) in &with_bins {
         eprintln!(
             "divert init: iptables backend: {} {} rules in place with {} (proxy port {}, inbound capture port {})",
@@ -547,6 +523,44 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
             policy.proxy_port,
             policy.inbound_capture_port
         );
+    }
+    Ok(())
+}
+
+/// Run `apply` (the rules) with what istio-iptables puts around them, all
+/// or nothing: `::6/128` on `lo` when IPv6 rules are written (the inbound
+/// passthrough cluster binds it; IPv4 has 127.0.0.6 in 127/8 already) and,
+/// for TPROXY, the policy routing. On a failure what this added is removed.
+fn apply_around(
+    tproxy: Option<&crate::policy::Tproxy>,
+    wanted: &[Family],
+    apply: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let added = wanted.contains(&Family::V6)
+        && netns::add_inbound_passthrough_v6().context("adding ::6/128 to lo")?;
+    let applied = match tproxy {
+        Some(t) => route::add(t, wanted).and_then(|routes| apply().inspect_err(|_| routes.undo())),
+        None => apply(),
+    };
+    if applied.is_err() && added {
+        let _ = netns::remove_inbound_passthrough_v6();
+    }
+    applied
+}
+
+/// The cleanup of [`apply_around`]'s additions: the TPROXY routing and
+/// `::6/128`.
+fn remove_around(tproxy: Option<&crate::policy::Tproxy>, wanted: &[Family]) -> anyhow::Result<()> {
+    if let Some(t) = tproxy {
+        if route::remove(t, wanted).context("removing TPROXY's policy routing")? {
+            eprintln!(
+                "divert init: removed TPROXY's ip rule and route (table {})",
+                t.route_table
+            );
+        }
+    }
+    if wanted.contains(&Family::V6) {
+        netns::remove_inbound_passthrough_v6().context("removing ::6/128 from lo")?;
     }
     Ok(())
 }
@@ -573,26 +587,11 @@ fn nftables_backend(
     }
     if args.cleanup {
         nftables::cleanup().context("removing istio-nftables' tables")?;
-        if let Some(t) = tproxy {
-            route::remove(t, wanted).context("removing TPROXY's policy routing")?;
-        }
-        netns::remove_inbound_passthrough_v6().context("removing ::6/128 from lo")?;
+        remove_around(tproxy, wanted)?;
         eprintln!("divert init: removed istio-nftables' tables");
         return Ok(());
     }
-    let added = wanted.contains(&Family::V6)
-        && netns::add_inbound_passthrough_v6().context("adding ::6/128 to lo")?;
-    let applied = match tproxy {
-        Some(t) => route::add(t, wanted)
-            .and_then(|routes| nftables::apply(&set).inspect_err(|_| routes.undo())),
-        None => nftables::apply(&set),
-    };
-    if let Err(e) = applied {
-        if added {
-            let _ = netns::remove_inbound_passthrough_v6();
-        }
-        return Err(e);
-    }
+    apply_around(tproxy, wanted, || nftables::apply(&set))?;
     eprintln!(
         "divert init: native nftables: {} rules in {} in place (proxy port {}, inbound capture port {})",
         set.rules.len(),
