@@ -260,7 +260,7 @@ pub fn cleanup() -> Result<()> {
 pub fn render(policy: &Policy, capture: &Capture, ipv6: bool) -> Ruleset {
     use Table::{Mangle, Nat};
     let mut rs = Ruleset::default();
-    let tproxy = capture.inbound.mode == InterceptionMode::Tproxy;
+    let tproxy = capture.interception_mode == InterceptionMode::Tproxy;
     let lo = capture.host_loopback_v4.as_str();
     let mark = capture.tproxy.mark.to_string();
     let outbound_mark = crate::iptables::TPROXY_OUTBOUND_MARK.to_string();
@@ -309,7 +309,7 @@ pub fn render(policy: &Policy, capture: &Capture, ipv6: bool) -> Ruleset {
     );
 
     // Inbound capture (run.go handleInboundPortsInclude).
-    if capture.inbound.ports != InboundPorts::None {
+    if policy.inbound_ports != InboundPorts::None {
         let table = if tproxy { Mangle } else { Nat };
         if tproxy {
             rs.add(Mangle, DIVERT, &[], &format!("meta mark set {mark}"));
@@ -335,9 +335,9 @@ pub fn render(policy: &Policy, capture: &Capture, ipv6: bool) -> Ruleset {
             &["meta l4proto tcp"],
             &format!("jump {INBOUND}"),
         );
-        match &capture.inbound.ports {
+        match &policy.inbound_ports {
             InboundPorts::All => {
-                for p in &capture.inbound.exclude_ports {
+                for p in &policy.inbound_exclude_ports {
                     rs.add(
                         table,
                         INBOUND,

@@ -217,6 +217,72 @@ pub trait Lookups {
     /// `gid` is in the owner-group list (include or exclude, as the
     /// header's flags say).
     fn owner_group(&mut self, gid: u32) -> bool;
+    /// `port` is an inbound port of the `-b` list.
+    fn inbound_include_port(&mut self, port: u16) -> bool;
+    /// `port` is an inbound port excluded from `-b '*'` (`-d`).
+    fn inbound_exclude_port(&mut self, port: u16) -> bool;
+}
+
+/// One inbound TCP connection (its SYN) to the namespace, as socket lookup
+/// sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accept {
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// The source is local (loopback, or one of the namespace's own
+    /// addresses): the namespace dialling itself.
+    pub from_local: bool,
+}
+
+/// The rule of istio-iptables' inbound capture (`PREROUTING -p tcp -j
+/// ISTIO_INBOUND`) that decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundHit {
+    /// No `-b`: nothing inbound is captured.
+    NoInboundCapture,
+    /// From a local address: the namespace's own connections pass
+    /// `OUTPUT`, where their NAT is decided, never the inbound rules.
+    FromLocal,
+    /// `-A ISTIO_INBOUND -p tcp --dport <tunnel> -j RETURN`.
+    TunnelPort,
+    /// `-A ISTIO_INBOUND -p tcp --dport P -j RETURN` (`-d`, with `*`).
+    ExcludedPort,
+    /// `-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT` (`-b '*'`).
+    AllPorts,
+    /// `-A ISTIO_INBOUND -p tcp --dport P -j ISTIO_IN_REDIRECT` (`-b` list).
+    ListedPort,
+    /// The end of `ISTIO_INBOUND` (`-b` list, another port).
+    End,
+}
+
+/// Whether an inbound connection goes to the inbound capture port, and
+/// which rule said so, in the order of istio-iptables' `ISTIO_INBOUND`
+/// chain (run.go `handleInboundPortsInclude`): the tunnel port returns;
+/// with `-b '*'` the `-d` ports return and every other port is captured;
+/// with a `-b` list only its ports are. A connection from a local address
+/// is never captured.
+#[inline(always)]
+pub fn judge_inbound<L: Lookups>(p: &PolicyHeader, a: &Accept, l: &mut L) -> (bool, InboundHit) {
+    let all = p.flags & flags::INBOUND_ALL != 0;
+    if !all && p.flags & flags::INBOUND_LIST == 0 {
+        return (false, InboundHit::NoInboundCapture);
+    }
+    if a.from_local {
+        return (false, InboundHit::FromLocal);
+    }
+    if a.port == p.inbound_tunnel_port {
+        return (false, InboundHit::TunnelPort);
+    }
+    if all {
+        if l.inbound_exclude_port(a.port) {
+            return (false, InboundHit::ExcludedPort);
+        }
+        return (true, InboundHit::AllPorts);
+    }
+    if l.inbound_include_port(a.port) {
+        return (true, InboundHit::ListedPort);
+    }
+    (false, InboundHit::End)
 }
 
 /// The verdict of istio-iptables' `ISTIO_OUTPUT` chain for `c` under the
@@ -355,6 +421,14 @@ mod tests {
             false
         }
         fn owner_group(&mut self, _: u32) -> bool {
+            self.asked += 1;
+            false
+        }
+        fn inbound_include_port(&mut self, _: u16) -> bool {
+            self.asked += 1;
+            false
+        }
+        fn inbound_exclude_port(&mut self, _: u16) -> bool {
             self.asked += 1;
             false
         }

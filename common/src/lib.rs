@@ -34,7 +34,8 @@ pub mod maps {
     pub const INCLUDE_V6: &str = "INCLUDE_V6";
     /// `LpmTrie<LpmKey6, u8>`: exclude ranges (`-x`), IPv6.
     pub const EXCLUDE_V6: &str = "EXCLUDE_V6";
-    /// `HashMap<PortKey, u8>`: include (`-q`) and exclude (`-o`) outbound ports.
+    /// `HashMap<PortKey, u8>`: include (`-q`) and exclude (`-o`) outbound
+    /// ports, include (`-b`) and exclude (`-d`) inbound ports.
     pub const PORTS: &str = "PORTS";
     /// `HashMap<AddrKey, u8>`: the namespace's own addresses (what iptables
     /// calls `-o lo`: destinations routed over loopback).
@@ -56,6 +57,20 @@ pub mod maps {
     /// `LruPerCpuHashMap<CounterKey, CounterValue>`: connections and bytes per
     /// destination and verdict.
     pub const COUNTERS: &str = "COUNTERS";
+    /// `HashMap<[u8; 16] address, u64 netns cookie>`: the namespace each
+    /// address belongs to, for the namespaces with inbound capture (socket
+    /// lookup programs cannot read a netns cookie: an inbound connection's
+    /// namespace is the one that owns its destination address).
+    pub const INBOUND_NETNS: &str = "INBOUND_NETNS";
+    /// `SockHash<ListenerKey>`: each namespace's inbound capture listener
+    /// (the socket listening on its `-z` port), per address family; the
+    /// socket lookup program hands captured inbound connections to it.
+    pub const LISTENERS: &str = "LISTENERS";
+    /// `LruHashMap<TupleKey, OrigDst>`: the inbound connections handed to
+    /// the capture listener, by client address and port and the port the
+    /// client dialled (the accepted socket's local port), for
+    /// `SO_ORIGINAL_DST`.
+    pub const INBOUND_ORIG: &str = "INBOUND_ORIG";
     /// `HashMap<u64 netns cookie, PodName>`: which Kubernetes pod a registered
     /// namespace is, written by the daemon's pod watch. No program reads it;
     /// it lives in the object so it is pinned, and survives, with the rest.
@@ -73,12 +88,14 @@ pub enum MapKind {
     LruHash,
     /// `BPF_MAP_TYPE_LRU_PERCPU_HASH`.
     LruPerCpuHash,
+    /// `BPF_MAP_TYPE_SOCKHASH`.
+    SockHash,
 }
 
 /// Every map of the object with its kind, in the order the loader takes,
 /// pins and adopts them (`divert-ebpf`'s `maps` module declares each with
 /// this kind).
-pub const MAPS: [(&str, MapKind); 12] = [
+pub const MAPS: [(&str, MapKind); 15] = [
     (maps::POLICIES, MapKind::Hash),
     (maps::INCLUDE_V4, MapKind::LpmTrie),
     (maps::EXCLUDE_V4, MapKind::LpmTrie),
@@ -91,6 +108,9 @@ pub const MAPS: [(&str, MapKind); 12] = [
     (maps::ORIG_BY_TUPLE, MapKind::LruHash),
     (maps::COUNTERS, MapKind::LruPerCpuHash),
     (maps::PODS, MapKind::Hash),
+    (maps::INBOUND_NETNS, MapKind::Hash),
+    (maps::LISTENERS, MapKind::SockHash),
+    (maps::INBOUND_ORIG, MapKind::LruHash),
 ];
 
 /// Program names (the Rust function names in `divert-ebpf`).
@@ -101,6 +121,8 @@ pub mod programs {
     pub const GETSOCKOPT: &str = "divert_getsockopt";
     pub const GETPEERNAME4: &str = "divert_getpeername4";
     pub const GETPEERNAME6: &str = "divert_getpeername6";
+    pub const LISTEN: &str = "divert_listen";
+    pub const SK_LOOKUP: &str = "divert_sk_lookup";
 }
 
 /// The kind of a kernel program, which decides how it is loaded and
@@ -113,15 +135,19 @@ pub enum ProgramKind {
     SockOps,
     /// `BPF_PROG_TYPE_CGROUP_SOCKOPT`.
     CgroupSockopt,
+    /// `BPF_PROG_TYPE_SK_LOOKUP`, attached to a network namespace.
+    SkLookup,
 }
 
-/// Which cgroup a program is attached to: the workload's (its connects are
-/// judged) or the proxy's (its `getsockopt` is answered). The node daemon
-/// attaches both at the cgroup root.
+/// Where a program is attached: the workload's cgroup (its connects are
+/// judged), the proxy's (its `getsockopt` is answered, its capture
+/// listener recorded) — the node daemon attaches both at the cgroup root —
+/// or each meshed network namespace with inbound capture (socket lookup).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     Workload,
     Proxy,
+    Netns,
 }
 
 /// One kernel program: its name in the object, kind, attach type (uapi
@@ -138,7 +164,7 @@ pub struct Program {
 
 /// Every program of the object, in the order they are loaded, attached and
 /// pinned. Loading, attaching, pinning and adopting all read this table.
-pub const PROGRAMS: [Program; 6] = [
+pub const PROGRAMS: [Program; 8] = [
     Program {
         name: programs::CONNECT4,
         kind: ProgramKind::CgroupSockAddr,
@@ -174,6 +200,18 @@ pub const PROGRAMS: [Program; 6] = [
         kind: ProgramKind::CgroupSockopt,
         attach_type: 21, // BPF_CGROUP_GETSOCKOPT
         side: Side::Proxy,
+    },
+    Program {
+        name: programs::LISTEN,
+        kind: ProgramKind::SockOps,
+        attach_type: 3, // BPF_CGROUP_SOCK_OPS
+        side: Side::Proxy,
+    },
+    Program {
+        name: programs::SK_LOOKUP,
+        kind: ProgramKind::SkLookup,
+        attach_type: 36, // BPF_SK_LOOKUP
+        side: Side::Netns,
     },
 ];
 
@@ -224,6 +262,14 @@ pub mod flags {
     /// An owner-group exclude list (`ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`,
     /// non-empty): a connect whose GID is in `OWNER_GROUPS` passes through.
     pub const OWNER_GROUPS_EXCEPT: u32 = 1 << 10;
+    /// Inbound capture of every port (`-b '*'`) but the
+    /// [`port_list::INBOUND_EXCLUDE`](crate::port_list::INBOUND_EXCLUDE)
+    /// ones (`-d`).
+    pub const INBOUND_ALL: u32 = 1 << 11;
+    /// Inbound capture of the
+    /// [`port_list::INBOUND_INCLUDE`](crate::port_list::INBOUND_INCLUDE)
+    /// ports only (`-b` a list).
+    pub const INBOUND_LIST: u32 = 1 << 12;
 }
 
 /// Who registered a policy, as stored in [`PolicyHeader::registered_by`]
@@ -274,6 +320,10 @@ pub mod port_list {
     pub const EXCLUDE: u8 = 0;
     /// `-q`, `includeOutboundPorts`.
     pub const INCLUDE: u8 = 1;
+    /// `-b` as a list, `includeInboundPorts`.
+    pub const INBOUND_INCLUDE: u8 = 2;
+    /// `-d`, `excludeInboundPorts` (with `-b '*'`).
+    pub const INBOUND_EXCLUDE: u8 = 3;
 }
 
 /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` / `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)`.
@@ -347,9 +397,19 @@ pub struct PortKey {
     pub netns_cookie: u64,
     /// Destination port, host byte order.
     pub port: u16,
-    /// [`port_list::EXCLUDE`] or [`port_list::INCLUDE`].
+    /// One of [`port_list`].
     pub list: u8,
     pub _pad: [u8; 5],
+}
+
+/// Key of the `LISTENERS` socket hash: 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    /// The listener's address family, `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u32,
+    pub _pad: [u8; 4],
 }
 
 /// Key of the `OWNER_GROUPS` map: 16 bytes.
@@ -493,6 +553,7 @@ mod user {
     unsafe impl aya::Pod for LpmKey6 {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for GroupKey {}
+    unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
@@ -516,6 +577,7 @@ mod tests {
         assert_eq!(size_of::<LpmKey6>(), 24);
         assert_eq!(size_of::<PortKey>(), 16);
         assert_eq!(size_of::<GroupKey>(), 16);
+        assert_eq!(size_of::<ListenerKey>(), 16);
         assert_eq!(size_of::<AddrKey>(), 24);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<TupleKey>(), 32);

@@ -23,8 +23,8 @@ use crate::{
 };
 
 /// The chain's lookups in one namespace's entries of the shared maps.
-struct MapLookups {
-    netns: u64,
+pub struct MapLookups {
+    pub netns: u64,
 }
 
 impl MapLookups {
@@ -87,6 +87,14 @@ impl Lookups for MapLookups {
     #[inline(always)]
     fn include_range(&mut self, dst: Dst) -> bool {
         self.range(dst, true)
+    }
+    #[inline(always)]
+    fn inbound_include_port(&mut self, port: u16) -> bool {
+        self.port(port, port_list::INBOUND_INCLUDE)
+    }
+    #[inline(always)]
+    fn inbound_exclude_port(&mut self, port: u16) -> bool {
+        self.port(port, port_list::INBOUND_EXCLUDE)
     }
     #[inline(always)]
     fn owner_group(&mut self, gid: u32) -> bool {

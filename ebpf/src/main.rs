@@ -20,9 +20,14 @@
 //! * `divert_getpeername4|6` (`cgroup/getpeername4|6`): the application sees
 //!   the address it dialled (an MPTCP socket too, whose first subflow was
 //!   diverted).
+//! * `divert_listen` (`sockops`, the proxy's side): a socket listening on
+//!   its namespace's inbound capture port becomes the capture listener.
+//! * `divert_sk_lookup` (`sk_lookup`, per network namespace): an inbound
+//!   connection the policy captures is handed to the capture listener,
+//!   keeping its destination (no NAT); with no listener it is refused.
 //!
-//! Every program allows the operation (returns 1): divert rewrites, it never
-//! refuses. A namespace with no policy is untouched and uncounted.
+//! Every cgroup program allows the operation (returns 1): divert rewrites,
+//! it never refuses; only inbound capture refuses, when it cannot capture. A namespace with no policy is untouched and uncounted.
 #![no_std]
 #![no_main]
 // Inline asm pins loads from the context and from `bpf_sock` to one
@@ -33,6 +38,7 @@
 mod ctx;
 mod chain;
 mod counters;
+mod inbound;
 mod maps;
 mod orig;
 
@@ -40,10 +46,11 @@ use aya_ebpf::{
     bindings::{
         bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, BPF_SOCK_OPS_PARSE_HDR_OPT_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1,
     },
-    macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use divert_common::{
     chain::{is_mapped, Dst, LOOPBACK4, LOOPBACK6},
@@ -129,6 +136,19 @@ pub fn divert_sock_ops(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     1
+}
+
+#[sock_ops]
+pub fn divert_listen(ctx: SockOpsContext) -> u32 {
+    if load!(ctx.ops, bpf_sock_ops, op) == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        inbound::on_listen(&ctx);
+    }
+    1
+}
+
+#[sk_lookup]
+pub fn divert_sk_lookup(ctx: SkLookupContext) -> u32 {
+    inbound::on_sk_lookup(&ctx)
 }
 
 #[cgroup_sockopt(getsockopt)]

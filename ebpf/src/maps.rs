@@ -5,11 +5,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{lpm_trie::LpmTrie, HashMap, LruHashMap, LruPerCpuHashMap},
+    maps::{lpm_trie::LpmTrie, HashMap, LruHashMap, LruPerCpuHashMap, SockHash},
 };
 use divert_common::{
-    limits, AddrKey, BoundOrig, CounterKey, CounterValue, GroupKey, LpmKey4, LpmKey6, OrigDst,
-    PodName, PolicyHeader, PortKey, TupleKey,
+    limits, AddrKey, BoundOrig, CounterKey, CounterValue, GroupKey, ListenerKey, LpmKey4, LpmKey6,
+    OrigDst, PodName, PolicyHeader, PortKey, TupleKey,
 };
 
 #[map]
@@ -47,3 +47,13 @@ pub static COUNTERS: LruPerCpuHashMap<CounterKey, CounterValue> =
 #[map]
 pub static PODS: HashMap<u64, PodName> =
     HashMap::with_max_entries(limits::MAX_POLICIES, BPF_F_NO_PREALLOC);
+#[map]
+pub static INBOUND_NETNS: HashMap<[u8; 16], u64> =
+    HashMap::with_max_entries(limits::MAX_LOCAL_ADDRS, BPF_F_NO_PREALLOC);
+// `static mut`: aya-ebpf's socket-lookup redirect takes `&mut self`.
+#[map]
+pub static mut LISTENERS: SockHash<ListenerKey> =
+    SockHash::with_max_entries(2 * limits::MAX_POLICIES, 0);
+#[map]
+pub static INBOUND_ORIG: LruHashMap<TupleKey, OrigDst> =
+    LruHashMap::with_max_entries(limits::MAX_ORIG, 0);

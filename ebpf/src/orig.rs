@@ -15,7 +15,7 @@ use divert_common::{
 
 use crate::{
     ctx::{is_proxy_addr, AF_INET, AF_INET6, IPPROTO_MPTCP, IPPROTO_TCP, SOL_IP},
-    maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE, POLICIES},
+    maps::{INBOUND_ORIG, ORIG_BY_COOKIE, ORIG_BY_TUPLE, POLICIES},
 };
 
 /// An active open: file the tuple of a diverted socket, and ask for state
@@ -164,17 +164,25 @@ pub fn answer_original_dst(ctx: &SockoptContext) {
         AF_INET6 => (load6!(sk, bpf_sock, dst_ip6), load6!(sk, bpf_sock, src_ip6)),
         _ => return,
     };
-    if !is_proxy_addr(&local) {
-        return;
-    }
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // dst_port: __be16 followed by 16 bits of zero padding; src_port: host order.
     let key = TupleKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        netns_cookie,
         addr: peer,
         port: u16::from_be(load!(sk, bpf_sock, dst_port) as u16),
         proxy_port: load!(sk, bpf_sock, src_port) as u16,
         _pad: [0; 4],
     };
+    if !is_proxy_addr(&local) {
+        // An inbound connection socket lookup handed to the capture
+        // listener: its local address is what the client dialled, and the
+        // entry says it was captured (another socket keeps the kernel's
+        // answer).
+        if let Some(orig) = unsafe { INBOUND_ORIG.get(&key) } {
+            write_original_dst(so, orig);
+        }
+        return;
+    }
     let Some(entry) = (unsafe { ORIG_BY_TUPLE.get(&key) }) else {
         return;
     };
@@ -190,7 +198,14 @@ pub fn answer_original_dst(ctx: &SockoptContext) {
             return;
         }
     }
-    let orig = &entry.orig;
+    write_original_dst(so, &entry.orig);
+}
+
+/// Write `orig` as the answer to the `SO_ORIGINAL_DST` call `so`: a
+/// `sockaddr_in` for `SOL_IP` and an IPv4 original, a `sockaddr_in6` for
+/// `SOL_IPV6` and an IPv6 one; another pairing keeps the kernel's answer.
+#[inline(always)]
+fn write_original_dst(so: &mut aya_ebpf::bindings::bpf_sockopt, orig: &OrigDst) {
     if (so.level == SOL_IP) != (orig.is_v4 != 0) {
         return;
     }

@@ -61,6 +61,15 @@ impl EbpfRig {
     pub fn dial(&self, dst: SocketAddr, uid: u32, gid: u32, mapped: bool) -> String {
         self.lab.dial(dst, uid, gid, mapped).expect("dial")
     }
+
+    /// Attach inbound capture (the socket lookup program) to the client
+    /// namespace, as `divert run` does for its own.
+    pub fn attach_inbound(&mut self) {
+        let netns = self.lab.client.file().expect("the client namespace");
+        self.interceptor
+            .attach_netns(&netns)
+            .expect("attach socket lookup");
+    }
 }
 
 /// A lab whose client namespace gets its policy as divert's iptables

@@ -106,6 +106,12 @@ impl Lookups for MapModel {
     fn include_range(&mut self, dst: Dst) -> bool {
         self.range(dst, true)
     }
+    fn inbound_include_port(&mut self, port: u16) -> bool {
+        self.port(port, port_list::INBOUND_INCLUDE)
+    }
+    fn inbound_exclude_port(&mut self, port: u16) -> bool {
+        self.port(port, port_list::INBOUND_EXCLUDE)
+    }
     fn owner_group(&mut self, gid: u32) -> bool {
         self.entries.groups.contains(&GroupKey {
             netns_cookie: NETNS,

@@ -121,7 +121,7 @@ fn uninstall_detaches_and_unpins_everything() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let counts = pinned::attachment_counts(&s.lab.root.path).unwrap();
-    assert!(counts.iter().all(|&(_, n)| n == 0), "{counts:?}");
+    assert!(counts.iter().all(|&(_, n, _)| n == 0), "{counts:?}");
     // (A bpffs root also holds the kernel's own maps.debug and progs.debug.)
     for d in ["maps", "progs", "links"] {
         assert!(

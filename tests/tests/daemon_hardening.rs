@@ -116,7 +116,7 @@ fn a_refused_start_leaves_nothing_behind() {
         );
         let attached = pinned::attachment_counts(&lab.root.path).unwrap();
         assert!(
-            attached.iter().all(|&(_, n)| n == 0),
+            attached.iter().all(|&(_, n, _)| n == 0),
             "{extra:?}: attached {attached:?}"
         );
     }

@@ -214,3 +214,51 @@ fn sigterm_reaches_the_command_and_everything_is_removed() {
         "getsockopt still attached"
     );
 }
+
+#[test]
+fn run_captures_inbound_connections_to_a_proxy_already_listening() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    // The peers, and the proxy's listeners (127.0.0.1:15006 among them),
+    // up before divert run starts: the capture listener is found, not
+    // waited for.
+    let _peers = lab.start_peers().unwrap();
+    let own = SocketAddr::new(lab.v4(1), 8080);
+    let kit = divert_tests::testkit_bin();
+    let from_peer = |extra: &[&str]| {
+        let mut a: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        a.extend(["ip", "netns", "exec", &lab.peer.name].map(String::from));
+        a.push(kit.to_string_lossy().into_owned());
+        a.extend(["client".to_string(), own.to_string()]);
+        a
+    };
+    let args = from_peer(&["-b", "*", "-i", "", "--"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = divert_run(&lab, &args, None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.trim(),
+        format!("proxy {own} orig={own} peer={own}"),
+        "captured by the listener on 127.0.0.1:15006, the dialled address kept"
+    );
+    // Once divert run is over, the connection reaches the application.
+    let (mut cmd, _keep) = command_in(
+        divert_tests::Placement {
+            netns: &lab.peer,
+            cgroup: &lab.plain,
+            ids: None,
+        },
+        kit,
+    )
+    .unwrap();
+    let out = cmd.arg("client").arg(own.to_string()).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("server {own} peer={own}")
+    );
+}

@@ -347,7 +347,7 @@ fn apply(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<
         b => b,
     };
     match backend {
-        Backend::Ebpf => ebpf(args, policy, capture),
+        Backend::Ebpf => ebpf(args, policy),
         _ => iptables_backend(args, policy, capture),
     }
 }
@@ -355,9 +355,9 @@ fn apply(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<
 /// What the eBPF backend does not apply yet and warns about: inbound
 /// capture (`-b/-d`; the connect-time programs see outbound connections
 /// only).
-pub fn not_applied_under_ebpf(capture: &Capture) -> Vec<String> {
+pub fn not_applied_under_ebpf(policy: &Policy) -> Vec<String> {
     let mut v = Vec::new();
-    if capture.inbound.ports != crate::policy::InboundPorts::None {
+    if policy.inbound_ports != crate::policy::InboundPorts::None {
         v.push("inbound capture (-b/-d)".to_string());
     }
     v
@@ -394,13 +394,13 @@ pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
     if capture.dns.is_some() {
         v.push("--redirect-dns / ISTIO_META_DNS_CAPTURE (DNS capture)".to_string());
     }
-    if capture.inbound.mode == crate::policy::InterceptionMode::Tproxy {
+    if capture.interception_mode == crate::policy::InterceptionMode::Tproxy {
         v.push("-m TPROXY (TPROXY inbound interception)".to_string());
     }
     v
 }
 
-fn ebpf(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<()> {
+fn ebpf(args: &InitArgs, policy: &Policy) -> anyhow::Result<()> {
     use crate::daemon::proto::{self, Op};
     let op = if args.cleanup {
         Op::Unregister
@@ -411,9 +411,13 @@ fn ebpf(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<(
             .owner_groups
             .resolved()
             .map_err(|e| anyhow::anyhow!("ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]: {e}"))?;
+        // The daemon does not attach inbound capture yet (warned below):
+        // the request carries none rather than a policy it would not apply.
         Op::Register {
             policy: Box::new(Policy {
                 owner_groups,
+                inbound_ports: crate::policy::InboundPorts::None,
+                inbound_exclude_ports: Vec::new(),
                 ..policy.clone()
             }),
         }
@@ -428,7 +432,7 @@ fn ebpf(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<(
         );
         return Ok(());
     }
-    let skipped = not_applied_under_ebpf(capture);
+    let skipped = not_applied_under_ebpf(policy);
     if !skipped.is_empty() && !args.cleanup {
         eprintln!(
             "divert init: warning: the ebpf backend diverts outbound TCP only; not applied: {}",
@@ -472,7 +476,7 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
     for f in &wanted {
         sets.push(iptables::render(&policy, capture, *f));
     }
-    let tproxy = (capture.inbound.mode == InterceptionMode::Tproxy).then_some(&capture.tproxy);
+    let tproxy = (capture.interception_mode == InterceptionMode::Tproxy).then_some(&capture.tproxy);
     if args.dry_run {
         for set in &sets {
             println!(
@@ -574,7 +578,7 @@ fn nftables_backend(
     wanted: &[Family],
 ) -> anyhow::Result<()> {
     let set = nftables::render(policy, capture, wanted.contains(&Family::V6));
-    let tproxy = (capture.inbound.mode == InterceptionMode::Tproxy).then_some(&capture.tproxy);
+    let tproxy = (capture.interception_mode == InterceptionMode::Tproxy).then_some(&capture.tproxy);
     if args.dry_run {
         println!("# nft -f -");
         print!("{}", set.script());

@@ -98,6 +98,20 @@ fn run(args: &RunArgs, mut policy: Policy) -> anyhow::Result<ExitCode> {
     interceptor.attach_workload(cgroup.open()?)?;
     interceptor.attach_proxy(&proxy_cgroup)?;
     interceptor.register(cookie, &policy, RegisteredBy::Run)?;
+    if !policy.inbound_ports.is_none() {
+        // Inbound capture: socket lookup in this namespace, and a capture
+        // listener that was already listening.
+        let netns =
+            std::fs::File::open("/proc/self/ns/net").context("opening this network namespace")?;
+        interceptor.attach_netns(&netns)?;
+        let adopted = interceptor.adopt_listeners(cookie, policy.inbound_capture_port)?;
+        tracing::info!(
+            adopted,
+            "capturing inbound connections to {:?} on port {}",
+            policy.inbound_ports,
+            policy.inbound_capture_port
+        );
+    }
     tracing::info!(
         netns_cookie = cookie,
         cgroup = %cgroup.path().display(),

@@ -224,6 +224,9 @@ pub fn pod_policy(pod: &Pod, mesh: &MeshConfig, mesh_file: &str) -> Result<Polic
         // Istio has no annotation for the owner-group filter: every group.
         owner_groups: "*".to_string(),
         owner_groups_exclude: String::new(),
+        // The daemon does not attach inbound capture yet.
+        inbound_ports: String::new(),
+        inbound_exclude_ports: String::new(),
     };
     let origin = |field: &str| -> Source {
         match settings.iter().find(|s| s.0 == field) {

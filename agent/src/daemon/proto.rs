@@ -286,6 +286,8 @@ mod tests {
                         exclude_ports: nums(&o),
                         owner_groups: "*".into(),
                         owner_groups_exclude: String::new(),
+                        inbound_ports: String::new(),
+                        inbound_exclude_ports: String::new(),
                     }
                     .to_policy_from(&request_origin)
                     .ok()

@@ -16,7 +16,7 @@ use divert_common::{
 use ipnetwork::IpNetwork;
 
 use super::RegisteredBy;
-use crate::policy::{canonical, IncludeRanges, OwnerGroups, Policy};
+use crate::policy::{canonical, InboundPorts, IncludeRanges, OwnerGroups, Policy};
 
 /// Every map entry (besides the header) that one namespace's policy owns.
 #[derive(Default)]
@@ -28,6 +28,9 @@ pub struct Entries {
     pub ports: Vec<PortKey>,
     pub addrs: Vec<AddrKey>,
     pub groups: Vec<GroupKey>,
+    /// `INBOUND_NETNS` entries: each own address (16 bytes, IPv4 mapped)
+    /// with the namespace, when the policy captures inbound connections.
+    pub inbound_netns: Vec<([u8; 16], u64)>,
 }
 
 impl Entries {
@@ -66,6 +69,7 @@ impl Entries {
             ports: minus(&self.ports, &other.ports),
             addrs: minus(&self.addrs, &other.addrs),
             groups: minus(&self.groups, &other.groups),
+            inbound_netns: minus(&self.inbound_netns, &other.inbound_netns),
         }
     }
 
@@ -78,6 +82,10 @@ impl Entries {
             port,
             list,
             _pad: [0; 5],
+        };
+        let mapped = |a: &IpAddr| match canonical(*a) {
+            IpAddr::V4(v4) => mapped_v4(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
         };
         let (include4, include6) = lpm_keys(netns, policy.include_ranges.cidrs());
         let (exclude4, exclude6) = lpm_keys(netns, &policy.exclude_ranges);
@@ -96,18 +104,41 @@ impl Entries {
                         .iter()
                         .map(|&p| port(p, port_list::INCLUDE)),
                 )
+                .chain(
+                    match &policy.inbound_ports {
+                        InboundPorts::List(l) => l.as_slice(),
+                        _ => &[],
+                    }
+                    .iter()
+                    .map(|&p| port(p, port_list::INBOUND_INCLUDE)),
+                )
+                .chain(
+                    policy
+                        .inbound_exclude_ports
+                        .iter()
+                        .map(|&p| port(p, port_list::INBOUND_EXCLUDE)),
+                )
                 .collect(),
             addrs: policy
                 .local_addrs
                 .iter()
                 .map(|a| AddrKey {
                     netns_cookie: netns,
-                    addr: match canonical(*a) {
-                        IpAddr::V4(v4) => mapped_v4(v4.octets()),
-                        IpAddr::V6(v6) => v6.octets(),
-                    },
+                    addr: mapped(a),
                 })
                 .collect(),
+            // Loopback and link-local addresses are every namespace's:
+            // they find none.
+            inbound_netns: if policy.inbound_ports.is_none() {
+                Vec::new()
+            } else {
+                policy
+                    .local_addrs
+                    .iter()
+                    .filter(|a| !is_shared_address(canonical(**a)))
+                    .map(|a| (mapped(a), netns))
+                    .collect()
+            },
             groups: policy
                 .owner_groups
                 .groups()
@@ -120,6 +151,15 @@ impl Entries {
                 })
                 .collect(),
         }
+    }
+}
+
+/// An address many namespaces have, which cannot tell one from another:
+/// loopback and link-local.
+fn is_shared_address(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80,
     }
 }
 
@@ -228,6 +268,14 @@ pub fn policy_from(h: &PolicyHeader, e: &Entries) -> Policy {
         } else {
             OwnerGroups::AllExcept(gids)
         },
+        inbound_ports: if h.flags & flags::INBOUND_ALL != 0 {
+            InboundPorts::All
+        } else if h.flags & flags::INBOUND_LIST != 0 {
+            InboundPorts::List(ports(port_list::INBOUND_INCLUDE))
+        } else {
+            InboundPorts::None
+        },
+        inbound_exclude_ports: ports(port_list::INBOUND_EXCLUDE),
     }
 }
 
@@ -267,6 +315,14 @@ pub fn header(policy: &Policy) -> PolicyHeader {
         (
             matches!(&policy.owner_groups, OwnerGroups::AllExcept(g) if !g.is_empty()),
             flags::OWNER_GROUPS_EXCEPT,
+        ),
+        (
+            policy.inbound_ports == InboundPorts::All,
+            flags::INBOUND_ALL,
+        ),
+        (
+            matches!(policy.inbound_ports, InboundPorts::List(_)),
+            flags::INBOUND_LIST,
         ),
     ] {
         if cond {

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, os::fd::AsFd};
 
 use aya::{
     maps::Map,
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps},
     Ebpf,
 };
 use divert_common::{MapKind, ProgramKind, Side, PROGRAMS};
@@ -53,6 +53,9 @@ impl Interceptor {
                 ProgramKind::CgroupSockopt => prog::<CgroupSockopt>(&mut ebpf, p.name)?
                     .load()
                     .map_err(failed)?,
+                ProgramKind::SkLookup => prog::<SkLookup>(&mut ebpf, p.name)?
+                    .load()
+                    .map_err(failed)?,
             }
         }
         let mut maps = BTreeMap::new();
@@ -63,6 +66,7 @@ impl Interceptor {
                 Map::LpmTrie(_) => Some(MapKind::LpmTrie),
                 Map::LruHashMap(_) => Some(MapKind::LruHash),
                 Map::PerCpuLruHashMap(_) => Some(MapKind::LruPerCpuHash),
+                Map::SockHash(_) => Some(MapKind::SockHash),
                 _ => None,
             };
             if declared != Some(kind) {
@@ -83,9 +87,27 @@ impl Interceptor {
         self.attach(Side::Workload, cgroup.as_fd())
     }
 
-    /// Attach the getsockopt program to the proxy's cgroup.
+    /// Attach the proxy's programs (getsockopt, the capture listener's
+    /// sock_ops) to the proxy's cgroup.
     pub fn attach_proxy(&mut self, cgroup: impl AsFd) -> Result<()> {
         self.attach(Side::Proxy, cgroup.as_fd())
+    }
+
+    /// Attach the socket lookup program (inbound capture) to the network
+    /// namespace `netns` (an open `/proc/…/ns/net` or netns file), beside
+    /// any other such program there. Detached when this instance is
+    /// dropped, or when the namespace goes.
+    pub fn attach_netns(&mut self, netns: impl AsFd) -> Result<()> {
+        for p in PROGRAMS.iter().filter(|p| p.side == Side::Netns) {
+            prog::<SkLookup>(&mut self.ebpf, p.name)?
+                .attach(netns.as_fd())
+                .map(drop)
+                .map_err(|source| Error::Program {
+                    program: p.name,
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// Attach every program of `side` in [`PROGRAMS`] to `cgroup`.
@@ -109,6 +131,7 @@ impl Interceptor {
                     .attach(cgroup, LINK_MODE)
                     .map(drop)
                     .map_err(failed)?,
+                ProgramKind::SkLookup => unreachable!("socket lookup is attached to a netns"),
             }
         }
         Ok(())

@@ -17,6 +17,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -30,12 +31,13 @@ use divert_common::{
     POD_NAME_LEN,
 };
 
-use crate::policy::Policy;
+use crate::policy::{canonical, Policy};
 
 mod counters;
 #[cfg(feature = "testing")]
 mod diagnostics;
 mod encode;
+mod listeners;
 mod load;
 pub mod pinned;
 mod pods;
@@ -83,6 +85,8 @@ pub enum Error {
     AlreadyRegistered(u64),
     #[error("owner groups {0:?}: the kernel takes GIDs; resolve group names first (OwnerGroups::resolved)")]
     GroupName(String),
+    #[error("address {addr} is netns {netns:#x}'s, which captures inbound connections too: inbound capture finds a connection's namespace by its destination, so each address must be one namespace's")]
+    AddressTaken { addr: IpAddr, netns: u64 },
     #[error("pod {namespace}/{name} does not fit the PODS map (namespace at most {} bytes, name at most {} bytes)", POD_NAMESPACE_LEN - 1, POD_NAME_LEN - 1)]
     PodName { namespace: String, name: String },
 }
@@ -155,6 +159,7 @@ impl Maps {
             return Err(Error::AlreadyRegistered(netns_cookie));
         }
         kernel_ready(policy)?;
+        self.check_inbound_addresses(netns_cookie, policy)?;
         let written = self.write_entries(netns_cookie, policy);
         let header = stamped(header(policy), by);
         let result = written.and_then(|()| {
@@ -188,6 +193,25 @@ impl Maps {
         self.remove_counters(netns_cookie)
     }
 
+    /// Inbound capture finds a connection's namespace by its destination
+    /// address (`INBOUND_NETNS`), so an address must be one namespace's:
+    /// refuse a policy with inbound capture whose own address another
+    /// registered namespace with inbound capture has.
+    fn check_inbound_addresses(&self, netns_cookie: u64, policy: &Policy) -> Result<()> {
+        let owners = self.read_hash::<[u8; 16], u64>(maps::INBOUND_NETNS)?;
+        for (addr, _) in Entries::of(netns_cookie, policy).inbound_netns {
+            if let Ok(other) = owners.get(&addr, 0) {
+                if other != netns_cookie && self.is_registered(other)? {
+                    return Err(Error::AddressTaken {
+                        addr: canonical(IpAddr::from(addr)),
+                        netns: other,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every registered netns cookie, sorted.
     pub fn registered_cookies(&self) -> Result<Vec<u64>> {
         let mut v: Vec<u64> = self
@@ -214,6 +238,7 @@ impl Maps {
             return self.register(netns_cookie, policy, by);
         }
         kernel_ready(policy)?;
+        self.check_inbound_addresses(netns_cookie, policy)?;
         let old = self.owned(netns_cookie)?;
         let new = Entries::of(netns_cookie, policy);
         let added = new.minus(&old);
@@ -333,6 +358,13 @@ impl Maps {
         for k in groups.keys().filter_map(|k| k.ok()) {
             by.entry(k.netns_cookie).or_default().groups.push(k);
         }
+        let owners = self.read_hash::<[u8; 16], u64>(maps::INBOUND_NETNS)?;
+        for (addr, netns) in owners.iter().filter_map(|e| e.ok()) {
+            by.entry(netns)
+                .or_default()
+                .inbound_netns
+                .push((addr, netns));
+        }
         Ok(by)
     }
 
@@ -427,7 +459,16 @@ impl Maps {
             hash_map(&mut self.maps, maps::OWNER_GROUPS)?,
             maps::OWNER_GROUPS,
             &e.groups,
-        )
+        )?;
+        let mut owners: HashMap<&mut MapData, [u8; 16], u64> =
+            hash_map(&mut self.maps, maps::INBOUND_NETNS)?;
+        for (addr, netns) in &e.inbound_netns {
+            owners.insert(addr, netns, 0).map_err(|source| Error::Map {
+                map: maps::INBOUND_NETNS,
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// Remove every entry `policy` wrote for `netns`; entries already gone
@@ -473,6 +514,14 @@ impl Maps {
         e.groups
             .iter()
             .for_each(|k| note(maps::OWNER_GROUPS, groups.remove(k)));
+        let mut owners: HashMap<&mut MapData, [u8; 16], u64> =
+            hash_map(&mut self.maps, maps::INBOUND_NETNS)?;
+        for (addr, netns) in &e.inbound_netns {
+            // Only while it is still this namespace's.
+            if owners.get(addr, 0).is_ok_and(|n| n == *netns) {
+                note(maps::INBOUND_NETNS, owners.remove(addr));
+            }
+        }
         first.map_or(Ok(()), Err)
     }
 }

@@ -41,7 +41,7 @@ use aya::{
     maps::{Map, MapData, MapError},
     programs::{ProgramError, ProgramInfo},
 };
-use divert_common::{MapKind, Program, PROGRAMS};
+use divert_common::{MapKind, Program, Side, PROGRAMS};
 
 use super::{Interceptor, Maps, MAP_NAMES};
 
@@ -148,9 +148,11 @@ pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
 
 fn map_data(m: &Map) -> Option<&MapData> {
     match m {
-        Map::HashMap(d) | Map::LpmTrie(d) | Map::LruHashMap(d) | Map::PerCpuLruHashMap(d) => {
-            Some(d)
-        }
+        Map::HashMap(d)
+        | Map::LpmTrie(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuLruHashMap(d)
+        | Map::SockHash(d) => Some(d),
         _ => None,
     }
 }
@@ -168,6 +170,7 @@ fn typed(name: &str, d: MapData) -> Map {
         MapKind::LpmTrie => Map::LpmTrie(d),
         MapKind::LruHash => Map::LruHashMap(d),
         MapKind::LruPerCpuHash => Map::PerCpuLruHashMap(d),
+        MapKind::SockHash => Map::SockHash(d),
     }
 }
 
@@ -243,7 +246,7 @@ fn install(dir: &Path, i: &mut Interceptor, cgroup: BorrowedFd<'_>) -> Result<()
     }
     for &Program {
         name, attach_type, ..
-    } in &PROGRAMS
+    } in cgroup_programs()
     {
         let p = ebpf.program(name).expect("pinned above");
         let fd = p.fd().map_err(|source| PinnedError::Program {
@@ -322,7 +325,7 @@ fn adopt_check(
     let mut relinked = 0;
     for &Program {
         name, attach_type, ..
-    } in &PROGRAMS
+    } in cgroup_programs()
     {
         let prog_path = progs_dir.join(name);
         let pinned = ProgramInfo::from_pin(&prog_path).map_err(|source| PinnedError::Program {
@@ -413,16 +416,26 @@ pub fn uninstall(dir: &Path) -> Result<bool> {
     Ok(found)
 }
 
-/// How many programs of each of our attach types run at `cgroup_root`
-/// (`BPF_PROG_QUERY`, effective programs excluded): `(attach type, count)`
-/// for every program of [`PROGRAMS`].
-pub fn attachment_counts(cgroup_root: &Path) -> std::io::Result<Vec<(u32, u32)>> {
+/// The programs of [`PROGRAMS`] attached at the cgroup root (not the
+/// per-namespace socket lookup).
+fn cgroup_programs() -> impl Iterator<Item = &'static Program> {
+    PROGRAMS.iter().filter(|p| p.side != Side::Netns)
+}
+
+/// Per attach type of our cgroup programs: `(attach type, programs
+/// attached at `cgroup_root` with it (`BPF_PROG_QUERY`, effective programs
+/// excluded), how many of ours have it)`. Once installed, the two counts
+/// are equal; uninstalled, the second is all there is.
+pub fn attachment_counts(cgroup_root: &Path) -> std::io::Result<Vec<(u32, u32, u32)>> {
     let cg = fs::File::open(cgroup_root)?;
-    PROGRAMS
-        .iter()
-        .map(|p| {
-            let t = p.attach_type;
-            Ok((t, sys::prog_query_count(cg.as_fd(), t)?))
+    let mut types: Vec<u32> = cgroup_programs().map(|p| p.attach_type).collect();
+    types.sort_unstable();
+    types.dedup();
+    types
+        .into_iter()
+        .map(|t| {
+            let ours = cgroup_programs().filter(|p| p.attach_type == t).count() as u32;
+            Ok((t, sys::prog_query_count(cg.as_fd(), t)?, ours))
         })
         .collect()
 }

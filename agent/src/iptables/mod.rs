@@ -362,7 +362,7 @@ fn port_matches(ports: &[u16]) -> Vec<Vec<String>> {
 /// 9. TPROXY's marks in mangle's `PREROUTING`, `OUTPUT` and
 ///    `ISTIO_INBOUND`.
 pub fn render(policy: &Policy, capture: &Capture, family: Family) -> RuleSet {
-    let tproxy = capture.inbound.mode == InterceptionMode::Tproxy;
+    let tproxy = capture.interception_mode == InterceptionMode::Tproxy;
     let mut rules: Vec<Rule> = Vec::new();
     let tunnel = policy.inbound_tunnel_port.to_string();
     let lo = match family {
@@ -534,10 +534,10 @@ pub fn render(policy: &Policy, capture: &Capture, family: Family) -> RuleSet {
 
 /// Step 5 of [`render`] (run.go `handleInboundPortsInclude`).
 fn inbound(rules: &mut Vec<Rule>, policy: &Policy, capture: &Capture, lo: &str, mark: &str) {
-    if capture.inbound.ports == InboundPorts::None {
+    if policy.inbound_ports == InboundPorts::None {
         return;
     }
-    let tproxy = capture.inbound.mode == InterceptionMode::Tproxy;
+    let tproxy = capture.interception_mode == InterceptionMode::Tproxy;
     let table = if tproxy { Table::Mangle } else { Table::Nat };
     if tproxy {
         rules.push(Rule::mangle(
@@ -568,9 +568,9 @@ fn inbound(rules: &mut Vec<Rule>, policy: &Policy, capture: &Capture, lo: &str, 
         &["-p", "tcp", "-j", ISTIO_INBOUND],
     ));
     let established = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"];
-    match &capture.inbound.ports {
+    match &policy.inbound_ports {
         InboundPorts::All => {
-            for m in port_matches(&capture.inbound.exclude_ports) {
+            for m in port_matches(&policy.inbound_exclude_ports) {
                 let mut spec = vec!["-p", "tcp"];
                 spec.extend(m.iter().map(String::as_str));
                 spec.extend(["-j", "RETURN"]);

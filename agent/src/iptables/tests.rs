@@ -135,9 +135,9 @@ fn dns_capture_reads_the_nameservers_and_refuses_what_it_cannot_match() {
 
 #[test]
 fn init_defaults_are_istio_iptables_defaults() {
-    let (p, c) = policy_for(&[]);
+    let (p, _) = policy_for(&[]);
     assert_eq!(p.include_ranges, crate::policy::IncludeRanges::List(vec![]));
-    assert_eq!(c.inbound.ports, crate::policy::InboundPorts::None);
+    assert_eq!(p.inbound_ports, crate::policy::InboundPorts::None);
     assert_eq!((p.proxy_port, p.inbound_capture_port), (15001, 15006));
 }
 
@@ -148,9 +148,9 @@ fn injector_command_line_parses() {
         .split(' ')
         .map(String::from)
         .collect();
-    let (p, c) = policy_for(&args);
+    let (p, _) = policy_for(&args);
     assert_eq!(p.include_ranges, crate::policy::IncludeRanges::All);
-    assert_eq!(c.inbound.ports, crate::policy::InboundPorts::All);
-    assert_eq!(c.inbound.exclude_ports, vec![15090, 15021, 15020]);
+    assert_eq!(p.inbound_ports, crate::policy::InboundPorts::All);
+    assert_eq!(p.inbound_exclude_ports, vec![15090, 15021, 15020]);
     assert!(p.exclude_ranges.is_empty());
 }

@@ -14,7 +14,10 @@ use std::net::IpAddr;
 pub use ipnetwork::IpNetwork;
 pub use parse::{go_bool, go_bool_flag, CaptureArgs, PolicyArgs, PolicyError, Source};
 
-pub use verdict::{as_dialled, verdict, verdict_for, Action, Connect, Rule, Verdict};
+pub use verdict::{
+    as_dialled, inbound_verdict, verdict, verdict_for, Action, Connect, InboundVerdict, Rule,
+    Verdict,
+};
 
 /// Environment variables are process-wide: unit tests that parse flags
 /// (which read them) take turns with the tests that set them.
@@ -79,6 +82,7 @@ pub enum InterceptionMode {
 /// Which inbound destination ports are captured (`-b`,
 /// `traffic.sidecar.istio.io/includeInboundPorts`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum InboundPorts {
     /// `""`: no inbound capture (the istio-iptables default).
     #[default]
@@ -89,28 +93,22 @@ pub enum InboundPorts {
     List(Vec<u16>),
 }
 
-/// Inbound capture: connections *into* the namespace sent to the inbound
-/// capture port. Only the iptables backend applies it (it lives in the
-/// netfilter PREROUTING hook, which connect-time eBPF programs do not see).
-/// Part of [`Capture`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Inbound {
-    /// `-m`, `REDIRECT` or `TPROXY`.
-    pub mode: InterceptionMode,
-    /// `-b`.
-    pub ports: InboundPorts,
-    /// `-d`, `excludeInboundPorts`: exempt from `-b '*'` (ignored with a port list, as istio-iptables ignores it).
-    pub exclude_ports: Vec<u16>,
+impl InboundPorts {
+    /// No inbound capture.
+    pub fn is_none(&self) -> bool {
+        *self == InboundPorts::None
+    }
 }
 
 /// The capture settings only a backend that sees packets applies (the
-/// iptables backend's PREROUTING, interface, mangle and raw rules): inbound
-/// capture, interfaces, DNS capture, owner groups. Not part of [`Policy`], which is what the kernel maps hold
+/// iptables backend's interface, mangle and raw rules): TPROXY, interfaces,
+/// DNS capture, `--drop-invalid`, another host loopback range. Not part of [`Policy`], which is what the kernel maps hold
 /// and the daemon's socket takes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capture {
-    /// `-m`, `-b`, `-d`.
-    pub inbound: Inbound,
+    /// `-m`: how inbound connections reach the inbound capture port
+    /// (the ports are the policy's).
+    pub interception_mode: InterceptionMode,
     /// Interfaces whose inbound traffic is treated as outbound (`-k`,
     /// `--kube-virt-interfaces`, `traffic.sidecar.istio.io/kubevirtInterfaces`).
     pub kube_virt_interfaces: Vec<String>,
@@ -181,7 +179,7 @@ impl Default for Capture {
     /// address family decision, every group, 127.0.0.1/32, no DNS capture.
     fn default() -> Self {
         Capture {
-            inbound: Inbound::default(),
+            interception_mode: InterceptionMode::default(),
             kube_virt_interfaces: Vec::new(),
             exclude_interfaces: Vec::new(),
             dual_stack: false,
@@ -307,6 +305,15 @@ pub struct Policy {
     /// every group by default (and then absent from a request).
     #[serde(default, skip_serializing_if = "OwnerGroups::is_every_group")]
     pub owner_groups: OwnerGroups,
+    /// Inbound ports sent to the inbound capture port (`-b`,
+    /// `includeInboundPorts`); none by default (and then absent from a
+    /// request).
+    #[serde(default, skip_serializing_if = "InboundPorts::is_none")]
+    pub inbound_ports: InboundPorts,
+    /// Inbound ports left alone under `-b '*'` (`-d`,
+    /// `excludeInboundPorts`; istio-iptables ignores them with a list).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inbound_exclude_ports: Vec<u16>,
 }
 
 impl Default for Policy {
@@ -324,6 +331,8 @@ impl Default for Policy {
             exclude_ports: Vec::new(),
             local_addrs: Vec::new(),
             owner_groups: OwnerGroups::default(),
+            inbound_ports: InboundPorts::None,
+            inbound_exclude_ports: Vec::new(),
         }
     }
 }

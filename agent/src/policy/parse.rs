@@ -12,10 +12,10 @@ use clap::{parser::ValueSource, ArgMatches, Args};
 use ipnetwork::IpNetwork;
 
 use super::{
-    Capture, DnsCapture, Inbound, InboundPorts, IncludeRanges, InterceptionMode, OwnerGroups,
-    Policy, Tproxy, DEFAULT_HOST_LOOPBACK_V4, DEFAULT_INBOUND_CAPTURE_PORT,
-    DEFAULT_INBOUND_TUNNEL_PORT, DEFAULT_PROXY_ID, DEFAULT_PROXY_PORT, DEFAULT_TPROXY_MARK,
-    DEFAULT_TPROXY_ROUTE_TABLE, MAX_PROXY_IDS,
+    Capture, DnsCapture, InboundPorts, IncludeRanges, InterceptionMode, OwnerGroups, Policy,
+    Tproxy, DEFAULT_HOST_LOOPBACK_V4, DEFAULT_INBOUND_CAPTURE_PORT, DEFAULT_INBOUND_TUNNEL_PORT,
+    DEFAULT_PROXY_ID, DEFAULT_PROXY_PORT, DEFAULT_TPROXY_MARK, DEFAULT_TPROXY_ROUTE_TABLE,
+    MAX_PROXY_IDS,
 };
 
 /// Where a setting's value came from, for error messages.
@@ -267,6 +267,29 @@ pub struct PolicyArgs {
         value_name = "GROUPS"
     )]
     pub owner_groups_exclude: String,
+
+    /// Inbound ports sent to the inbound capture port: '*', '' (none), or a
+    /// comma-separated list.
+    #[arg(
+        short = 'b',
+        long = "istio-inbound-ports",
+        visible_alias = "include-inbound-ports",
+        env = "ISTIO_INBOUND_PORTS",
+        default_value = "",
+        value_name = "PORTS"
+    )]
+    pub inbound_ports: String,
+
+    /// Inbound ports never captured; applies only with -b '*'.
+    #[arg(
+        short = 'd',
+        long = "istio-local-exclude-ports",
+        visible_alias = "exclude-inbound-ports",
+        env = "ISTIO_LOCAL_EXCLUDE_PORTS",
+        default_value = "",
+        value_name = "PORTS"
+    )]
+    pub inbound_exclude_ports: String,
 }
 
 impl PolicyArgs {
@@ -320,20 +343,29 @@ impl PolicyArgs {
                 origin("owner_groups"),
                 origin("owner_groups_exclude"),
             )?,
+            inbound_ports: match self.inbound_ports.as_str() {
+                "" => InboundPorts::None,
+                "*" => InboundPorts::All,
+                list => InboundPorts::List(parse_ports(list, origin("inbound_ports"))?),
+            },
+            inbound_exclude_ports: parse_ports(
+                &self.inbound_exclude_ports,
+                origin("inbound_exclude_ports"),
+            )?,
             ..Policy::default()
         })
     }
 }
 
-/// istio-iptables' flags that shape capture beyond the outbound verdict:
-/// inbound capture, interfaces, DNS. Used by `divert init`, whose iptables
+/// istio-iptables' flags that shape capture beyond the policy: the
+/// interception mode, interfaces, DNS, and the iptables-only settings. Used by `divert init`, whose iptables
 /// backend applies them; spellings and environment variables as
 /// istio-iptables'.
 #[derive(Args, Clone, Debug, Default)]
 #[command(mut_args(go_bool_flag))]
 pub struct CaptureArgs {
-    /// Inbound interception mode: REDIRECT or TPROXY (TPROXY is refused by
-    /// the iptables backend for now).
+    /// Inbound interception mode: REDIRECT or TPROXY (TPROXY: iptables
+    /// backend only).
     #[arg(
         short = 'm',
         long = "istio-inbound-interception-mode",
@@ -342,29 +374,6 @@ pub struct CaptureArgs {
         value_name = "MODE"
     )]
     pub interception_mode: String,
-
-    /// Inbound ports sent to the inbound capture port: '*', '' (none), or a
-    /// comma-separated list.
-    #[arg(
-        short = 'b',
-        long = "istio-inbound-ports",
-        visible_alias = "include-inbound-ports",
-        env = "ISTIO_INBOUND_PORTS",
-        default_value = "",
-        value_name = "PORTS"
-    )]
-    pub inbound_ports: String,
-
-    /// Inbound ports never captured; applies only with -b '*'.
-    #[arg(
-        short = 'd',
-        long = "istio-local-exclude-ports",
-        visible_alias = "exclude-inbound-ports",
-        env = "ISTIO_LOCAL_EXCLUDE_PORTS",
-        default_value = "",
-        value_name = "PORTS"
-    )]
-    pub inbound_exclude_ports: String,
 
     /// Interfaces (comma-separated) whose inbound traffic is treated as outbound (KubeVirt VMs).
     #[arg(
@@ -654,20 +663,8 @@ impl CaptureArgs {
                 })
             }
         };
-        let ports = match self.inbound_ports.as_str() {
-            "" => InboundPorts::None,
-            "*" => InboundPorts::All,
-            list => InboundPorts::List(parse_ports(list, origin("inbound_ports"))?),
-        };
         Ok(Capture {
-            inbound: Inbound {
-                mode,
-                ports,
-                exclude_ports: parse_ports(
-                    &self.inbound_exclude_ports,
-                    origin("inbound_exclude_ports"),
-                )?,
-            },
+            interception_mode: mode,
             kube_virt_interfaces: parse_interfaces(
                 &self.kube_virt_interfaces,
                 origin("kube_virt_interfaces"),
@@ -788,6 +785,14 @@ impl PolicyArgs {
                 OwnerGroups::AllExcept(g) => g.join(","),
                 OwnerGroups::Only(_) => String::new(),
             },
+            inbound_ports: match &policy.inbound_ports {
+                InboundPorts::None => String::new(),
+                InboundPorts::All => "*".to_string(),
+                InboundPorts::List(l) => join(&mut l.iter().map(u16::to_string)),
+            },
+            inbound_exclude_ports: join(
+                &mut policy.inbound_exclude_ports.iter().map(u16::to_string),
+            ),
         }
     }
 }
@@ -852,6 +857,11 @@ impl Policy {
             ),
             ("include_ports", again.include_ports == self.include_ports),
             ("exclude_ports", again.exclude_ports == self.exclude_ports),
+            ("inbound_ports", again.inbound_ports == self.inbound_ports),
+            (
+                "inbound_exclude_ports",
+                again.inbound_exclude_ports == self.inbound_exclude_ports,
+            ),
         ] {
             if !same {
                 return Err(differs(field, NOT_FLAG_FORM));

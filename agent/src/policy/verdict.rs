@@ -10,7 +10,7 @@ use divert_common::chain::{self, Hit, Owner};
 use ipnetwork::IpNetwork;
 use serde::Serialize;
 
-use super::{canonical, Policy};
+use super::{canonical, InboundPorts, Policy};
 
 /// What happens to a connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -239,6 +239,45 @@ impl chain::Lookups for Lists<'_> {
     }
     fn owner_group(&mut self, gid: u32) -> bool {
         self.policy.owner_groups.lists(gid)
+    }
+    fn inbound_include_port(&mut self, port: u16) -> bool {
+        matches!(&self.policy.inbound_ports, InboundPorts::List(l) if l.contains(&port))
+    }
+    fn inbound_exclude_port(&mut self, port: u16) -> bool {
+        self.policy.inbound_exclude_ports.contains(&port)
+    }
+}
+
+/// What happens to an inbound connection: handed to the inbound capture
+/// listener (`Some(port)`), or left to the port it dialled, and the rule of
+/// istio-iptables' `ISTIO_INBOUND` chain that said so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboundVerdict {
+    /// The inbound capture port it goes to, or `None`.
+    pub captured_to: Option<u16>,
+    pub rule: chain::InboundHit,
+}
+
+/// The verdict for an inbound TCP connection to `port` of the namespace
+/// from `source`: the kernel's own decision
+/// ([`divert_common::chain::judge_inbound`]) over `policy`'s header and
+/// lists. A source on loopback or among the policy's own addresses is the
+/// namespace dialling itself.
+pub fn inbound_verdict(policy: &Policy, port: u16, source: IpAddr) -> InboundVerdict {
+    let source = canonical(source);
+    let from_local = source.is_loopback() || policy.local_addrs.contains(&source);
+    let mut lists = Lists {
+        policy,
+        range: None,
+    };
+    let (capture, rule) = chain::judge_inbound(
+        &crate::ebpf::header(policy),
+        &chain::Accept { port, from_local },
+        &mut lists,
+    );
+    InboundVerdict {
+        captured_to: capture.then_some(policy.inbound_capture_port),
+        rule,
     }
 }
 
@@ -621,6 +660,42 @@ mod tests {
         assert_eq!(
             verdict(&p, sa("[fd00:211::2]:80"), APP, APP).rule,
             Rule::IncludeRange(net("::/0"))
+        );
+    }
+
+    #[test]
+    fn inbound_capture_follows_istio_iptables_inbound_chain() {
+        use chain::InboundHit::*;
+        let peer: IpAddr = "10.1.1.2".parse().unwrap();
+        let own: IpAddr = "10.1.1.1".parse().unwrap();
+        let with = |ports, exclude: Vec<u16>| Policy {
+            inbound_ports: ports,
+            inbound_exclude_ports: exclude,
+            local_addrs: vec![own],
+            ..Policy::default()
+        };
+        let all = with(InboundPorts::All, vec![22]);
+        let v = |p: &Policy, port, src| {
+            let v = inbound_verdict(p, port, src);
+            (v.captured_to, v.rule)
+        };
+        assert_eq!(v(&all, 8080, peer), (Some(15006), AllPorts));
+        assert_eq!(v(&all, 22, peer), (None, ExcludedPort));
+        assert_eq!(v(&all, 15008, peer), (None, TunnelPort));
+        // The namespace dialling itself, or Envoy's inbound passthrough.
+        assert_eq!(v(&all, 8080, own), (None, FromLocal));
+        assert_eq!(
+            v(&all, 8080, "127.0.0.6".parse().unwrap()),
+            (None, FromLocal)
+        );
+        // A list captures its ports only; -d is ignored with it, as
+        // istio-iptables ignores it.
+        let list = with(InboundPorts::List(vec![8080, 22]), vec![22]);
+        assert_eq!(v(&list, 22, peer), (Some(15006), ListedPort));
+        assert_eq!(v(&list, 80, peer), (None, End));
+        assert_eq!(
+            v(&with(InboundPorts::None, vec![]), 8080, peer),
+            (None, NoInboundCapture)
         );
     }
 }

@@ -1,0 +1,144 @@
+//! The inbound capture listener of a namespace whose proxy was listening
+//! before the policy was registered: the kernel records a listener when it
+//! starts listening (`divert_listen`), so one already listening is found
+//! here and put in the `LISTENERS` socket hash by hand.
+//!
+//! The calling thread must be in the namespace: `/proc/self/net/tcp{,6}`
+//! lists its listening sockets (inode by port), `/proc/PID/fd` tells which
+//! process holds each, and `pidfd_getfd(2)` (Linux 5.6, `CAP_SYS_PTRACE`
+//! over the holder) gives us a descriptor of that very socket to insert.
+
+use std::{
+    fs,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use aya::maps::SockHash;
+use divert_common::{maps, ListenerKey};
+
+use super::{Error, Maps, Result};
+
+const AF_INET: u32 = libc::AF_INET as u32;
+const AF_INET6: u32 = libc::AF_INET6 as u32;
+/// `/proc/net/tcp`'s `st` of a listening socket (`TCP_LISTEN`).
+const TCP_LISTEN: &str = "0A";
+
+/// The inodes of the sockets listening on `port` in `/proc/self/net/FILE`'s
+/// text (`tcp` or `tcp6` format: `sl local_address rem_address st … inode`,
+/// addresses as `HEX:PORT`).
+fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = f.get(1)?.rsplit_once(':')?.1;
+            let listening = *f.get(3)? == TCP_LISTEN;
+            (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                .then(|| f.get(9)?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// A process and descriptor that hold the socket `inode`, if any.
+fn holder(inode: u64) -> Option<(i32, i32)> {
+    let wanted = format!("socket:[{inode}]");
+    for p in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == wanted.as_str()) {
+                if let Some(n) = fd.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    return Some((pid, n));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Our own descriptor of descriptor `fd` of process `pid`.
+fn take_fd(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscalls; each returned descriptor is new and ours.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if got < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(got as i32) })
+}
+
+impl Maps {
+    /// Put the sockets already listening on `port` in the calling thread's
+    /// namespace (cookie `netns_cookie`) in the `LISTENERS` socket hash,
+    /// one per address family. Returns how many were put there; a socket
+    /// whose holder cannot be reached is skipped with a warning (it is
+    /// recorded when it listens again).
+    pub fn adopt_listeners(&mut self, netns_cookie: u64, port: u16) -> Result<usize> {
+        let mut adopted = 0;
+        for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
+            let Ok(table) = fs::read_to_string(format!("/proc/self/net/{file}")) else {
+                continue;
+            };
+            let Some((pid, fd)) = listening_inodes(&table, port).into_iter().find_map(holder)
+            else {
+                continue;
+            };
+            let sock = match take_fd(pid, fd) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(pid, fd, port, error = %e, "cannot take the listening socket of the inbound capture port");
+                    continue;
+                }
+            };
+            let key = ListenerKey {
+                netns_cookie,
+                family,
+                _pad: [0; 4],
+            };
+            let m = self
+                .maps
+                .get_mut(maps::LISTENERS)
+                .ok_or(Error::MissingMap(maps::LISTENERS))?;
+            let mut hash: SockHash<&mut aya::maps::MapData, ListenerKey> = SockHash::try_from(m)
+                .map_err(|source| Error::Map {
+                    map: maps::LISTENERS,
+                    source,
+                })?;
+            hash.insert(key, sock.as_raw_fd(), 0)
+                .map_err(|source| Error::Map {
+                    map: maps::LISTENERS,
+                    source,
+                })?;
+            adopted += 1;
+        }
+        Ok(adopted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_sockets_are_found_by_port_in_proc_net_tcp() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:3A9E 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 4243 1 0000000000000000 100 0 0 10 0
+   2: 0100007F:3A9E 0100007F:C350 01 00000000:00000000 00:00000000 00000000  1000        0 4244 1 0000000000000000 20 4 30 10 -1
+";
+        // 0x3A9E = 15006; the established connection on it is not a listener.
+        assert_eq!(listening_inodes(table, 15006), vec![4242]);
+        assert_eq!(listening_inodes(table, 15001), vec![4243]);
+        assert!(listening_inodes(table, 80).is_empty());
+    }
+}
