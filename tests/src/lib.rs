@@ -504,6 +504,34 @@ impl Lab {
         Ok(text)
     }
 
+    /// Dial `dst` (in the client namespace) with the testkit client from
+    /// the peer namespace: its one line, or `Err` with why it failed.
+    pub fn dial_in(&self, dst: SocketAddr) -> std::result::Result<String, String> {
+        let (mut cmd, _keep) = command_in(
+            Placement {
+                netns: &self.peer,
+                cgroup: &self.plain,
+                ids: None,
+            },
+            testkit_bin(),
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        let out = cmd
+            .arg("client")
+            .arg(dst.to_string())
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!(
+                "{text} {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
     /// The client namespace's cookie and addresses.
     pub fn client_identity(&self) -> Result<(u64, Vec<IpAddr>)> {
         self.client.enter(|| -> Result<(u64, Vec<IpAddr>)> {

@@ -33,21 +33,51 @@ fn init_registers_and_interception_survives_kill_and_restart() {
     assert!(out.status.success(), "init: {}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(err.contains("registered with the daemon"), "{err}");
-    assert!(err.contains("not applied: inbound capture"), "{err}");
+    assert!(!err.contains("warning"), "{err}");
     s.assert_redirected("after init");
+    // The injector's -b '*' -d 15090,15021,15020: inbound capture by socket
+    // lookup, to the proxy listening on 15006 (it was listening already).
+    let own = |port| SocketAddr::new(s.lab.v4(1), port);
+    let captured = |port| format!("proxy {0} orig={0} peer={0}", own(port));
+    let direct = |port| format!("server {0} peer={0}", own(port));
+    assert_eq!(
+        s.lab.dial_in(own(8080)).unwrap(),
+        captured(8080),
+        "after init"
+    );
+    assert_eq!(s.lab.dial_in(own(5432)).unwrap(), captured(5432));
+    let links = s.bpffs.path().join("links");
+    let netns_links = || {
+        std::fs::read_dir(&links)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("netns-"))
+            .count()
+    };
+    assert_eq!(netns_links(), 1, "one socket lookup link, pinned");
 
     // kill -9: the pinned links keep the programs attached, the pinned maps
-    // keep the policy.
+    // keep the policy (and the capture listener).
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();
     s.assert_redirected("with the daemon killed");
     s.assert_attached_once("with the daemon killed");
+    assert_eq!(
+        s.lab.dial_in(own(8080)).unwrap(),
+        captured(8080),
+        "daemon killed"
+    );
 
     let _daemon = s.daemon();
     s.assert_attached_once("after the restart");
     s.assert_redirected("after the restart");
+    assert_eq!(
+        s.lab.dial_in(own(8080)).unwrap(),
+        captured(8080),
+        "after the restart"
+    );
     // The adopted instance still takes requests: unregister, then the
-    // connection goes where it was dialled.
+    // connection goes where it was dialled, inbound too.
     let out = s.init(&["--cleanup", "-i", "*"]);
     assert!(
         out.status.success(),
@@ -56,6 +86,12 @@ fn init_registers_and_interception_survives_kill_and_restart() {
     );
     let (dst, got) = s.dial();
     assert_eq!(got, expected(Action::PassThrough, dst, false));
+    assert_eq!(
+        s.lab.dial_in(own(8080)).unwrap(),
+        direct(8080),
+        "after --cleanup"
+    );
+    assert_eq!(netns_links(), 0, "the link went with the policy");
 }
 
 #[test]

@@ -11,31 +11,11 @@ use divert::policy::{inbound_verdict, InboundPorts, IncludeRanges, Policy};
 use divert_tests::{
     command_in, require_root,
     rig::{EbpfRig, IptablesRig},
-    testkit_bin, wait_listening, Daemon, Lab, Placement,
+    testkit_bin, wait_listening, Daemon, Lab,
 };
 
-/// Run the testkit client from the peer namespace to `dst` (into the
-/// client namespace): its line, or `Err` with why it failed.
 fn dial_in(lab: &Lab, dst: SocketAddr) -> Result<String, String> {
-    let (mut cmd, _keep) = command_in(
-        Placement {
-            netns: &lab.peer,
-            cgroup: &lab.plain,
-            ids: None,
-        },
-        testkit_bin(),
-    )
-    .unwrap();
-    let out = cmd.arg("client").arg(dst.to_string()).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(format!(
-            "{text} {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    lab.dial_in(dst)
 }
 
 /// Capture listeners on the client's own addresses, port 15006, as the

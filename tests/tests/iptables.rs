@@ -403,12 +403,7 @@ fn ebpf_and_iptables_give_the_same_answers() {
 
 /// Dial `dst` from the peer namespace (into the client namespace).
 fn dial_in(rig: &IptablesRig, dst: SocketAddr) -> String {
-    kit(
-        &rig.lab.peer,
-        &rig.lab.plain,
-        None,
-        &["client", &dst.to_string()],
-    )
+    rig.lab.dial_in(dst).unwrap()
 }
 
 #[test]

@@ -149,7 +149,7 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
             cgroup_root.display()
         ),
     }
-    let registry = Arc::new(Registry::new(interceptor)?);
+    let registry = Arc::new(Registry::new(interceptor, &args.bpffs_dir)?);
     let ready = endpoint.readiness();
     let interval = std::time::Duration::from_secs_f64(args.gc_interval);
     let bound = http.local_addr()?;

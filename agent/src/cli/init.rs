@@ -352,17 +352,6 @@ fn apply(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<
     }
 }
 
-/// What the eBPF backend does not apply yet and warns about: inbound
-/// capture (`-b/-d`; the connect-time programs see outbound connections
-/// only).
-pub fn not_applied_under_ebpf(policy: &Policy) -> Vec<String> {
-    let mut v = Vec::new();
-    if policy.inbound_ports != crate::policy::InboundPorts::None {
-        v.push("inbound capture (-b/-d)".to_string());
-    }
-    v
-}
-
 /// What the eBPF backend refuses: interface settings, which it cannot
 /// apply either way without changing what is captured (`-c` would leave
 /// connections it exempts redirected: more capture than asked; `-k` would
@@ -411,13 +400,9 @@ fn ebpf(args: &InitArgs, policy: &Policy) -> anyhow::Result<()> {
             .owner_groups
             .resolved()
             .map_err(|e| anyhow::anyhow!("ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]: {e}"))?;
-        // The daemon does not attach inbound capture yet (warned below):
-        // the request carries none rather than a policy it would not apply.
         Op::Register {
             policy: Box::new(Policy {
                 owner_groups,
-                inbound_ports: crate::policy::InboundPorts::None,
-                inbound_exclude_ports: Vec::new(),
                 ..policy.clone()
             }),
         }
@@ -431,13 +416,6 @@ fn ebpf(args: &InitArgs, policy: &Policy) -> anyhow::Result<()> {
             })?
         );
         return Ok(());
-    }
-    let skipped = not_applied_under_ebpf(policy);
-    if !skipped.is_empty() && !args.cleanup {
-        eprintln!(
-            "divert init: warning: the ebpf backend diverts outbound TCP only; not applied: {}",
-            skipped.join("; ")
-        );
     }
     let r = proto::call(&args.daemon_socket, op)?;
     if !r.ok {

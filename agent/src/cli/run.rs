@@ -104,7 +104,8 @@ fn run(args: &RunArgs, mut policy: Policy) -> anyhow::Result<ExitCode> {
         let netns =
             std::fs::File::open("/proc/self/ns/net").context("opening this network namespace")?;
         interceptor.attach_netns(&netns)?;
-        let adopted = interceptor.adopt_listeners(cookie, policy.inbound_capture_port)?;
+        let found = crate::ebpf::find_listeners(policy.inbound_capture_port);
+        let adopted = interceptor.adopt_listeners(cookie, &found)?;
         tracing::info!(
             adopted,
             "capturing inbound connections to {:?} on port {}",

@@ -95,8 +95,8 @@ impl Registry {
         let live = live_netns_cookies()?;
         let mut removed = Vec::new();
         for c in registered.into_iter().filter(|c| !live.contains(c)) {
-            // Removes the pod identity with the policy.
-            let removed_now = self.lock().unregister_netns(c)?;
+            // Removes the pod identity and inbound capture with the policy.
+            let removed_now = self.forget(c)?;
             if removed_now {
                 tracing::info!(netns_cookie = c, "namespace gone: policy removed");
                 removed.push(c);

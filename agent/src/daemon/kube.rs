@@ -323,9 +323,7 @@ impl Watch {
             if let Some((cookie, _)) = self.applied.registered.remove(&uid) {
                 // Removes the pod identity with the policy.
                 let registry = self.registry.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || registry.lock().unregister_netns(cookie))
-                        .await;
+                let _ = tokio::task::spawn_blocking(move || registry.forget(cookie)).await;
                 tracing::info!(pod = %who, netns_cookie = cookie, "no longer meshed: unregistered");
             }
             return;

@@ -76,18 +76,65 @@ pub fn peer_of_pid(pid: i32) -> anyhow::Result<Peer> {
     })
 }
 
-/// The registration service: the instance and the daemon's own netns.
+/// The registration service: the instance, where it is pinned, and the
+/// daemon's own netns.
 pub struct Registry {
     interceptor: Mutex<Maps>,
+    bpffs_dir: std::path::PathBuf,
     host_netns: u64,
 }
 
 impl Registry {
-    pub fn new(interceptor: Maps) -> anyhow::Result<Registry> {
+    /// The service over `interceptor`'s maps, pinned under `bpffs_dir`.
+    pub fn new(interceptor: Maps, bpffs_dir: &std::path::Path) -> anyhow::Result<Registry> {
         Ok(Registry {
             interceptor: Mutex::new(interceptor),
+            bpffs_dir: bpffs_dir.to_path_buf(),
             host_netns: netns::current_cookie().context("the daemon's own netns cookie")?,
         })
+    }
+
+    /// Inbound capture for a namespace whose policy is registered: with
+    /// `capture_port`, the socket lookup program attached to it (a pinned
+    /// link) and a capture listener already listening there adopted;
+    /// without, its link removed. `netns` is the namespace, e.g.
+    /// `/proc/PID/ns/net`.
+    fn inbound(
+        &self,
+        netns_cookie: u64,
+        netns: &std::path::Path,
+        capture_port: Option<u16>,
+    ) -> anyhow::Result<()> {
+        let Some(port) = capture_port else {
+            crate::ebpf::pinned::unlink_netns(&self.bpffs_dir, netns_cookie)?;
+            return Ok(());
+        };
+        let ns = fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        crate::ebpf::pinned::link_netns(&self.bpffs_dir, netns_cookie, ns.as_fd())?;
+        if self.lock().has_listener(netns_cookie)? {
+            return Ok(());
+        }
+        // A proxy already listening: found from inside the namespace,
+        // without holding the maps.
+        let found = thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<_> {
+                setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).context("entering the netns")?;
+                Ok(crate::ebpf::find_listeners(port))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the netns thread panicked"))?
+        })?;
+        let adopted = self.lock().adopt_listeners(netns_cookie, &found)?;
+        tracing::debug!(netns_cookie, adopted, "inbound capture attached");
+        Ok(())
+    }
+
+    /// Remove `netns_cookie`'s policy, pod identity and inbound capture.
+    /// Returns whether a policy was registered.
+    pub fn forget(&self, netns_cookie: u64) -> anyhow::Result<bool> {
+        let was = self.lock().unregister_netns(netns_cookie)?;
+        crate::ebpf::pinned::unlink_netns(&self.bpffs_dir, netns_cookie)?;
+        Ok(was)
     }
 
     /// Record which pod `netns_cookie` is (Kubernetes namespace and name) in
@@ -184,12 +231,22 @@ impl Registry {
             match req.op {
                 Op::Register { policy } => {
                     policy.validate(&|field| Source::Request(field.to_string()))?;
+                    let capture_port =
+                        (!policy.inbound_ports.is_none()).then_some(policy.inbound_capture_port);
                     self.register_namespace(
                         peer.netns_cookie,
                         *policy,
                         &peer.local_addrs,
                         RegisteredBy::Init,
                     )?;
+                    let ns = std::path::PathBuf::from(format!("/proc/{}/ns/net", peer.pid));
+                    if let Err(e) = self.inbound(peer.netns_cookie, &ns, capture_port) {
+                        // Fully configured or not at all.
+                        let _ = self.forget(peer.netns_cookie);
+                        return Err(
+                            e.context("attaching inbound capture; the policy was removed again")
+                        );
+                    }
                     tracing::info!(
                         pid = peer.pid,
                         netns_cookie = peer.netns_cookie,
@@ -198,8 +255,8 @@ impl Registry {
                     Ok(true)
                 }
                 Op::Unregister => {
-                    // Removes the pod identity with the policy.
-                    self.lock().unregister_netns(peer.netns_cookie)?;
+                    // Removes the pod identity and inbound capture with the policy.
+                    self.forget(peer.netns_cookie)?;
                     tracing::info!(
                         pid = peer.pid,
                         netns_cookie = peer.netns_cookie,

@@ -17,7 +17,10 @@
 //! (the daemon reads the namespace's own addresses). `policy.owner_groups`
 //! is optional (absent: every group, so requests without it read as they
 //! did), `{"only":[GID…]}` or `{"all_except":[GID…]}`, GIDs as decimal
-//! strings, at most 64, no names.
+//! strings, at most 64, no names. `policy.inbound_ports` (`"all"` or
+//! `{"list":[PORT…]}`; absent: no inbound capture) and
+//! `policy.inbound_exclude_ports` are optional too; with inbound capture
+//! the daemon attaches socket lookup to the caller's namespace.
 //!
 //! A request line is at most [`MAX_REQUEST_BYTES`] and must arrive whole
 //! within [`REQUEST_DEADLINE`]; a refusal never quotes what was sent.

@@ -3,10 +3,11 @@
 //! starts listening (`divert_listen`), so one already listening is found
 //! here and put in the `LISTENERS` socket hash by hand.
 //!
-//! The calling thread must be in the namespace: `/proc/self/net/tcp{,6}`
-//! lists its listening sockets (inode by port), `/proc/PID/fd` tells which
-//! process holds each, and `pidfd_getfd(2)` (Linux 5.6, `CAP_SYS_PTRACE`
-//! over the holder) gives us a descriptor of that very socket to insert.
+//! [`find_listeners`] runs in the namespace: `/proc/thread-self/net/tcp{,6}`
+//! lists its listening sockets (inode by port), `/proc/PID/fd` of its
+//! processes tells which holds each, and `pidfd_getfd(2)` (Linux 5.6,
+//! `CAP_SYS_PTRACE` over the holder) gives us a descriptor of that very
+//! socket; [`Maps::adopt_listeners`] inserts them.
 
 use std::{
     fs,
@@ -23,7 +24,7 @@ const AF_INET6: u32 = libc::AF_INET6 as u32;
 /// `/proc/net/tcp`'s `st` of a listening socket (`TCP_LISTEN`).
 const TCP_LISTEN: &str = "0A";
 
-/// The inodes of the sockets listening on `port` in `/proc/self/net/FILE`'s
+/// The inodes of the sockets listening on `port` in `/proc/thread-self/net/FILE`'s
 /// text (`tcp` or `tcp6` format: `sl local_address rem_address st … inode`,
 /// addresses as `HEX:PORT`).
 fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
@@ -41,13 +42,19 @@ fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
         .collect()
 }
 
-/// A process and descriptor that hold the socket `inode`, if any.
-fn holder(inode: u64) -> Option<(i32, i32)> {
+/// A process of this namespace and its descriptor that hold the socket
+/// `inode`, if any. Only processes whose `/proc/PID/ns/net` is `netns` (the
+/// namespace's `net:[INODE]` link text) have their descriptors read.
+fn holder(inode: u64, netns: &std::ffi::OsStr) -> Option<(i32, i32)> {
     let wanted = format!("socket:[{inode}]");
     for p in fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
+        // (A kernel thread, or a process gone since, has no link to read.)
+        if !fs::read_link(p.path().join("ns/net")).is_ok_and(|l| l.as_os_str() == netns) {
+            continue;
+        }
         let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
             continue;
         };
@@ -77,51 +84,82 @@ fn take_fd(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(got as i32) })
 }
 
+/// The sockets listening on `port` in the calling thread's namespace, one
+/// per address family (`AF_INET`, `AF_INET6`), as descriptors of our own.
+/// A socket whose holder cannot be reached is left out with a warning (it
+/// is recorded when it listens again).
+pub fn find_listeners(port: u16) -> Vec<(u32, OwnedFd)> {
+    let Ok(netns) = fs::read_link("/proc/thread-self/ns/net") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
+        let Ok(table) = fs::read_to_string(format!("/proc/thread-self/net/{file}")) else {
+            continue;
+        };
+        let Some((pid, fd)) = listening_inodes(&table, port)
+            .into_iter()
+            .find_map(|i| holder(i, netns.as_os_str()))
+        else {
+            continue;
+        };
+        match take_fd(pid, fd) {
+            Ok(sock) => out.push((family, sock)),
+            Err(e) => {
+                tracing::warn!(pid, fd, port, error = %e, "cannot take the listening socket of the inbound capture port")
+            }
+        }
+    }
+    out
+}
+
 impl Maps {
-    /// Put the sockets already listening on `port` in the calling thread's
-    /// namespace (cookie `netns_cookie`) in the `LISTENERS` socket hash,
-    /// one per address family. Returns how many were put there; a socket
-    /// whose holder cannot be reached is skipped with a warning (it is
-    /// recorded when it listens again).
-    pub fn adopt_listeners(&mut self, netns_cookie: u64, port: u16) -> Result<usize> {
-        let mut adopted = 0;
-        for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
-            let Ok(table) = fs::read_to_string(format!("/proc/self/net/{file}")) else {
-                continue;
-            };
-            let Some((pid, fd)) = listening_inodes(&table, port).into_iter().find_map(holder)
-            else {
-                continue;
-            };
-            let sock = match take_fd(pid, fd) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(pid, fd, port, error = %e, "cannot take the listening socket of the inbound capture port");
-                    continue;
-                }
-            };
+    /// Whether `netns_cookie` has a capture listener in `LISTENERS`.
+    pub fn has_listener(&self, netns_cookie: u64) -> Result<bool> {
+        let m = self
+            .maps
+            .get(maps::LISTENERS)
+            .ok_or(Error::MissingMap(maps::LISTENERS))?;
+        let hash: SockHash<&aya::maps::MapData, ListenerKey> =
+            SockHash::try_from(m).map_err(|source| Error::Map {
+                map: maps::LISTENERS,
+                source,
+            })?;
+        Ok(hash
+            .keys()
+            .filter_map(|k| k.ok())
+            .any(|k| k.netns_cookie == netns_cookie))
+    }
+
+    /// Put `listeners` ([`find_listeners`]) in the `LISTENERS` socket hash
+    /// as `netns_cookie`'s capture listeners. Returns how many.
+    pub fn adopt_listeners(
+        &mut self,
+        netns_cookie: u64,
+        listeners: &[(u32, OwnedFd)],
+    ) -> Result<usize> {
+        let m = self
+            .maps
+            .get_mut(maps::LISTENERS)
+            .ok_or(Error::MissingMap(maps::LISTENERS))?;
+        let mut hash: SockHash<&mut aya::maps::MapData, ListenerKey> = SockHash::try_from(m)
+            .map_err(|source| Error::Map {
+                map: maps::LISTENERS,
+                source,
+            })?;
+        for (family, sock) in listeners {
             let key = ListenerKey {
                 netns_cookie,
-                family,
+                family: *family,
                 _pad: [0; 4],
             };
-            let m = self
-                .maps
-                .get_mut(maps::LISTENERS)
-                .ok_or(Error::MissingMap(maps::LISTENERS))?;
-            let mut hash: SockHash<&mut aya::maps::MapData, ListenerKey> = SockHash::try_from(m)
-                .map_err(|source| Error::Map {
-                    map: maps::LISTENERS,
-                    source,
-                })?;
             hash.insert(key, sock.as_raw_fd(), 0)
                 .map_err(|source| Error::Map {
                     map: maps::LISTENERS,
                     source,
                 })?;
-            adopted += 1;
         }
-        Ok(adopted)
+        Ok(listeners.len())
     }
 }
 

@@ -38,6 +38,7 @@ mod counters;
 mod diagnostics;
 mod encode;
 mod listeners;
+pub use listeners::find_listeners;
 mod load;
 pub mod pinned;
 mod pods;

@@ -263,6 +263,43 @@ fn link(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32, pin: &Pa
     sys::obj_pin(l.as_fd(), pin).map_err(io("pinning link", pin))
 }
 
+/// The pin of netns `cookie`'s socket lookup link under `dir`.
+fn netns_link_pin(dir: &Path, cookie: u64) -> PathBuf {
+    dir.join("links").join(format!("netns-{cookie}"))
+}
+
+/// Attach the pinned socket lookup program (inbound capture) to the
+/// network namespace `netns` (cookie `cookie`), the link pinned under
+/// `dir` so a daemon restart keeps it. Already attached: nothing to do.
+pub fn link_netns(dir: &Path, cookie: u64, netns: BorrowedFd<'_>) -> Result<()> {
+    let pin = netns_link_pin(dir, cookie);
+    if pin.exists() {
+        return Ok(());
+    }
+    for p in PROGRAMS.iter().filter(|p| p.side == Side::Netns) {
+        let prog_path = dir.join("progs").join(p.name);
+        let prog = sys::obj_get(&prog_path).map_err(io("opening", &prog_path))?;
+        link(prog.as_fd(), netns, p.attach_type, &pin)?;
+    }
+    Ok(())
+}
+
+/// Detach and unpin netns `cookie`'s socket lookup link, if it has one
+/// (a link whose namespace is gone was detached by the kernel already).
+/// Returns whether there was one.
+pub fn unlink_netns(dir: &Path, cookie: u64) -> Result<bool> {
+    let pin = netns_link_pin(dir, cookie);
+    if !pin.exists() {
+        return Ok(false);
+    }
+    let l = sys::obj_get(&pin).map_err(io("opening", &pin))?;
+    if let Err(e) = sys::link_detach(l.as_fd()) {
+        tracing::debug!(netns_cookie = cookie, error = %e, "socket lookup link already detached");
+    }
+    fs::remove_file(&pin).map_err(io("unpinning", &pin))?;
+    Ok(true)
+}
+
 /// Check every pin against this build's object (`fresh`) and this cgroup
 /// root; relink programs whose link pin is missing. Returns how many were
 /// relinked.
@@ -406,7 +443,15 @@ pub fn uninstall(dir: &Path) -> Result<bool> {
             let path = e.map_err(io("reading", d))?.path();
             if d == &links_dir {
                 let l = sys::obj_get(&path).map_err(io("opening", &path))?;
-                sys::link_detach(l.as_fd()).map_err(io("detaching", &path))?;
+                let detached = sys::link_detach(l.as_fd());
+                // A namespace's socket lookup link whose namespace is gone
+                // was detached by the kernel already.
+                let netns_link = path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("netns-"));
+                if !netns_link {
+                    detached.map_err(io("detaching", &path))?;
+                }
             }
             fs::remove_file(&path).map_err(io("unpinning", &path))?;
             found = true;
