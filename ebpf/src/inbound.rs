@@ -12,11 +12,12 @@ use aya_ebpf::{
 };
 use divert_common::{
     chain::{is_mapped, judge_inbound, Accept, LOOPBACK6},
-    flags, mapped_v4, AddrKey, ListenerKey, OrigDst, TupleKey, Verdict,
+    flags, mapped_v4, AddrKey, CounterValue, ListenerKey, OrigDst, TupleKey, Verdict,
 };
 
 use crate::{
     chain::MapLookups,
+    counters::count,
     ctx::{AF_INET, AF_INET6, IPPROTO_TCP},
     maps::{INBOUND_NETNS, INBOUND_ORIG, LISTENERS, LOCAL_ADDRS, POLICIES},
 };
@@ -134,6 +135,13 @@ pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
         _pad: [0; 4],
     };
     let _ = INBOUND_ORIG.insert(&tuple, &orig, 0);
+    // Counted under the destination dialled, as inbound capture. (Its
+    // bytes are not: no program sees the accepted socket close.)
+    let one = CounterValue {
+        connections: 1,
+        ..CounterValue::default()
+    };
+    count(netns, local, port, Verdict::InboundCapture, &one);
     SK_PASS
 }
 

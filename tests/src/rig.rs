@@ -62,6 +62,16 @@ impl EbpfRig {
         self.lab.dial(dst, uid, gid, mapped).expect("dial")
     }
 
+    /// The client namespace's counters.
+    pub fn counters(&self) -> Vec<divert::ebpf::Counter> {
+        self.interceptor
+            .counters()
+            .expect("counters")
+            .into_iter()
+            .filter(|c| c.netns_cookie == self.cookie)
+            .collect()
+    }
+
     /// Attach inbound capture (the socket lookup program) to the client
     /// namespace, as `divert run` does for its own.
     pub fn attach_inbound(&mut self) {

@@ -118,9 +118,19 @@ fn the_namespaces_own_connections_are_never_captured() {
             assert_eq!(got, format!("server {dst} peer={dst}"), "{o:?}");
         }
     }
-    // From outside, the same port is captured.
+    // From outside, the same port is captured, and counted under the
+    // destination dialled, once per connection (the own ones not at all).
     let dst = SocketAddr::new(lab.v4(1), 8080);
-    assert_eq!(captured(&dial_in(lab, dst).unwrap(), dst), Some(true));
+    for _ in 0..3 {
+        assert_eq!(captured(&dial_in(lab, dst).unwrap(), dst), Some(true));
+    }
+    let inbound: Vec<_> = ebpf
+        .counters()
+        .into_iter()
+        .filter(|c| c.verdict == "inbound_capture")
+        .map(|c| (c.destination, c.port, c.connections))
+        .collect();
+    assert_eq!(inbound, vec![(lab.v4(1), 8080, 3)]);
 }
 
 #[test]
