@@ -140,13 +140,18 @@ pub enum ProgramKind {
 }
 
 /// Where a program is attached: the workload's cgroup (its connects are
-/// judged), the proxy's (its `getsockopt` is answered, its capture
-/// listener recorded) — the node daemon attaches both at the cgroup root —
-/// or each meshed network namespace with inbound capture (socket lookup).
+/// judged), the proxy's (its `getsockopt` is answered) — the node daemon
+/// attaches both at the cgroup root — or each meshed network namespace
+/// with inbound capture (socket lookup).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     Workload,
     Proxy,
+    /// The proxy's cgroup only when it is not the workload's: what the
+    /// workload side's programs also do there (recording the capture
+    /// listener). The node daemon, which attaches both sides at one
+    /// cgroup, leaves it out, so no socket pays for it twice.
+    SeparateProxy,
     Netns,
 }
 
@@ -205,7 +210,7 @@ pub const PROGRAMS: [Program; 8] = [
         name: programs::LISTEN,
         kind: ProgramKind::SockOps,
         attach_type: 3, // BPF_CGROUP_SOCK_OPS
-        side: Side::Proxy,
+        side: Side::SeparateProxy,
     },
     Program {
         name: programs::SK_LOOKUP,
@@ -227,6 +232,9 @@ pub mod limits {
     pub const MAX_LOCAL_ADDRS: u32 = 65_536;
     /// In-flight diverted sockets remembered (LRU: the oldest is evicted).
     pub const MAX_ORIG: u32 = 262_144;
+    /// Inbound captured connections remembered for `SO_ORIGINAL_DST` (LRU;
+    /// the proxy asks as it accepts, so only recent ones matter).
+    pub const MAX_INBOUND_ORIG: u32 = 65_536;
     /// (netns, destination, port, verdict) counter series (LRU).
     pub const MAX_COUNTERS: u32 = 65_536;
     /// Proxy UIDs and, separately, proxy GIDs per policy.

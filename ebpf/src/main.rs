@@ -20,7 +20,8 @@
 //! * `divert_getpeername4|6` (`cgroup/getpeername4|6`): the application sees
 //!   the address it dialled (an MPTCP socket too, whose first subflow was
 //!   diverted).
-//! * `divert_listen` (`sockops`, the proxy's side): a socket listening on
+//! * `divert_listen` (`sockops`, a proxy cgroup apart from the workload's;
+//!   `divert_sock_ops` does the same where it runs): a socket listening on
 //!   its namespace's inbound capture port becomes the capture listener.
 //! * `divert_sk_lookup` (`sk_lookup`, per network namespace): an inbound
 //!   connection the policy captures is handed to the capture listener,
@@ -114,6 +115,7 @@ pub fn divert_sock_ops(ctx: SockOpsContext) -> u32 {
     let ops = ctx.ops;
     match load!(ops, bpf_sock_ops, op) {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_tcp_connect(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => inbound::on_listen(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => bind_to_connection(&ctx),
         BPF_SOCK_OPS_STATE_CB => {
             // args[0]: old state, args[1]: new state (tcp_set_state()).

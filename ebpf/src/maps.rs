@@ -56,4 +56,4 @@ pub static mut LISTENERS: SockHash<ListenerKey> =
     SockHash::with_max_entries(2 * limits::MAX_POLICIES, 0);
 #[map]
 pub static INBOUND_ORIG: LruHashMap<TupleKey, OrigDst> =
-    LruHashMap::with_max_entries(limits::MAX_ORIG, 0);
+    LruHashMap::with_max_entries(limits::MAX_INBOUND_ORIG, 0);

@@ -19,7 +19,7 @@ use divert_tests::{
     cases::expected,
     command_in, divert_bin,
     node::{text, Setup},
-    require_root, INJECTOR,
+    require_root, testkit_bin, INJECTOR,
 };
 
 #[test]
@@ -76,6 +76,24 @@ fn init_registers_and_interception_survives_kill_and_restart() {
         captured(8080),
         "after the restart"
     );
+    // A proxy that starts listening now is recorded as it listens (the
+    // root's sock_ops program), and the last to listen takes the
+    // connections.
+    let later = {
+        let (mut cmd, _keep) =
+            command_in(s.lab.in_client(&s.lab.proxy, None), testkit_bin()).unwrap();
+        cmd.args(["tproxy", &own(15006).to_string()]);
+        let d = divert_tests::Daemon::spawn("a later capture listener", cmd).unwrap();
+        divert_tests::wait_listening(&s.lab.client, &[own(15006)], Duration::from_secs(10))
+            .unwrap();
+        d
+    };
+    assert_eq!(
+        s.lab.dial_in(own(8080)).unwrap(),
+        format!("tproxy {0} peer={0}", own(8080)),
+        "the listener that came later"
+    );
+    drop(later);
     // The adopted instance still takes requests: unregister, then the
     // connection goes where it was dialled, inbound too.
     let out = s.init(&["--cleanup", "-i", "*"]);

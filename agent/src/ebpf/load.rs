@@ -90,7 +90,8 @@ impl Interceptor {
     /// Attach the proxy's programs (getsockopt, the capture listener's
     /// sock_ops) to the proxy's cgroup.
     pub fn attach_proxy(&mut self, cgroup: impl AsFd) -> Result<()> {
-        self.attach(Side::Proxy, cgroup.as_fd())
+        self.attach(Side::Proxy, cgroup.as_fd())?;
+        self.attach(Side::SeparateProxy, cgroup.as_fd())
     }
 
     /// Attach the socket lookup program (inbound capture) to the network

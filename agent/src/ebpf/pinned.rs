@@ -232,7 +232,8 @@ fn install(dir: &Path, i: &mut Interceptor, cgroup: BorrowedFd<'_>) -> Result<()
         })?;
     }
     let ebpf = &mut i.ebpf;
-    for Program { name, .. } in PROGRAMS {
+    // What the daemon attaches: at the cgroup root, and per namespace.
+    for Program { name, .. } in PROGRAMS.iter().filter(|p| p.side != Side::SeparateProxy) {
         let path = progs_dir.join(name);
         let p = ebpf.program_mut(name).ok_or(super::Error::Program {
             program: name,
@@ -461,10 +462,13 @@ pub fn uninstall(dir: &Path) -> Result<bool> {
     Ok(found)
 }
 
-/// The programs of [`PROGRAMS`] attached at the cgroup root (not the
-/// per-namespace socket lookup).
+/// The programs of [`PROGRAMS`] the daemon attaches at the cgroup root:
+/// both sides (not the per-namespace socket lookup, nor what only a
+/// separate proxy cgroup needs).
 fn cgroup_programs() -> impl Iterator<Item = &'static Program> {
-    PROGRAMS.iter().filter(|p| p.side != Side::Netns)
+    PROGRAMS
+        .iter()
+        .filter(|p| matches!(p.side, Side::Workload | Side::Proxy))
 }
 
 /// Per attach type of our cgroup programs: `(attach type, programs
