@@ -69,9 +69,21 @@ fn a_later_connection_on_the_same_tuple_is_never_told_an_earlier_destination() {
                     first.starts_with(&diverted),
                     "the first dial ({close}) was not diverted: {first}"
                 );
-                let direct = lab
-                    .dial_with(direct_from, proxy, APP, &["--bind", &src])
-                    .unwrap();
+                // The first connection's TIME_WAIT holds the tuple; loopback
+                // may take it over (tcp_tw_reuse) only in a later second.
+                let mut tries = 0;
+                let direct = loop {
+                    match lab.dial_with(direct_from, proxy, APP, &["--bind", &src]) {
+                        Err(e)
+                            if tries < 3
+                                && format!("{e:#}").contains("Cannot assign requested address") =>
+                        {
+                            tries += 1;
+                            std::thread::sleep(std::time::Duration::from_millis(1100));
+                        }
+                        r => break r.unwrap(),
+                    }
+                };
                 if !direct.starts_with(&format!("proxy {proxy} orig=none(")) {
                     failures.push(format!(
                         "{dst} closed by {close}, then {src} -> {proxy} directly from {where_}: {direct}"
