@@ -233,8 +233,11 @@ fn a_deleted_namespace_loses_its_policy_and_the_others_keep_theirs() {
     let _daemon = s.daemon();
     assert!(s.init(INJECTOR).status.success());
     let (client, _) = s.lab.client_identity().unwrap();
-    let (gone, gone_cookie, out) = s.init_in_new_netns("gc", &["-i", "*"]);
+    let (gone, gone_cookie, out) = s.init_in_new_netns("gc", &["-i", "*", "-b", "*"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // Its inbound capture link, pinned, goes with it too.
+    let link = s.bpffs.path().join(format!("links/netns-{gone_cookie}"));
+    assert!(link.exists(), "{}", link.display());
     let registered = || {
         pinned::open_maps(&s.bpffs.path())
             .unwrap()
@@ -255,6 +258,7 @@ fn a_deleted_namespace_loses_its_policy_and_the_others_keep_theirs() {
         thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(registered(), vec![client]);
+    assert!(!link.exists(), "the gone namespace's link pin stayed");
     s.assert_redirected("after the sweep");
 }
 
