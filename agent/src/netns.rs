@@ -32,6 +32,16 @@ pub fn current_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// Whether `ip` is an address every namespace has or may have alike —
+/// loopback (127.0.0.0/8, ::1) or link-local (169.254.0.0/16, fe80::/10) —
+/// and so says nothing about which namespace, or which family, a pod is.
+pub fn is_loopback_or_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
 /// Every address configured on an interface of the calling thread's
 /// network namespace (IPv4 and IPv6, loopback included): what iptables'
 /// `-o lo` treats as local.

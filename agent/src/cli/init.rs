@@ -16,7 +16,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use crate::{
     iptables::{self, route, Family, Iptables, RuleSet},
     netns, nftables,
-    policy::{go_bool, go_bool_flag, Capture, CaptureArgs, InterceptionMode, Policy, PolicyArgs},
+    policy::{go_bool, go_bool_flag, Capture, CaptureArgs, Policy, PolicyArgs},
 };
 
 /// How interception is put in place.
@@ -204,11 +204,9 @@ impl InitArgs {
 /// `--dual-stack`, when it has any such IPv6 address. `local` in the
 /// kernel's order (IPv4 addresses before IPv6 ones).
 pub fn families(local: &[IpAddr], dual_stack: bool) -> Vec<Family> {
-    let counted = |a: &&IpAddr| match a {
-        IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
-        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
-    };
-    let mut addrs = local.iter().filter(counted);
+    let mut addrs = local
+        .iter()
+        .filter(|a| !netns::is_loopback_or_link_local(**a));
     let v6 = if dual_stack {
         addrs.any(IpAddr::is_ipv6)
     } else {
@@ -383,7 +381,7 @@ pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
     if capture.dns.is_some() {
         v.push("--redirect-dns / ISTIO_META_DNS_CAPTURE (DNS capture)".to_string());
     }
-    if capture.interception_mode == crate::policy::InterceptionMode::Tproxy {
+    if capture.tproxy_routing().is_some() {
         v.push("-m TPROXY (TPROXY inbound interception)".to_string());
     }
     v
@@ -454,7 +452,7 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
     for f in &wanted {
         sets.push(iptables::render(&policy, capture, *f));
     }
-    let tproxy = (capture.interception_mode == InterceptionMode::Tproxy).then_some(&capture.tproxy);
+    let tproxy = capture.tproxy_routing();
     if args.dry_run {
         for set in &sets {
             println!(
@@ -463,7 +461,10 @@ fn iptables_backend(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyh
                 set.family.command()
             );
             print!("{}", set.restore_text());
-            for cmd in tproxy.iter().flat_map(|t| route::commands(t, set.family)) {
+            for cmd in tproxy
+                .iter()
+                .flat_map(|t| route::commands(t, set.family, "add"))
+            {
                 println!("# ip {}", cmd.join(" "));
             }
         }
@@ -556,12 +557,12 @@ fn nftables_backend(
     wanted: &[Family],
 ) -> anyhow::Result<()> {
     let set = nftables::render(policy, capture, wanted.contains(&Family::V6));
-    let tproxy = (capture.interception_mode == InterceptionMode::Tproxy).then_some(&capture.tproxy);
+    let tproxy = capture.tproxy_routing();
     if args.dry_run {
         println!("# nft -f -");
         print!("{}", set.script());
         for f in wanted {
-            for cmd in tproxy.iter().flat_map(|t| route::commands(t, *f)) {
+            for cmd in tproxy.iter().flat_map(|t| route::commands(t, *f, "add")) {
                 println!("# ip {}", cmd.join(" "));
             }
         }

@@ -135,7 +135,7 @@ impl Entries {
                 policy
                     .local_addrs
                     .iter()
-                    .filter(|a| !is_shared_address(canonical(**a)))
+                    .filter(|a| !crate::netns::is_loopback_or_link_local(canonical(**a)))
                     .map(|a| (mapped(a), netns))
                     .collect()
             },
@@ -151,15 +151,6 @@ impl Entries {
                 })
                 .collect(),
         }
-    }
-}
-
-/// An address many namespaces have, which cannot tell one from another:
-/// loopback and link-local.
-fn is_shared_address(a: IpAddr) -> bool {
-    match a {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
-        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80,
     }
 }
 

@@ -22,19 +22,18 @@ fn family_flag(family: Family) -> &'static str {
     }
 }
 
-/// The `ip` commands that set up `family`'s routing (what `--dry-run`
-/// prints): the rule, then the route.
-pub fn commands(t: &Tproxy, family: Family) -> [Vec<String>; 2] {
-    let f = family_flag(family).to_string();
+/// The `ip` commands that `verb` (`add`, `del`) `family`'s routing (with
+/// `add`, what `--dry-run` prints): the rule, then the route.
+pub fn commands(t: &Tproxy, family: Family, verb: &str) -> [Vec<String>; 2] {
+    let f = family_flag(family);
     let (mark, table) = (t.mark.to_string(), t.route_table.to_string());
     let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let mut rule = vec![f.clone()];
-    rule.extend(words(&["rule", "add", "fwmark", &mark, "lookup", &table]));
-    let mut route = vec![f];
-    route.extend(words(&[
-        "route", "add", "local", "default", "dev", "lo", "table", &table,
-    ]));
-    [rule, route]
+    [
+        words(&[f, "rule", verb, "fwmark", &mark, "lookup", &table]),
+        words(&[
+            f, "route", verb, "local", "default", "dev", "lo", "table", &table,
+        ]),
+    ]
 }
 
 fn ip(args: &[String]) -> Result<String> {
@@ -103,15 +102,14 @@ pub fn add(t: &Tproxy, families: &[Family]) -> Result<Added> {
     let mut added = Added(Vec::new());
     let mut step = || -> Result<()> {
         for &f in families {
-            let [rule, route] = commands(t, f);
             let present = [has_rule(t, f)?, has_route(t, f)];
-            for (mut cmd, there) in [rule, route].into_iter().zip(present) {
+            let steps = commands(t, f, "add").into_iter().zip(commands(t, f, "del"));
+            for ((add, del), there) in steps.zip(present) {
                 if there {
                     continue;
                 }
-                ip(&cmd)?;
-                cmd[2] = "del".into();
-                added.0.push(cmd);
+                ip(&add)?;
+                added.0.push(del);
             }
         }
         Ok(())
@@ -130,9 +128,7 @@ pub fn add(t: &Tproxy, families: &[Family]) -> Result<Added> {
 pub fn remove(t: &Tproxy, families: &[Family]) -> Result<bool> {
     let mut removed = false;
     for &f in families {
-        let [mut rule, mut route] = commands(t, f);
-        rule[2] = "del".into();
-        route[2] = "del".into();
+        let [rule, route] = commands(t, f, "del");
         // A family without IPv6 (`ip -6` failing) has nothing to remove.
         while has_rule(t, f).unwrap_or(false) {
             ip(&rule)?;

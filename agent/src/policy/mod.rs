@@ -174,6 +174,13 @@ impl Default for Tproxy {
 /// istio-iptables' host loopback range, `HostIPv4LoopbackCidr`'s default.
 pub const DEFAULT_HOST_LOOPBACK_V4: &str = "127.0.0.1/32";
 
+impl Capture {
+    /// TPROXY's policy routing, when the interception mode is TPROXY.
+    pub fn tproxy_routing(&self) -> Option<&Tproxy> {
+        (self.interception_mode == InterceptionMode::Tproxy).then_some(&self.tproxy)
+    }
+}
+
 impl Default for Capture {
     /// istio-iptables' defaults: no inbound capture, no interfaces, one
     /// address family decision, every group, 127.0.0.1/32, no DNS capture.
