@@ -11,15 +11,15 @@ use aya_ebpf::{
     EbpfContext,
 };
 use divert_common::{
-    chain::{is_mapped, judge_inbound, Accept, LOOPBACK6},
-    flags, mapped_v4, AddrKey, CounterValue, ListenerKey, OrigDst, TupleKey, Verdict,
+    chain::{judge_inbound, Accept, Dst, Lookups},
+    flags, mapped_v4, CounterValue, ListenerKey, OrigDst, TupleKey, Verdict,
 };
 
 use crate::{
     chain::MapLookups,
     counters::count,
     ctx::{AF_INET, AF_INET6, IPPROTO_TCP},
-    maps::{INBOUND_NETNS, INBOUND_ORIG, LISTENERS, LOCAL_ADDRS, POLICIES},
+    maps::{INBOUND_NETNS, INBOUND_ORIG, LISTENERS, POLICIES},
 };
 
 /// `sk_lookup` verdicts.
@@ -92,26 +92,15 @@ pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
     if policy.flags & (flags::INBOUND_ALL | flags::INBOUND_LIST) == 0 {
         return SK_PASS;
     }
-    let remote_is_loopback = if is_mapped(&remote) {
-        remote[12] == 127
-    } else {
-        remote == LOOPBACK6
-    };
-    let from_local = remote_is_loopback
-        || unsafe {
-            LOCAL_ADDRS.get(&AddrKey {
-                netns_cookie: netns,
-                addr: remote,
-            })
-        }
-        .is_some();
+    // Local, as the outbound chain counts it: loopback, or one of the
+    // namespace's own addresses.
+    let mut lookups = MapLookups { netns };
+    let from = Dst::from_mapped(remote);
+    let from_local = from.is_loopback()
+        || (policy.flags & flags::HAS_LOCAL_ADDRS != 0 && lookups.own_address(from));
     // local_port: host byte order; remote_port: __be16 and 16 bits of zero.
     let port = load!(lk, bpf_sk_lookup, local_port) as u16;
-    let (capture, _) = judge_inbound(
-        policy,
-        &Accept { port, from_local },
-        &mut MapLookups { netns },
-    );
+    let (capture, _) = judge_inbound(policy, &Accept { port, from_local }, &mut lookups);
     if !capture {
         return SK_PASS;
     }
