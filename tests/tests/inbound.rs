@@ -95,6 +95,28 @@ fn socket_lookup_captures_what_istio_iptables_captures() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // No NAT, no conntrack: socket lookup leaves no entry behind, where
+    // iptables' REDIRECT keeps one per connection.
+    let conntrack = |lab: &Lab| -> u64 {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.client.name, "cat"])
+            .arg("/proc/sys/net/netfilter/nf_conntrack_count")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        conntrack(&ebpf.lab),
+        0,
+        "conntrack entries under socket lookup"
+    );
+    assert!(
+        conntrack(&ipt.lab) > 0,
+        "iptables' REDIRECT made no conntrack entry?"
+    );
 }
 
 #[test]
