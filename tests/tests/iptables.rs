@@ -26,7 +26,7 @@ use divert::{
 use divert_tests::{
     cases::{expected, istio_matrix, seed_and_count, Generator, APP},
     command_in, divert_bin,
-    goldens::{goldens, nft_goldens, settings_for},
+    goldens::{goldens, nft_goldens, settings_for, Golden},
     require_root,
     rig::{EbpfRig, IptablesRig},
     testkit_bin, Daemon, Netns, Placement,
@@ -170,50 +170,76 @@ fn every_istio_case_renders_as_istio_iptables_writes_it() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-#[test]
-fn istio_goldens_applied_match_and_cleanup_restores() {
-    require_root!();
-    let goldens = goldens();
-    assert!(goldens.len() >= 32, "only {} golden files", goldens.len());
+/// TPROXY's policy routing in `ns` for `f`: (`ip rule`s for fwmark 1337 to
+/// table 133, whether table 133 has the local default route).
+fn tproxy_routing(ns: &Netns, f: Fam) -> (usize, bool) {
+    let v = if f == Fam::V4 { "-4" } else { "-6" };
+    let rules = ok(
+        in_ns(ns, "ip")
+            .args([v, "rule", "show", "fwmark", "1337", "lookup", "133"])
+            .output()
+            .unwrap(),
+        "ip rule show",
+    );
+    let routes = in_ns(ns, "ip")
+        .args([v, "route", "show", "table", "133"])
+        .output()
+        .unwrap();
+    (
+        rules.lines().count(),
+        String::from_utf8_lossy(&routes.stdout).contains("local default dev lo"),
+    )
+}
+
+/// For each golden that can be applied: istio's expected rules (`theirs`)
+/// in one fresh twin namespace (`twin_of`), `divert init FLAGS` in the
+/// other; what `state` reads of them must match after a first and a second
+/// run; TPROXY cases have exactly one `ip rule` and local route per family;
+/// `--cleanup` gives the namespace back as `state` read it before, routing
+/// included. Returns the failures.
+fn applied_goldens(
+    goldens: &[Golden],
+    tag: &str,
+    twin_of: fn(&str, bool) -> Netns,
+    theirs: impl Fn(&Netns, &Golden),
+    state: impl Fn(&Netns) -> String,
+) -> Vec<String> {
     let mut failures = Vec::new();
     for (i, g) in goldens.iter().enumerate() {
         if let Some(why) = &g.not_applied {
             eprintln!("{}: rendering compared only: {why}", g.name);
             continue;
         }
-        let theirs = twin(&format!("{i}e"), g.ipv6);
-        let ours = twin(&format!("{i}d"), g.ipv6);
-        let before: Vec<String> = [Fam::V4, Fam::V6].map(|f| save(&ours, f)).to_vec();
-        restore(&theirs, Fam::V4, &g.v4);
-        if g.ipv6 {
-            restore(&theirs, Fam::V6, &g.v6);
+        let ns_theirs = twin_of(&format!("{i}{tag}e"), g.ipv6);
+        let ours = twin_of(&format!("{i}{tag}d"), g.ipv6);
+        let before = state(&ours);
+        theirs(&ns_theirs, g);
+        let want = state(&ns_theirs);
+        let mut applied = true;
+        for run in ["divert init", "a second divert init"] {
+            let out = init(&ours, &g.flags);
+            if !out.status.success() {
+                failures.push(format!(
+                    "{}: {run} {:?} failed: {}",
+                    g.name,
+                    g.flags,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+                applied = false;
+                break;
+            }
+            let got = state(&ours);
+            if got != want {
+                failures.push(format!(
+                    "{}: after {run} {:?}, the rules differ\n--- istio's\n{want}\n--- divert's\n{got}",
+                    g.name, g.flags
+                ));
+                applied = false;
+                break;
+            }
         }
-        let out = init(&ours, &g.flags);
-        if !out.status.success() {
-            failures.push(format!(
-                "{}: divert init {:?} failed: {}",
-                g.name,
-                g.flags,
-                String::from_utf8_lossy(&out.stderr)
-            ));
+        if !applied {
             continue;
-        }
-        let want: Vec<String> = [Fam::V4, Fam::V6].map(|f| save(&theirs, f)).to_vec();
-        let got: Vec<String> = [Fam::V4, Fam::V6].map(|f| save(&ours, f)).to_vec();
-        if got != want {
-            failures.push(format!(
-                "{}: iptables-save differs\n--- istio-iptables' rules\n{}\n{}\n--- divert init {:?}\n{}\n{}",
-                g.name, want[0], want[1], g.flags, got[0], got[1]
-            ));
-            continue;
-        }
-        ok(init(&ours, &g.flags), "second divert init");
-        let again: Vec<String> = [Fam::V4, Fam::V6].map(|f| save(&ours, f)).to_vec();
-        if again != want {
-            failures.push(format!(
-                "{}: a second divert init changed the table:\n{}\n{}",
-                g.name, again[0], again[1]
-            ));
         }
         // TPROXY's policy routing (istio's configureTProxyRoutes), once.
         let tproxy = g.flags.windows(2).any(|w| w == ["-m", "TPROXY"]);
@@ -222,31 +248,13 @@ fn istio_goldens_applied_match_and_cleanup_restores() {
         } else {
             &[Fam::V4]
         };
-        let routing = |f: Fam| {
-            let v = if f == Fam::V4 { "-4" } else { "-6" };
-            let rules = ok(
-                in_ns(&ours, "ip")
-                    .args([v, "rule", "show", "fwmark", "1337", "lookup", "133"])
-                    .output()
-                    .unwrap(),
-                "ip rule show",
-            );
-            let routes = in_ns(&ours, "ip")
-                .args([v, "route", "show", "table", "133"])
-                .output()
-                .unwrap();
-            (
-                rules.lines().count(),
-                String::from_utf8_lossy(&routes.stdout).contains("local default dev lo"),
-            )
-        };
         for &f in fams {
             let want = if tproxy { (1, true) } else { (0, false) };
-            if routing(f) != want {
+            let got = tproxy_routing(&ours, f);
+            if got != want {
                 failures.push(format!(
-                    "{}: {f:?} policy routing {:?}, want {want:?}",
-                    g.name,
-                    routing(f)
+                    "{}: {f:?} policy routing {got:?}, want {want:?}",
+                    g.name
                 ));
             }
         }
@@ -254,21 +262,41 @@ fn istio_goldens_applied_match_and_cleanup_restores() {
         cleanup.extend(g.flags.iter().cloned());
         ok(init(&ours, &cleanup), "divert init --cleanup");
         for &f in fams {
-            if routing(f) != (0, false) {
+            if tproxy_routing(&ours, f) != (0, false) {
                 failures.push(format!(
                     "{}: {f:?} policy routing left after --cleanup",
                     g.name
                 ));
             }
         }
-        let after: Vec<String> = [Fam::V4, Fam::V6].map(|f| save(&ours, f)).to_vec();
+        let after = state(&ours);
         if after != before {
             failures.push(format!(
-                "{}: --cleanup did not restore the table\n--- before\n{}\n{}\n--- after\n{}\n{}",
-                g.name, before[0], before[1], after[0], after[1]
+                "{}: --cleanup did not restore the namespace\n--- before\n{before}\n--- after\n{after}",
+                g.name
             ));
         }
     }
+    failures
+}
+
+#[test]
+fn istio_goldens_applied_match_and_cleanup_restores() {
+    require_root!();
+    let goldens = goldens();
+    assert!(goldens.len() >= 32, "only {} golden files", goldens.len());
+    let failures = applied_goldens(
+        &goldens,
+        "",
+        twin,
+        |ns, g| {
+            restore(ns, Fam::V4, &g.v4);
+            if g.ipv6 {
+                restore(ns, Fam::V6, &g.v6);
+            }
+        },
+        |ns| [Fam::V4, Fam::V6].map(|f| save(ns, f)).join("\n"),
+    );
     assert!(
         failures.is_empty(),
         "{} of {} case(s) failed:\n{}",
@@ -766,60 +794,19 @@ fn every_istio_nftables_case_renders_as_istio_writes_it() {
 fn istio_nftables_goldens_applied_match_and_cleanup_restores() {
     require_root!();
     let goldens = nft_goldens();
-    let mut failures = Vec::new();
-    for (i, g) in goldens.iter().enumerate() {
-        if let Some(why) = &g.not_applied {
-            eprintln!("{}: rendering compared only: {why}", g.name);
-            continue;
-        }
-        let theirs = nft_twin(&format!("{i}ne"), g.ipv6);
-        let ours = nft_twin(&format!("{i}nd"), g.ipv6);
-        let before = (
-            nft_ruleset(&ours),
-            save(&ours, Fam::V4),
-            save(&ours, Fam::V6),
-        );
-        nft_f(&theirs, &g.nft);
-        let want = nft_ruleset(&theirs);
-        for run in ["divert init", "a second divert init"] {
-            let out = init(&ours, &g.flags);
-            if !out.status.success() {
-                failures.push(format!(
-                    "{}: {run} {:?} failed: {}",
-                    g.name,
-                    g.flags,
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-                break;
-            }
-            let got = nft_ruleset(&ours);
-            if got != want {
-                failures.push(format!(
-                    "{}: after {run}, nft list ruleset differs\n--- istio-nftables' rules\n{want}\n--- divert\n{got}",
-                    g.name
-                ));
-                break;
-            }
-        }
-        let mut cleanup = vec!["--cleanup".to_string()];
-        cleanup.extend(g.flags.iter().cloned());
-        ok(init(&ours, &cleanup), "divert init --cleanup");
-        let after = (
-            nft_ruleset(&ours),
-            save(&ours, Fam::V4),
-            save(&ours, Fam::V6),
-        );
-        if after != before {
-            failures.push(format!(
-                "{}: --cleanup did not restore the namespace\n--- before\n{}\n--- after\n{}",
-                g.name, before.0, after.0
-            ));
-        }
-    }
+    let failures = applied_goldens(
+        &goldens,
+        "n",
+        nft_twin,
+        |ns, g| nft_f(ns, &g.nft),
+        // The iptables tables too: native nftables leaves them alone.
+        |ns| [nft_ruleset(ns), save(ns, Fam::V4), save(ns, Fam::V6)].join("\n"),
+    );
     assert!(
         failures.is_empty(),
-        "{} case(s) failed:\n{}",
+        "{} of {} case(s) failed:\n{}",
         failures.len(),
+        goldens.len(),
         failures.join("\n\n")
     );
 }
