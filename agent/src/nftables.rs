@@ -438,7 +438,7 @@ pub fn render(policy: &Policy, capture: &Capture, ipv6: bool) -> Ruleset {
             rs.add(Nat, ISTIO_OUTPUT, &matches, "return");
         }
     }
-    if let Some(dns) = &capture.dns {
+    if let Some(dns) = &policy.dns {
         dns_rules(&mut rs, policy, dns, ipv6);
     }
     rs.add(Nat, ISTIO_OUTPUT, &["ip daddr", lo], "return");
@@ -602,7 +602,7 @@ pub fn render(policy: &Policy, capture: &Capture, ipv6: bool) -> Ruleset {
 fn owners(rs: &mut Ruleset, policy: &Policy, capture: &Capture, ipv6: bool) {
     use Table::Nat;
     let tunnel = policy.inbound_tunnel_port.to_string();
-    let dns = capture.dns.is_some();
+    let dns = policy.dns.is_some();
     let lo = capture.host_loopback_v4.as_str();
     let not_tunnel_or_dns = format!("{{ 53, {tunnel} }}");
     let loopback_included = policy.include_ranges.has_loopback();

@@ -13,7 +13,7 @@
 //! The function is `#[inline(always)]` and its loops are bounded by
 //! [`limits::MAX_PROXY_IDS`], so the BPF verifier sees straight-line code.
 
-use crate::{flags, limits, mapped_v4, PolicyHeader};
+use crate::{flags, limits, mapped_v4, PolicyHeader, DNS_PORT};
 
 /// 127.0.0.1: where the proxy listens, and istio-iptables' host loopback
 /// (`-d 127.0.0.1/32 -j RETURN`).
@@ -93,9 +93,21 @@ pub fn is_mapped(a: &[u8; 16]) -> bool {
     a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
 }
 
-/// One outbound TCP connect as the kernel sees it at `connect()`.
+/// The transport of a judged connect or datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// A TCP `connect()` (or TCP Fast Open's first `sendmsg`).
+    Tcp,
+    /// A UDP `connect()`, or a `sendmsg()` with a destination address.
+    Udp,
+}
+
+/// One outbound connect as the kernel sees it at `connect()` (for UDP, or
+/// at `sendmsg()` with a destination).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Connect {
+    /// TCP or UDP: most of `ISTIO_OUTPUT` matches `-p tcp` only.
+    pub transport: Transport,
     /// Destination as dialled, after [`Dst::as_dialled`].
     pub dst: Dst,
     /// Destination port, host byte order.
@@ -122,14 +134,18 @@ pub enum Verdict {
     Redirect = 1,
     /// Rewritten to the inbound capture port (`ISTIO_IN_REDIRECT`).
     InboundCapture = 2,
+    /// DNS sent to the DNS proxy (`ISTIO_OUTPUT_DNS`, port
+    /// [`DNS_PROXY_PORT`](crate::DNS_PROXY_PORT)).
+    Dns = 3,
 }
 
 impl Verdict {
     /// Every verdict, in code order.
-    pub const ALL: [Verdict; 3] = [
+    pub const ALL: [Verdict; 4] = [
         Verdict::PassThrough,
         Verdict::Redirect,
         Verdict::InboundCapture,
+        Verdict::Dns,
     ];
 
     /// The verdict stored as `code`; an unknown code reads as pass-through
@@ -139,17 +155,19 @@ impl Verdict {
         match code {
             1 => Verdict::Redirect,
             2 => Verdict::InboundCapture,
+            3 => Verdict::Dns,
             _ => Verdict::PassThrough,
         }
     }
 
     /// The name counters, `/metrics`, `stats` and `explain` show:
-    /// `passthrough`, `redirected`, `inbound_capture`.
+    /// `passthrough`, `redirected`, `inbound_capture`, `dns`.
     pub const fn name(self) -> &'static str {
         match self {
             Verdict::PassThrough => "passthrough",
             Verdict::Redirect => "redirected",
             Verdict::InboundCapture => "inbound_capture",
+            Verdict::Dns => "dns",
         }
     }
 }
@@ -184,6 +202,12 @@ pub enum Hit {
     /// `-m owner ! --gid-owner G1 … -j RETURN`: the connecting GID is not in
     /// the owner-group include list.
     OwnerGroupNotIncluded,
+    /// `ISTIO_OUTPUT_DNS`: `-p tcp|udp --dport 53 [-d <nameserver>] -j
+    /// REDIRECT --to-ports 15053`.
+    DnsCapture,
+    /// UDP past DNS capture: the rest of the chain redirects TCP only
+    /// (`ISTIO_REDIRECT` is `-p tcp`), so the datagram leaves unchanged.
+    NotTcp,
     /// `-d 127.0.0.1/32 -j RETURN`.
     HostLoopback,
     /// `-d CIDR -j RETURN` (`-x`).
@@ -217,6 +241,8 @@ pub trait Lookups {
     /// `gid` is in the owner-group list (include or exclude, as the
     /// header's flags say).
     fn owner_group(&mut self, gid: u32) -> bool;
+    /// `dst` is one of the nameservers DNS capture captures.
+    fn nameserver(&mut self, dst: Dst) -> bool;
     /// `port` is an inbound port of the `-b` list.
     fn inbound_include_port(&mut self, port: u16) -> bool;
     /// `port` is an inbound port excluded from `-b '*'` (`-d`).
@@ -297,18 +323,29 @@ pub fn judge_inbound<L: Lookups>(p: &PolicyHeader, a: &Accept, l: &mut L) -> (bo
 /// 4. the same for each proxy GID;
 /// 5. the owner-group filter: GID in the exclude list, or not in the
 ///    include list → pass through;
-/// 6. 127.0.0.1 / ::1 → pass through;
-/// 7. in an exclude range → pass through;
-/// 8. port in `-q` → redirect;
-/// 9. include `*`, or in an include range → redirect;
-/// 10. pass through.
+/// 6. DNS capture (`ISTIO_OUTPUT_DNS`): port 53 of a nameserver (of any
+///    address with capture-all) → the DNS proxy;
+/// 7. UDP → pass through: the rules below redirect TCP only;
+/// 8. 127.0.0.1 / ::1 → pass through;
+/// 9. in an exclude range → pass through;
+/// 10. port in `-q` → redirect;
+/// 11. include `*`, or in an include range → redirect;
+/// 12. pass through.
+///
+/// As in istio-iptables, the owner rules' inbound capture and "local, not
+/// the proxy" rules are `-p tcp`; with DNS capture on, both leave port 53
+/// alone (the inbound capture only for UIDs: istio writes `! --dports
+/// 53,15008` with `--uid-owner` and `! --dport 15008` with `--gid-owner`),
+/// so the application's TCP DNS to a local nameserver reaches step 6.
+/// Without DNS capture a UDP datagram is never judged (nothing captures
+/// it), and the kernel programs do not ask.
 ///
 /// "Local" is what iptables' `-o lo` matches: 127.0.0.0/8, ::1 and the
 /// namespace's own addresses; only rules 2–4 ask, so without a passthrough
 /// source or owner rules it is never looked up.
 #[inline(always)]
 pub fn judge<L: Lookups>(p: &PolicyHeader, c: &Connect, l: &mut L) -> (Verdict, Hit) {
-    use Verdict::{InboundCapture, PassThrough, Redirect};
+    use Verdict::{PassThrough, Redirect};
     let (dst, port) = (c.dst, c.port);
     // -p tcp --dport <-o port> -j RETURN
     if p.flags & flags::HAS_EXCLUDE_PORTS != 0 && l.exclude_port(port) {
@@ -325,34 +362,29 @@ pub fn judge<L: Lookups>(p: &PolicyHeader, c: &Connect, l: &mut L) -> (Verdict, 
     let host_lo = dst.is_host_loopback();
     let lo_return = p.flags & flags::INCLUDE_HAS_LOOPBACK == 0;
     let tunnel = port == p.inbound_tunnel_port;
-    // For each ID in turn, istio-iptables writes three rules: the inbound
-    // capture, "-o lo ! --uid-owner" RETURN, "--uid-owner" RETURN.
-    let owner_rules = |kind: Owner,
-                       ids: &[u32; limits::MAX_PROXY_IDS],
-                       count: u8,
-                       id: u32|
-     -> Option<(Verdict, Hit)> {
-        for (i, &x) in ids.iter().enumerate() {
-            if i >= count as usize {
-                break;
-            }
-            let is_owner = x == id;
-            if is_owner && local && !host_lo && !tunnel {
-                return Some((InboundCapture, Hit::ProxyToLocal(kind, x)));
-            }
-            if !is_owner && local && lo_return {
-                return Some((PassThrough, Hit::LocalNotProxy(kind, x)));
-            }
-            if is_owner {
-                return Some((PassThrough, Hit::Proxy(kind, x)));
-            }
-        }
-        None
+    let tcp = c.transport == Transport::Tcp;
+    let dns_on = p.flags & flags::DNS_CAPTURE != 0;
+    let dns_port = port == DNS_PORT;
+    // "-p tcp ! --dport 53" on the "local, not the proxy" rule with DNS
+    // capture; no protocol match without it.
+    let local_return = if dns_on { tcp && !dns_port } else { true };
+    // "-o lo ! -d 127.0.0.1/32 -p tcp ! --dport <tunnel>": the inbound
+    // capture rule; for UIDs with DNS capture "! --dports 53,<tunnel>".
+    let capture = local && !host_lo && tcp && !tunnel;
+    let uid = OwnerMatch {
+        kind: Owner::Uid,
+        capture: capture && !(dns_on && dns_port),
+        local_return: local && lo_return && local_return,
     };
-    if let Some(d) = owner_rules(Owner::Uid, &p.proxy_uids, p.proxy_uid_count, c.uid) {
+    if let Some(d) = owner_rules(&uid, &p.proxy_uids, p.proxy_uid_count, c.uid) {
         return d;
     }
-    if let Some(d) = owner_rules(Owner::Gid, &p.proxy_gids, p.proxy_gid_count, c.gid) {
+    let gid = OwnerMatch {
+        kind: Owner::Gid,
+        capture,
+        ..uid
+    };
+    if let Some(d) = owner_rules(&gid, &p.proxy_gids, p.proxy_gid_count, c.gid) {
         return d;
     }
     // -m owner --gid-owner <excluded group> -j RETURN
@@ -362,6 +394,13 @@ pub fn judge<L: Lookups>(p: &PolicyHeader, c: &Connect, l: &mut L) -> (Verdict, 
     // -m owner ! --gid-owner <group> … -j RETURN
     if p.flags & flags::OWNER_GROUPS_ONLY != 0 && !l.owner_group(c.gid) {
         return (PassThrough, Hit::OwnerGroupNotIncluded);
+    }
+    // -j ISTIO_OUTPUT_DNS: -p tcp|udp --dport 53 [-d <nameserver>] -j REDIRECT
+    if dns_on && dns_port && (p.flags & flags::DNS_CAPTURE_ALL != 0 || l.nameserver(dst)) {
+        return (Verdict::Dns, Hit::DnsCapture);
+    }
+    if !tcp {
+        return (PassThrough, Hit::NotTcp);
     }
     // -d 127.0.0.1/32 -j RETURN
     if host_lo {
@@ -388,6 +427,47 @@ pub fn judge<L: Lookups>(p: &PolicyHeader, c: &Connect, l: &mut L) -> (Verdict, 
         return (Redirect, Hit::IncludeRange);
     }
     (PassThrough, Hit::End)
+}
+
+/// What the owner rules of one kind (`--uid-owner` or `--gid-owner`)
+/// match for one connect, besides the owner.
+#[derive(Clone, Copy)]
+struct OwnerMatch {
+    kind: Owner,
+    /// The inbound capture rule's other matches hold.
+    capture: bool,
+    /// The "local, not the proxy" RETURN rule is written and its other
+    /// matches hold.
+    local_return: bool,
+}
+
+/// For each ID in turn, istio-iptables writes three rules: the inbound
+/// capture, "-o lo ! --uid-owner ID" RETURN, "--uid-owner ID" RETURN.
+/// (A function, not a closure: BPF calls take at most five arguments, and
+/// this must be inlined.)
+#[inline(always)]
+fn owner_rules(
+    m: &OwnerMatch,
+    ids: &[u32; limits::MAX_PROXY_IDS],
+    count: u8,
+    id: u32,
+) -> Option<(Verdict, Hit)> {
+    for (i, &x) in ids.iter().enumerate() {
+        if i >= count as usize {
+            break;
+        }
+        let is_owner = x == id;
+        if is_owner && m.capture {
+            return Some((Verdict::InboundCapture, Hit::ProxyToLocal(m.kind, x)));
+        }
+        if !is_owner && m.local_return {
+            return Some((Verdict::PassThrough, Hit::LocalNotProxy(m.kind, x)));
+        }
+        if is_owner {
+            return Some((Verdict::PassThrough, Hit::Proxy(m.kind, x)));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -424,6 +504,10 @@ mod tests {
             self.asked += 1;
             false
         }
+        fn nameserver(&mut self, _: Dst) -> bool {
+            self.asked += 1;
+            false
+        }
         fn inbound_include_port(&mut self, _: u16) -> bool {
             self.asked += 1;
             false
@@ -436,6 +520,7 @@ mod tests {
 
     fn connect(dst: Dst, uid: u32) -> Connect {
         Connect {
+            transport: Transport::Tcp,
             dst,
             port: 80,
             uid,

@@ -46,6 +46,11 @@ pub mod maps {
     /// [`flags::OWNER_GROUPS_EXCEPT`](crate::flags::OWNER_GROUPS_EXCEPT) says
     /// which list they are.
     pub const OWNER_GROUPS: &str = "OWNER_GROUPS";
+    /// `HashMap<AddrKey, u8>`: the nameservers whose port 53 DNS capture
+    /// sends to the DNS proxy (the namespace's resolv.conf), when the
+    /// header's [`flags::DNS_CAPTURE`](crate::flags::DNS_CAPTURE) is set
+    /// without [`flags::DNS_CAPTURE_ALL`](crate::flags::DNS_CAPTURE_ALL).
+    pub const NAMESERVERS: &str = "NAMESERVERS";
     /// `LruHashMap<u64 socket cookie, OrigDst>`: original destination of each
     /// diverted socket, for `getpeername` and `sock_ops`.
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
@@ -54,6 +59,13 @@ pub mod maps {
     /// bound to that one connection by the client's initial sequence number,
     /// for `SO_ORIGINAL_DST`.
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    /// `LruHashMap<u64 socket cookie, OrigDst>`: the nameserver a UDP
+    /// socket's last captured DNS query was for, so its replies (from the
+    /// DNS proxy) are shown as from that nameserver (`recvmsg`), and its
+    /// `getpeername` too. Apart from `ORIG_BY_COOKIE` so that short-lived
+    /// DNS sockets, which no close callback removes, never evict a TCP
+    /// connection's entry.
+    pub const DNS_ORIG: &str = "DNS_ORIG";
     /// `LruPerCpuHashMap<CounterKey, CounterValue>`: connections and bytes per
     /// destination and verdict.
     pub const COUNTERS: &str = "COUNTERS";
@@ -95,7 +107,7 @@ pub enum MapKind {
 /// Every map of the object with its kind, in the order the loader takes,
 /// pins and adopts them (`divert-ebpf`'s `maps` module declares each with
 /// this kind).
-pub const MAPS: [(&str, MapKind); 15] = [
+pub const MAPS: [(&str, MapKind); 17] = [
     (maps::POLICIES, MapKind::Hash),
     (maps::INCLUDE_V4, MapKind::LpmTrie),
     (maps::EXCLUDE_V4, MapKind::LpmTrie),
@@ -104,8 +116,10 @@ pub const MAPS: [(&str, MapKind); 15] = [
     (maps::PORTS, MapKind::Hash),
     (maps::LOCAL_ADDRS, MapKind::Hash),
     (maps::OWNER_GROUPS, MapKind::Hash),
+    (maps::NAMESERVERS, MapKind::Hash),
     (maps::ORIG_BY_COOKIE, MapKind::LruHash),
     (maps::ORIG_BY_TUPLE, MapKind::LruHash),
+    (maps::DNS_ORIG, MapKind::LruHash),
     (maps::COUNTERS, MapKind::LruPerCpuHash),
     (maps::PODS, MapKind::Hash),
     (maps::INBOUND_NETNS, MapKind::Hash),
@@ -121,6 +135,10 @@ pub mod programs {
     pub const GETSOCKOPT: &str = "divert_getsockopt";
     pub const GETPEERNAME4: &str = "divert_getpeername4";
     pub const GETPEERNAME6: &str = "divert_getpeername6";
+    pub const SENDMSG4: &str = "divert_sendmsg4";
+    pub const SENDMSG6: &str = "divert_sendmsg6";
+    pub const RECVMSG4: &str = "divert_recvmsg4";
+    pub const RECVMSG6: &str = "divert_recvmsg6";
     pub const LISTEN: &str = "divert_listen";
     pub const SK_LOOKUP: &str = "divert_sk_lookup";
 }
@@ -169,7 +187,7 @@ pub struct Program {
 
 /// Every program of the object, in the order they are loaded, attached and
 /// pinned. Loading, attaching, pinning and adopting all read this table.
-pub const PROGRAMS: [Program; 8] = [
+pub const PROGRAMS: [Program; 12] = [
     Program {
         name: programs::CONNECT4,
         kind: ProgramKind::CgroupSockAddr,
@@ -192,6 +210,30 @@ pub const PROGRAMS: [Program; 8] = [
         name: programs::GETPEERNAME6,
         kind: ProgramKind::CgroupSockAddr,
         attach_type: 30, // BPF_CGROUP_INET6_GETPEERNAME
+        side: Side::Workload,
+    },
+    Program {
+        name: programs::SENDMSG4,
+        kind: ProgramKind::CgroupSockAddr,
+        attach_type: 14, // BPF_CGROUP_UDP4_SENDMSG
+        side: Side::Workload,
+    },
+    Program {
+        name: programs::SENDMSG6,
+        kind: ProgramKind::CgroupSockAddr,
+        attach_type: 15, // BPF_CGROUP_UDP6_SENDMSG
+        side: Side::Workload,
+    },
+    Program {
+        name: programs::RECVMSG4,
+        kind: ProgramKind::CgroupSockAddr,
+        attach_type: 19, // BPF_CGROUP_UDP4_RECVMSG
+        side: Side::Workload,
+    },
+    Program {
+        name: programs::RECVMSG6,
+        kind: ProgramKind::CgroupSockAddr,
+        attach_type: 20, // BPF_CGROUP_UDP6_RECVMSG
         side: Side::Workload,
     },
     Program {
@@ -241,6 +283,14 @@ pub mod limits {
     pub const MAX_PROXY_IDS: usize = 8;
     /// Owner-group GIDs, all pods together.
     pub const MAX_OWNER_GROUP_ENTRIES: u32 = 16_384;
+    /// Nameservers, all pods together.
+    pub const MAX_NAMESERVER_ENTRIES: u32 = 65_536;
+    /// Nameservers per policy (a resolv.conf names three that glibc uses;
+    /// istio-iptables captures every one it names, up to this many here).
+    pub const MAX_NAMESERVERS: usize = 16;
+    /// UDP sockets whose captured DNS queries are remembered (LRU: a DNS
+    /// socket lives for a lookup or a few).
+    pub const MAX_DNS_ORIG: u32 = 16_384;
     /// Owner-group GIDs per policy (istio-iptables' limit on an include
     /// list, `maxOwnerGroupsInclude`; the kernel holds an exclude list to
     /// it too).
@@ -278,7 +328,21 @@ pub mod flags {
     /// [`port_list::INBOUND_INCLUDE`](crate::port_list::INBOUND_INCLUDE)
     /// ports only (`-b` a list).
     pub const INBOUND_LIST: u32 = 1 << 12;
+    /// DNS capture (`--redirect-dns`, `ISTIO_META_DNS_CAPTURE`): TCP and
+    /// UDP to port 53 of a nameserver in `NAMESERVERS` go to the DNS proxy.
+    pub const DNS_CAPTURE: u32 = 1 << 13;
+    /// With [`DNS_CAPTURE`]: port 53 of every destination
+    /// (`--capture-all-dns`), `NAMESERVERS` unused.
+    pub const DNS_CAPTURE_ALL: u32 = 1 << 14;
 }
+
+/// The DNS port, which DNS capture matches (istio-iptables' `--dport 53`).
+pub const DNS_PORT: u16 = 53;
+
+/// The port istio-agent's DNS proxy listens on (127.0.0.1 and ::1), where
+/// DNS capture sends port 53 (istio's `IstioAgentDNSListenerPort`, fixed:
+/// istio-iptables has no flag for it).
+pub const DNS_PROXY_PORT: u16 = 15053;
 
 /// Who registered a policy, as stored in [`PolicyHeader::registered_by`]
 /// (`as u8`).

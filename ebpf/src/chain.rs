@@ -9,16 +9,16 @@ use aya_ebpf::{
     EbpfContext,
 };
 use divert_common::{
-    chain::{self, Connect, Dst, Lookups, PASSTHROUGH_SRC4, PASSTHROUGH_SRC6},
+    chain::{self, Connect, Dst, Lookups, Transport, PASSTHROUGH_SRC4, PASSTHROUGH_SRC6},
     mapped_v4, port_list, AddrKey, CounterValue, GroupKey, LpmKey4, LpmKey6, OrigDst, PortKey,
-    Verdict, COOKIE_PREFIX_BITS,
+    Verdict, COOKIE_PREFIX_BITS, DNS_PROXY_PORT,
 };
 
 use crate::{
     counters::count,
     maps::{
-        EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_ADDRS, ORIG_BY_COOKIE, OWNER_GROUPS,
-        POLICIES, PORTS,
+        DNS_ORIG, EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_ADDRS, NAMESERVERS,
+        ORIG_BY_COOKIE, OWNER_GROUPS, POLICIES, PORTS,
     },
 };
 
@@ -105,16 +105,38 @@ impl Lookups for MapLookups {
         };
         unsafe { OWNER_GROUPS.get(&key) }.is_some()
     }
+    #[inline(always)]
+    fn nameserver(&mut self, dst: Dst) -> bool {
+        let key = AddrKey {
+            netns_cookie: self.netns,
+            addr: dst.mapped(),
+        };
+        unsafe { NAMESERVERS.get(&key) }.is_some()
+    }
 }
 
-/// Judge a connect in this namespace to `dst:port`, count it, and remember
-/// the original destination of a diverted socket. Returns the loopback
-/// port the connect must be rewritten to, or `None` to leave it alone
-/// (also when the namespace has no policy).
+/// Judge a connect in this namespace to `dst:port` (or, for UDP, a
+/// datagram sent with a destination), count it, and remember the original
+/// destination of a diverted socket. Returns the loopback port the
+/// destination must be rewritten to, or `None` to leave it alone (also
+/// when the namespace has no policy).
+///
+/// UDP is judged only for DNS capture (the caller passes only port 53),
+/// and counted only when captured; its original destination goes to
+/// `DNS_ORIG`, where no close callback has to remove it.
 #[inline(always)]
-pub fn on_connect<C: EbpfContext>(ctx: &C, sk: *mut bpf_sock, dst: Dst, port: u16) -> Option<u16> {
+pub fn on_connect<C: EbpfContext>(
+    ctx: &C,
+    sk: *mut bpf_sock,
+    dst: Dst,
+    port: u16,
+    transport: Transport,
+) -> Option<u16> {
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let policy = unsafe { POLICIES.get(&netns) }?;
+    if transport == Transport::Udp && policy.flags & divert_common::flags::DNS_CAPTURE == 0 {
+        return None;
+    }
     let uid_gid = bpf_get_current_uid_gid();
     let is_v4 = matches!(dst, Dst::V4(_));
     let src_is_passthrough = if sk.is_null() {
@@ -128,6 +150,7 @@ pub fn on_connect<C: EbpfContext>(ctx: &C, sk: *mut bpf_sock, dst: Dst, port: u1
     };
     let dst = dst.as_dialled();
     let connect = Connect {
+        transport,
         dst,
         port,
         uid: uid_gid as u32,
@@ -135,6 +158,9 @@ pub fn on_connect<C: EbpfContext>(ctx: &C, sk: *mut bpf_sock, dst: Dst, port: u1
         src_is_passthrough,
     };
     let (v, _) = chain::judge(policy, &connect, &mut MapLookups { netns });
+    if transport == Transport::Udp && v != Verdict::Dns {
+        return None;
+    }
     let addr = dst.mapped();
     let one = CounterValue {
         connections: 1,
@@ -144,6 +170,7 @@ pub fn on_connect<C: EbpfContext>(ctx: &C, sk: *mut bpf_sock, dst: Dst, port: u1
     let target_port = match v {
         Verdict::Redirect => policy.proxy_port,
         Verdict::InboundCapture => policy.inbound_capture_port,
+        Verdict::Dns => DNS_PROXY_PORT,
         Verdict::PassThrough => return None,
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -155,7 +182,11 @@ pub fn on_connect<C: EbpfContext>(ctx: &C, sk: *mut bpf_sock, dst: Dst, port: u1
         _pad: [0; 4],
     };
     // An LRU map evicts rather than fails; a failed insert only costs the
-    // proxy its SO_ORIGINAL_DST answer, never the connect.
-    let _ = ORIG_BY_COOKIE.insert(&cookie, &orig, 0);
+    // proxy its SO_ORIGINAL_DST answer (a DNS reply its source), never the
+    // connect.
+    let _ = match transport {
+        Transport::Tcp => ORIG_BY_COOKIE.insert(&cookie, &orig, 0),
+        Transport::Udp => DNS_ORIG.insert(&cookie, &orig, 0),
+    };
     Some(target_port)
 }

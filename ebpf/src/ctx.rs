@@ -60,7 +60,9 @@ macro_rules! load6 {
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
 pub const SOCK_STREAM: u32 = 1;
+pub const SOCK_DGRAM: u32 = 2;
 pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
 pub const IPPROTO_MPTCP: u32 = 262;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
@@ -105,8 +107,15 @@ pub fn is_proxy_addr(a: &[u8; 16]) -> bool {
     *a == mapped_v4(LOOPBACK4) || *a == LOOPBACK6
 }
 
-/// A TCP stream socket (not UDP, not MPTCP's own connect).
+/// The transport a `connect()` hook judges a socket with: TCP (a stream
+/// socket, not MPTCP's own connect, whose first subflow is judged) or UDP
+/// (a datagram socket, not UDP-Lite); `None` for anything else.
 #[inline(always)]
-pub fn is_tcp(ty: u32, protocol: u32) -> bool {
-    ty == SOCK_STREAM && protocol == IPPROTO_TCP
+pub fn transport(ty: u32, protocol: u32) -> Option<divert_common::chain::Transport> {
+    use divert_common::chain::Transport;
+    match (ty, protocol) {
+        (SOCK_STREAM, IPPROTO_TCP) => Some(Transport::Tcp),
+        (SOCK_DGRAM, IPPROTO_UDP) => Some(Transport::Udp),
+        _ => None,
+    }
 }

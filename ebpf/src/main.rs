@@ -19,7 +19,13 @@
 //!   is left exactly as the kernel returned it.
 //! * `divert_getpeername4|6` (`cgroup/getpeername4|6`): the application sees
 //!   the address it dialled (an MPTCP socket too, whose first subflow was
-//!   diverted).
+//!   diverted; a UDP socket whose DNS was captured).
+//! * DNS capture: `divert_connect4|6` judge UDP connects to port 53 too,
+//!   `divert_sendmsg4|6` (`cgroup/sendmsg4|6`) UDP datagrams sent to port
+//!   53 with a destination; a captured one goes to the DNS proxy (15053)
+//!   and its nameserver is remembered per socket (`DNS_ORIG`), so
+//!   `divert_recvmsg4|6` (`cgroup/recvmsg4|6`) show the proxy's replies as
+//!   from that nameserver.
 //! * `divert_listen` (`sockops`, a proxy cgroup apart from the workload's;
 //!   `divert_sock_ops` does the same where it runs): a socket listening on
 //!   its namespace's inbound capture port becomes the capture listener.
@@ -54,49 +60,128 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use divert_common::{
-    chain::{is_mapped, Dst, LOOPBACK4, LOOPBACK6},
-    mapped_v4, SO_ORIGINAL_DST,
+    chain::{is_mapped, Dst, Transport, LOOPBACK4, LOOPBACK6},
+    mapped_v4, DNS_PORT, DNS_PROXY_PORT, SO_ORIGINAL_DST,
 };
 
 use crate::{
     chain::on_connect,
     counters::account_close,
-    ctx::{bytes_to_words, is_tcp, PAGE_SIZE, SOL_IP, SOL_IPV6, TCP_FIN},
-    orig::{answer_original_dst, bind_to_connection, on_tcp_connect, orig_of},
+    ctx::{bytes_to_words, transport, PAGE_SIZE, SOL_IP, SOL_IPV6, TCP_FIN},
+    orig::{answer_original_dst, bind_to_connection, dns_orig_of, on_tcp_connect, orig_of},
 };
 
 #[cgroup_sock_addr(connect4)]
 pub fn divert_connect4(ctx: SockAddrContext) -> i32 {
-    let sa = unsafe { &mut *ctx.sock_addr };
-    if !is_tcp(sa.type_, sa.protocol) {
-        return 1;
-    }
-    let dst = sa.user_ip4.to_ne_bytes();
-    let port = u16::from_be(sa.user_port as u16);
-    let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if let Some(target_port) = on_connect(&ctx, sk, Dst::V4(dst), port) {
-        sa.user_ip4 = u32::from_ne_bytes(LOOPBACK4);
-        sa.user_port = target_port.to_be() as u32;
+    let sa = unsafe { &*ctx.sock_addr };
+    if let Some(t) = transport(sa.type_, sa.protocol) {
+        divert4(&ctx, t);
     }
     1
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn divert_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    if let Some(t) = transport(sa.type_, sa.protocol) {
+        divert6(&ctx, t);
+    }
+    1
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn divert_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // udp_sendmsg() runs this for a datagram sent with a destination (an
+    // AF_INET6 socket's to ::ffff:a.b.c.d too); UDP-Lite shares it.
+    let sa = unsafe { &*ctx.sock_addr };
+    if transport(sa.type_, sa.protocol) == Some(Transport::Udp) {
+        divert4(&ctx, Transport::Udp);
+    }
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn divert_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    if transport(sa.type_, sa.protocol) == Some(Transport::Udp) {
+        divert6(&ctx, Transport::Udp);
+    }
+    1
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn divert_recvmsg4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
-    if !is_tcp(sa.type_, sa.protocol) {
+    // A datagram from the DNS proxy: show it as from the nameserver asked.
+    if u16::from_be(sa.user_port as u16) == DNS_PROXY_PORT && sa.user_ip4.to_ne_bytes() == LOOPBACK4
+    {
+        if let Some(orig) = dns_orig_of(&ctx) {
+            if orig.is_v4 != 0 {
+                sa.user_ip4 = u32::from_ne_bytes([
+                    orig.addr[12],
+                    orig.addr[13],
+                    orig.addr[14],
+                    orig.addr[15],
+                ]);
+                sa.user_port = orig.port.to_be() as u32;
+            }
+        }
+    }
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn divert_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if u16::from_be(sa.user_port as u16) != DNS_PROXY_PORT {
         return 1;
     }
-    let dst = load6!(ctx.sock_addr, bpf_sock_addr, user_ip6);
+    // An IPv4 reply on an AF_INET6 socket comes here as ::ffff:127.0.0.1.
+    let src = load6!(ctx.sock_addr, bpf_sock_addr, user_ip6);
+    if src == LOOPBACK6 || src == mapped_v4(LOOPBACK4) {
+        if let Some(orig) = dns_orig_of(&ctx) {
+            sa.user_ip6 = bytes_to_words(orig.addr);
+            sa.user_port = orig.port.to_be() as u32;
+        }
+    }
+    1
+}
+
+/// Judge an IPv4 destination (`connect4`, `sendmsg4`) and rewrite it to
+/// the proxy when the policy says so. UDP is judged for DNS only.
+#[inline(always)]
+fn divert4(ctx: &SockAddrContext, t: Transport) {
+    let sa = unsafe { &mut *ctx.sock_addr };
     let port = u16::from_be(sa.user_port as u16);
+    if t == Transport::Udp && port != DNS_PORT {
+        return;
+    }
+    let dst = sa.user_ip4.to_ne_bytes();
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if let Some(target_port) = on_connect(ctx, sk, Dst::V4(dst), port, t) {
+        sa.user_ip4 = u32::from_ne_bytes(LOOPBACK4);
+        sa.user_port = target_port.to_be() as u32;
+    }
+}
+
+/// Judge an IPv6 destination (`connect6`, `sendmsg6`) and rewrite it to
+/// the proxy when the policy says so. UDP is judged for DNS only.
+#[inline(always)]
+fn divert6(ctx: &SockAddrContext, t: Transport) {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    if t == Transport::Udp && port != DNS_PORT {
+        return;
+    }
+    let dst = load6!(ctx.sock_addr, bpf_sock_addr, user_ip6);
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     // ::ffff:a.b.c.d is an IPv4 connect through an AF_INET6 socket: judge it
     // as IPv4, so nobody escapes the IPv4 policy by dialling the mapped form.
     let is_mapped = is_mapped(&dst);
     let judged = if is_mapped {
-        on_connect(&ctx, sk, Dst::from_mapped(dst), port)
+        on_connect(ctx, sk, Dst::from_mapped(dst), port, t)
     } else {
-        on_connect(&ctx, sk, Dst::V6(dst), port)
+        on_connect(ctx, sk, Dst::V6(dst), port, t)
     };
     if let Some(target_port) = judged {
         let target = if is_mapped {
@@ -107,7 +192,6 @@ pub fn divert_connect6(ctx: SockAddrContext) -> i32 {
         sa.user_ip6 = bytes_to_words(target);
         sa.user_port = target_port.to_be() as u32;
     }
-    1
 }
 
 #[sock_ops]

@@ -36,11 +36,17 @@ pub static LOCAL_ADDRS: HashMap<AddrKey, u8> =
 pub static OWNER_GROUPS: HashMap<GroupKey, u8> =
     HashMap::with_max_entries(limits::MAX_OWNER_GROUP_ENTRIES, BPF_F_NO_PREALLOC);
 #[map]
+pub static NAMESERVERS: HashMap<AddrKey, u8> =
+    HashMap::with_max_entries(limits::MAX_NAMESERVER_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
 pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
     LruHashMap::with_max_entries(limits::MAX_ORIG, 0);
 #[map]
 pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, BoundOrig> =
     LruHashMap::with_max_entries(limits::MAX_ORIG, 0);
+#[map]
+pub static DNS_ORIG: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(limits::MAX_DNS_ORIG, 0);
 #[map]
 pub static COUNTERS: LruPerCpuHashMap<CounterKey, CounterValue> =
     LruPerCpuHashMap::with_max_entries(limits::MAX_COUNTERS, 0);

@@ -3,7 +3,7 @@
 //! proxy's `SO_ORIGINAL_DST` and to the application's `getpeername`.
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_ops, bpf_tcp_sock, BPF_SOCK_OPS_STATE_CB_FLAG},
+    bindings::{bpf_sock, bpf_sock_addr, bpf_sock_ops, bpf_tcp_sock, BPF_SOCK_OPS_STATE_CB_FLAG},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_tcp_sock},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
     EbpfContext,
@@ -14,8 +14,8 @@ use divert_common::{
 };
 
 use crate::{
-    ctx::{is_proxy_addr, AF_INET, AF_INET6, IPPROTO_MPTCP, IPPROTO_TCP, SOL_IP},
-    maps::{INBOUND_ORIG, ORIG_BY_COOKIE, ORIG_BY_TUPLE, POLICIES},
+    ctx::{is_proxy_addr, AF_INET, AF_INET6, IPPROTO_MPTCP, IPPROTO_TCP, IPPROTO_UDP, SOL_IP},
+    maps::{DNS_ORIG, INBOUND_ORIG, ORIG_BY_COOKIE, ORIG_BY_TUPLE, POLICIES},
 };
 
 /// An active open: file the tuple of a diverted socket, and ask for state
@@ -242,12 +242,22 @@ fn write_original_dst(so: &mut aya_ebpf::bindings::bpf_sockopt, orig: &OrigDst) 
     so.retval = 0;
 }
 
+/// The nameserver the last captured DNS query of a UDP socket was for.
+#[inline(always)]
+pub fn dns_orig_of(ctx: &SockAddrContext) -> Option<OrigDst> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    unsafe { DNS_ORIG.get(&cookie) }.copied()
+}
+
 /// The original destination of the socket a `getpeername` is about: by its
-/// cookie, or, for an MPTCP socket, by the tuple of its first subflow (a
-/// TCP socket with a cookie of its own, whose connect was the one judged;
-/// the MPTCP socket carries its addresses).
+/// cookie (a UDP socket's in `DNS_ORIG`), or, for an MPTCP socket, by the
+/// tuple of its first subflow (a TCP socket with a cookie of its own, whose
+/// connect was the one judged; the MPTCP socket carries its addresses).
 #[inline(always)]
 pub fn orig_of(ctx: &SockAddrContext) -> Option<OrigDst> {
+    if load!(ctx.sock_addr, bpf_sock_addr, protocol) == IPPROTO_UDP {
+        return dns_orig_of(ctx);
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
         return Some(*orig);

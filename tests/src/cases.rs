@@ -44,7 +44,7 @@ pub fn expected(action: Action, dst: SocketAddr, mapped: bool) -> String {
         SocketAddr::V6(_) => format!("[::1]:{port}"),
     };
     match action {
-        Action::Redirect(p) | Action::InboundCapture(p) => {
+        Action::Redirect(p) | Action::InboundCapture(p) | Action::Dns(p) => {
             format!("proxy {} orig={dst} peer={shown_peer}", lo(p))
         }
         Action::PassThrough => format!("server {dst} peer={shown_peer}"),
@@ -560,4 +560,192 @@ pub fn seed_and_count(default_cases: usize) -> (u64, usize) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(default_cases);
     (seed, cases)
+}
+
+/// What the DNS proxy (the testkit's, on 127.0.0.1/::1 port 15053 in the
+/// proxy's cgroup) answers every A query with.
+pub const PROXY_ANSWER: &str = "192.0.2.1";
+/// What the peer's nameservers (its addresses, port 53) answer.
+pub const NAMESERVER_ANSWER: &str = "192.0.2.2";
+/// What the client namespace's own loopback nameserver (127.0.0.53:53, as
+/// systemd-resolved's stub) answers.
+pub const LOCAL_NAMESERVER_ANSWER: &str = "192.0.2.3";
+/// The loopback nameserver's address.
+pub const LOCAL_NAMESERVER: &str = "127.0.0.53";
+
+/// How a DNS case asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// A connected UDP socket (`connect`, `send`, `recvfrom`): glibc, dig.
+    Udp,
+    /// An unconnected UDP socket (`sendto`, `recvfrom`): musl and others.
+    UdpUnconnected,
+    /// DNS over TCP.
+    Tcp,
+}
+
+impl Ask {
+    /// The testkit `dns` options for this way of asking.
+    pub fn opts(self) -> &'static [&'static str] {
+        match self {
+            Ask::Udp => &[],
+            Ask::UdpUnconnected => &["--unconnected"],
+            Ask::Tcp => &["--tcp"],
+        }
+    }
+
+    /// The transport the kernel judges.
+    pub fn transport(self) -> divert::policy::Transport {
+        match self {
+            Ask::Tcp => divert::policy::Transport::Tcp,
+            _ => divert::policy::Transport::Udp,
+        }
+    }
+}
+
+/// One DNS query under one policy, and what must happen to it.
+#[derive(Clone, Debug)]
+pub struct DnsCase {
+    pub name: String,
+    pub policy: Policy,
+    pub server: SocketAddr,
+    pub ask: Ask,
+    /// Ask an IPv4 server as `::ffff:a.b.c.d` from an AF_INET6 socket.
+    pub mapped: bool,
+    pub uid: u32,
+    pub want: Action,
+}
+
+/// What the testkit `dns` client prints for `case` when `action` happens:
+/// the proxy's answer or the server's, and the server asked as the reply's
+/// source (and peer, when connected) either way.
+pub fn expected_dns(case: &DnsCase, action: Action) -> String {
+    let shown = match (case.server, case.mapped) {
+        (SocketAddr::V4(v4), true) => {
+            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+        }
+        _ => case.server,
+    };
+    let answer = match action {
+        Action::Dns(_) => PROXY_ANSWER,
+        _ if case.server.ip().is_loopback() => LOCAL_NAMESERVER_ANSWER,
+        _ => NAMESERVER_ANSWER,
+    };
+    match case.ask {
+        Ask::UdpUnconnected => format!("answer={answer} from={shown}"),
+        _ => format!("answer={answer} from={shown} peer={shown}"),
+    }
+}
+
+/// The DNS cases: four policies (nameservers v4, v6 and loopback;
+/// capture-all; no DNS capture; nameservers with `-i '*'`), each asked of a
+/// nameserver, of another server and of the loopback nameserver, over
+/// connected and unconnected UDP and TCP, IPv4, IPv6 and mapped, by the
+/// application and by the proxy. Include ranges are empty but in the last
+/// policy, so TCP that DNS capture leaves alone reaches the server asked
+/// (under `-i '*'`, only what DNS capture takes is asked over TCP).
+pub fn dns_matrix(lab: impl Into<Addrs>) -> Vec<DnsCase> {
+    use divert::policy::{DnsCapture, Nameserver};
+    let lab: Addrs = lab.into();
+    let local: IpAddr = LOCAL_NAMESERVER.parse().unwrap();
+    let ns = |ip: IpAddr| Nameserver::from(ip);
+    let servers = DnsCapture {
+        capture_all: false,
+        servers_v4: vec![ns(lab.v4(2)), ns(local)],
+        servers_v6: vec![ns(lab.v6(2))],
+    };
+    let none = IncludeRanges::List(vec![]);
+    let policies: [(&str, Policy); 4] = [
+        (
+            "nameservers",
+            Policy {
+                include_ranges: none.clone(),
+                dns: Some(servers.clone()),
+                ..Policy::default()
+            },
+        ),
+        (
+            "capture-all",
+            Policy {
+                include_ranges: none.clone(),
+                dns: Some(DnsCapture {
+                    capture_all: true,
+                    servers_v4: vec![],
+                    servers_v6: vec![],
+                }),
+                ..Policy::default()
+            },
+        ),
+        (
+            "no DNS capture",
+            Policy {
+                include_ranges: none,
+                ..Policy::default()
+            },
+        ),
+        (
+            "nameservers, -i *",
+            Policy {
+                dns: Some(servers),
+                ..Policy::default()
+            },
+        ),
+    ];
+    let dns = Action::Dns(15053);
+    let pass = Action::PassThrough;
+    let mut out = Vec::new();
+    for (pname, p) in policies {
+        let (capture_listed, capture_other) = match pname {
+            "nameservers" | "nameservers, -i *" => (dns, pass),
+            "capture-all" => (dns, dns),
+            _ => (pass, pass),
+        };
+        let targets: [(&str, IpAddr, Action, bool); 5] = [
+            ("nameserver v4", lab.v4(2), capture_listed, true),
+            ("nameserver v6", lab.v6(2), capture_listed, false),
+            ("other server v4", lab.v4(3), capture_other, false),
+            ("other server v6", lab.v6(3), capture_other, false),
+            ("loopback nameserver", local, capture_listed, false),
+        ];
+        for (tname, ip, want, try_mapped) in targets {
+            for ask in [Ask::Udp, Ask::UdpUnconnected, Ask::Tcp] {
+                // TCP to a server no DNS rule captures meets -i '*' and
+                // goes to the outbound proxy: a TCP case, not a DNS one.
+                if ask == Ask::Tcp && want == pass && pname == "nameservers, -i *" {
+                    continue;
+                }
+                for mapped in [false, true] {
+                    if mapped && !try_mapped {
+                        continue;
+                    }
+                    let server = SocketAddr::new(ip, 53);
+                    out.push(DnsCase {
+                        name: format!(
+                            "{pname}: {tname} {ask:?}{}",
+                            if mapped { " mapped" } else { "" }
+                        ),
+                        policy: p.clone(),
+                        server,
+                        ask,
+                        mapped,
+                        uid: APP,
+                        want,
+                    });
+                }
+            }
+        }
+        // The proxy's own queries go where it asked.
+        for ask in [Ask::Udp, Ask::Tcp] {
+            out.push(DnsCase {
+                name: format!("{pname}: the proxy's own {ask:?} query"),
+                policy: p.clone(),
+                server: SocketAddr::new(lab.v4(2), 53),
+                ask,
+                mapped: false,
+                uid: 1337,
+                want: pass,
+            });
+        }
+    }
+    out
 }

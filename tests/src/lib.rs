@@ -532,6 +532,77 @@ impl Lab {
         }
     }
 
+    /// Start the DNS servers of the DNS cases ([`cases::dns_matrix`]): the
+    /// peer's nameservers on its addresses, port 53 (answering
+    /// [`cases::NAMESERVER_ANSWER`]); the client's loopback nameserver
+    /// ([`cases::LOCAL_NAMESERVER`]:53); and the DNS proxy on 127.0.0.1 and
+    /// ::1 port 15053 in the proxy's cgroup as UID 1337, as istio-agent
+    /// runs (the iptables backend's conntrack zones match the proxy's
+    /// UID). Returns once all of them listen.
+    pub fn start_dns_servers(&self) -> Result<Vec<Daemon>> {
+        let kit = testkit_bin();
+        let at = |ip: IpAddr, port: u16| SocketAddr::new(ip, port);
+        let peer = [
+            at(self.v4(2), 53),
+            at(self.v4(3), 53),
+            at(self.v6(2), 53),
+            at(self.v6(3), 53),
+        ];
+        let local = [at(cases::LOCAL_NAMESERVER.parse()?, 53)];
+        let proxy: [SocketAddr; 2] = ["127.0.0.1:15053".parse()?, "[::1]:15053".parse()?];
+        let mut daemons = Vec::new();
+        for (place, answer, addrs, name) in [
+            (
+                Placement {
+                    netns: &self.peer,
+                    cgroup: &self.plain,
+                    ids: None,
+                },
+                cases::NAMESERVER_ANSWER,
+                &peer[..],
+                "nameservers",
+            ),
+            (
+                self.in_client(&self.plain, None),
+                cases::LOCAL_NAMESERVER_ANSWER,
+                &local[..],
+                "loopback nameserver",
+            ),
+            (
+                self.in_client(&self.proxy, Some((1337, 1337))),
+                cases::PROXY_ANSWER,
+                &proxy[..],
+                "DNS proxy",
+            ),
+        ] {
+            let (mut cmd, _keep) = command_in(place, &kit)?;
+            cmd.arg("dns-server")
+                .arg(answer)
+                .args(addrs.iter().map(SocketAddr::to_string));
+            daemons.push(Daemon::spawn(name, cmd)?);
+        }
+        wait_listening(&self.peer, &peer, Duration::from_secs(10))?;
+        wait_listening(&self.client, &local, Duration::from_secs(10))?;
+        wait_listening(&self.client, &proxy, Duration::from_secs(10))?;
+        Ok(daemons)
+    }
+
+    /// Ask `case`'s query with the testkit `dns` client from the workload
+    /// cgroup as the case's UID: its one line, or `error …`.
+    pub fn ask_dns(&self, case: &cases::DnsCase) -> Result<String> {
+        let (mut cmd, _keep) = command_in(
+            self.in_client(&self.workload, Some((case.uid, case.uid))),
+            testkit_bin(),
+        )?;
+        cmd.args(["dns", "example.test", &case.server.to_string()])
+            .args(case.ask.opts());
+        if case.mapped {
+            cmd.arg("--mapped");
+        }
+        let out = cmd.output().context("running the testkit dns client")?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     /// The client namespace's cookie and addresses.
     pub fn client_identity(&self) -> Result<(u64, Vec<IpAddr>)> {
         self.client.enter(|| -> Result<(u64, Vec<IpAddr>)> {

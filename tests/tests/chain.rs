@@ -9,14 +9,14 @@ use std::net::{IpAddr, SocketAddr};
 
 use divert::{
     ebpf::{header, Entries},
-    policy::{as_dialled, canonical, verdict, Action, Policy},
+    policy::{as_dialled, canonical, verdict, verdict_for, Action, Connect, Policy, Transport},
 };
 use divert_common::{
     chain::{self, Dst, Lookups},
     port_list, AddrKey, GroupKey, PortKey, Verdict,
 };
 use divert_tests::{
-    cases::{istio_matrix, seed_and_count, Generator, APP},
+    cases::{dns_matrix, istio_matrix, seed_and_count, Generator, APP},
     Addrs,
 };
 use rand::{rngs::StdRng, SeedableRng};
@@ -119,13 +119,31 @@ impl Lookups for MapModel {
             _pad: [0; 4],
         })
     }
+    fn nameserver(&mut self, dst: Dst) -> bool {
+        self.entries.nameservers.contains(&AddrKey {
+            netns_cookie: NETNS,
+            addr: dst.mapped(),
+        })
+    }
 }
 
-/// What the kernel's connect program decides for `dst` dialled by
-/// `uid`/`gid` under `policy`, as the loader would have written it.
+/// What the kernel's connect program decides for a TCP connect to `dst`
+/// by `uid`/`gid` under `policy`, as the loader would have written it.
 fn kernel(policy: &Policy, dst: SocketAddr, uid: u32, gid: u32) -> Action {
+    kernel_for(policy, Transport::Tcp, dst, uid, gid)
+}
+
+/// [`kernel`] for either transport.
+fn kernel_for(
+    policy: &Policy,
+    transport: Transport,
+    dst: SocketAddr,
+    uid: u32,
+    gid: u32,
+) -> Action {
     let ip = as_dialled(canonical(dst.ip()));
     let connect = chain::Connect {
+        transport,
         dst: match ip {
             IpAddr::V4(a) => Dst::V4(a.octets()),
             IpAddr::V6(a) => Dst::V6(a.octets()),
@@ -142,6 +160,7 @@ fn kernel(policy: &Policy, dst: SocketAddr, uid: u32, gid: u32) -> Action {
         Verdict::PassThrough => Action::PassThrough,
         Verdict::Redirect => Action::Redirect(policy.proxy_port),
         Verdict::InboundCapture => Action::InboundCapture(policy.inbound_capture_port),
+        Verdict::Dns => Action::Dns(divert::policy::DNS_PROXY_PORT),
     }
 }
 
@@ -209,4 +228,34 @@ fn an_app_connect_is_redirected_by_default() {
     let dst: SocketAddr = "10.0.0.1:80".parse().unwrap();
     assert_eq!(kernel(&p, dst, APP, APP), Action::Redirect(15001));
     assert_eq!(kernel(&p, dst, 1337, APP), Action::PassThrough);
+}
+
+#[test]
+fn the_kernel_decision_passes_the_dns_matrix() {
+    let at = Addrs { n: 7 };
+    let mut failures = Vec::new();
+    let matrix = dns_matrix(at);
+    assert!(matrix.len() > 40, "the matrix has its cases");
+    for c in matrix {
+        let p = with_own_addresses(c.policy.clone(), at);
+        let t = c.ask.transport();
+        let got = kernel_for(&p, t, c.server, c.uid, c.uid);
+        let reference = verdict_for(
+            &p,
+            &Connect {
+                transport: t,
+                destination: c.server,
+                uid: c.uid,
+                gid: c.uid,
+                bound_source: None,
+            },
+        );
+        if got != c.want || reference.action != c.want {
+            failures.push(format!(
+                "{}: the kernel's chain says {got:?}, verdict() {:?} ({}), the table {:?}",
+                c.name, reference.action, reference.rule, c.want
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

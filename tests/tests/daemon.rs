@@ -550,3 +550,72 @@ fn json_logs_are_one_object_per_line() {
         );
     }
 }
+
+#[test]
+fn dns_capture_registered_by_init_sends_the_pods_dns_to_its_proxy() {
+    use divert_tests::cases::{Ask, DnsCase, NAMESERVER_ANSWER, PROXY_ANSWER};
+    require_root!();
+    let s = Setup::start();
+    let _daemon = s.daemon();
+    let _dns = s.lab.start_dns_servers().expect("DNS servers");
+    let conf = s.bpffs.dir.path().join("resolv.conf");
+    std::fs::write(&conf, format!("nameserver {}\n", s.lab.v4(2))).unwrap();
+    // The injector's line, with DNS capture from istio-agent's environment.
+    let (mut cmd, _keep) = command_in(s.lab.in_client(&s.lab.plain, None), divert_bin()).unwrap();
+    cmd.args(["init", "--backend", "ebpf", "--daemon-socket"])
+        .arg(&s.socket)
+        .args(INJECTOR)
+        .arg("--resolv-conf")
+        .arg(&conf)
+        .env("ISTIO_META_DNS_CAPTURE", "true");
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "init: {}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+    let ask = |uid, ask| {
+        s.lab
+            .ask_dns(&DnsCase {
+                name: String::new(),
+                policy: Default::default(),
+                server: SocketAddr::new(s.lab.v4(2), 53),
+                ask,
+                mapped: false,
+                uid,
+                want: Action::PassThrough,
+            })
+            .unwrap()
+    };
+    let from = |answer: &str, connected: bool| {
+        let ns = SocketAddr::new(s.lab.v4(2), 53);
+        if connected {
+            format!("answer={answer} from={ns} peer={ns}")
+        } else {
+            format!("answer={answer} from={ns}")
+        }
+    };
+    assert_eq!(ask(1000, Ask::Udp), from(PROXY_ANSWER, true));
+    assert_eq!(ask(1000, Ask::UdpUnconnected), from(PROXY_ANSWER, false));
+    assert_eq!(ask(1000, Ask::Tcp), from(PROXY_ANSWER, true));
+    // istio-agent's own upstream query goes to the nameserver.
+    assert_eq!(ask(1337, Ask::Udp), from(NAMESERVER_ANSWER, true));
+    // explain reads the same decision from the pinned maps.
+    let cookie = s.lab.client_identity().unwrap().0.to_string();
+    let out = Command::new(divert_bin())
+        .args(["explain", "--bpffs-dir"])
+        .arg(s.bpffs.path())
+        .args(["--netns", &cookie, "--udp", "-o", "json"])
+        .arg(format!("{}:53", s.lab.v4(2)))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "explain: {}", text(&out.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["verdict"], "dns", "{e}");
+    assert_eq!(e["to"], "127.0.0.1:15053", "{e}");
+    // Unregistered: DNS goes where it was asked again.
+    let out = s.init(&["--cleanup", "-i", "*"]);
+    assert!(out.status.success(), "cleanup: {}", text(&out.stderr));
+    assert_eq!(ask(1000, Ask::Udp), from(NAMESERVER_ANSWER, true));
+}

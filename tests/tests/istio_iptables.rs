@@ -226,11 +226,6 @@ fn iptables_only_settings_are_written_as_istio_writes_them_and_refused_by_ebpf()
     // ignored.
     let cases: Vec<Refusal> = vec![
         (vec!["--drop-invalid"], vec![], "--drop-invalid"),
-        (
-            vec!["--capture-all-dns"],
-            vec![("ISTIO_META_DNS_CAPTURE", "true")],
-            "DNS capture",
-        ),
         (vec!["-m", "TPROXY", "-b", "*"], vec![], "-m TPROXY"),
         (vec!["--native-nftables"], vec![], "--native-nftables"),
         (
@@ -282,6 +277,37 @@ fn owner_groups_reach_the_daemon_as_gids() {
     let out = istio_iptables(&["--backend", "ebpf", "--dry-run"], &[]);
     assert!(
         !text(&out.stdout).contains("owner_groups"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn dns_capture_reaches_the_daemon_with_the_nameservers() {
+    // ISTIO_META_DNS_CAPTURE under the ebpf backend: the nameservers of
+    // the resolv.conf, as written, in the registration request.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("resolv.conf");
+    std::fs::write(&conf, "nameserver 10.96.0.10\nnameserver fd00::a\n").unwrap();
+    let conf = conf.to_str().unwrap();
+    let out = istio_iptables(
+        &["--backend", "ebpf", "--dry-run", "--resolv-conf", conf],
+        &[("ISTIO_META_DNS_CAPTURE", "true")],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(
+            r#""dns":{"capture_all":false,"servers_v4":["10.96.0.10"],"servers_v6":["fd00::a"]}"#
+        ),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = istio_iptables(
+        &["--backend", "ebpf", "--dry-run", "--capture-all-dns"],
+        &[("ISTIO_META_DNS_CAPTURE", "true")],
+    );
+    assert!(
+        text(&out.stdout).contains(r#""dns":{"capture_all":true}"#),
         "{}",
         text(&out.stdout)
     );

@@ -22,7 +22,7 @@ use crate::{
     iptables::{self, Family},
     policy::{
         as_dialled, canonical, verdict_for, Action, Capture, Connect, IncludeRanges, IpNetwork,
-        Policy, Verdict,
+        Policy, Rule, Transport, Verdict,
     },
 };
 
@@ -52,6 +52,10 @@ pub struct ExplainArgs {
     /// Envoy's inbound passthrough source).
     #[arg(long, value_name = "IP")]
     pub bound_source: Option<IpAddr>,
+
+    /// A UDP connect or datagram (a DNS query) instead of a TCP connect.
+    #[arg(long)]
+    pub udp: bool,
 }
 
 /// `divert explain -o json`.
@@ -62,9 +66,12 @@ pub struct Explanation {
     /// The destination IP as judged (IPv4-mapped shown as IPv4).
     pub destination: IpAddr,
     pub port: u16,
+    /// `tcp` or `udp`.
+    pub transport: &'static str,
     pub uid: u32,
     pub gid: u32,
-    /// `redirected`, `passthrough` or `inbound_capture` (as `divert stats`).
+    /// `redirected`, `passthrough`, `inbound_capture` or `dns` (as `divert
+    /// stats`).
     pub verdict: &'static str,
     /// The rule that decided, in words.
     pub rule: String,
@@ -101,7 +108,13 @@ fn run(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
     most_specific_first(&mut policy);
     let pod = maps.pods()?.remove(&cookie);
     let dst = canonical(args.destination.ip());
+    let transport = if args.udp {
+        Transport::Udp
+    } else {
+        Transport::Tcp
+    };
     let connect = Connect {
+        transport,
         destination: SocketAddr::new(dst, args.destination.port()),
         uid: args.uid,
         gid: args.gid,
@@ -123,12 +136,13 @@ fn run(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
         pod,
         destination: dst,
         port: args.destination.port(),
+        transport: if args.udp { "udp" } else { "tcp" },
         uid: args.uid,
         gid: args.gid,
         verdict: v.action.kernel().name(),
         rule: v.rule.to_string(),
         to: match v.action {
-            Action::Redirect(p) | Action::InboundCapture(p) => lo(p),
+            Action::Redirect(p) | Action::InboundCapture(p) | Action::Dns(p) => lo(p),
             Action::PassThrough => connect.destination,
         },
         steps,
@@ -168,9 +182,14 @@ pub fn explain_for(policy: &Policy, c: &Connect) -> (Verdict, Vec<Step>) {
     let mut steps = Vec::new();
     for r in rules
         .in_table(iptables::Table::Nat)
-        .filter(|r| r.chain == iptables::ISTIO_OUTPUT)
+        .filter(|r| r.chain == iptables::ISTIO_OUTPUT || r.chain == iptables::ISTIO_OUTPUT_DNS)
     {
-        let matched = r.decides.contains(&v.rule);
+        // Past DNS capture (the first rule after it is the host loopback's)
+        // nothing rewrites UDP.
+        if v.rule == Rule::NotTcp && r.decides.contains(&Rule::HostLoopback) {
+            break;
+        }
+        let matched = r.decides.contains(&v.rule) && r.matches_transport(c.transport);
         steps.push(Step {
             rule: r.line(),
             matched,
@@ -180,7 +199,14 @@ pub fn explain_for(policy: &Policy, c: &Connect) -> (Verdict, Vec<Step>) {
         }
     }
     steps.push(Step {
-        rule: format!("end of {}: RETURN", iptables::ISTIO_OUTPUT),
+        rule: if v.rule == Rule::NotTcp {
+            format!(
+                "UDP: the rest of {} redirects TCP only: RETURN",
+                iptables::ISTIO_OUTPUT
+            )
+        } else {
+            format!("end of {}: RETURN", iptables::ISTIO_OUTPUT)
+        },
         matched: true,
     });
     (v, steps)
@@ -205,7 +231,8 @@ fn print(out: &mut impl Write, e: &Explanation) -> std::io::Result<()> {
         .map_or(String::new(), |p| format!(" (pod {p})"));
     writeln!(
         out,
-        "connect to {} from uid {} gid {} in netns {}{who}",
+        "{} connect to {} from uid {} gid {} in netns {}{who}",
+        e.transport.to_uppercase(),
         SocketAddr::new(e.destination, e.port),
         e.uid,
         e.gid,
@@ -238,7 +265,6 @@ fn parse_destination(s: &str) -> Result<SocketAddr, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Rule;
 
     fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()
@@ -255,6 +281,7 @@ mod tests {
             ..Policy::default()
         };
         let c = Connect {
+            transport: Transport::Tcp,
             destination: "10.211.0.2:80".parse().unwrap(),
             uid: 1000,
             gid: 1000,
@@ -300,6 +327,7 @@ mod tests {
             ..Policy::default()
         };
         let c = Connect {
+            transport: Transport::Tcp,
             destination: "[fd00::1]:22".parse().unwrap(),
             uid: 1000,
             gid: 1000,
@@ -323,6 +351,7 @@ mod tests {
         let (v, steps) = explain_for(
             &p,
             &Connect {
+                transport: Transport::Tcp,
                 destination: "[fd00::1]:80".parse().unwrap(),
                 ..c
             },
@@ -340,5 +369,55 @@ mod tests {
                 "end of ISTIO_OUTPUT: RETURN",
             ]
         );
+    }
+
+    #[test]
+    fn a_dns_query_is_explained_through_istio_output_dns() {
+        let p = Policy {
+            include_ranges: IncludeRanges::List(vec![]),
+            proxy_gids: vec![],
+            dns: Some(crate::policy::DnsCapture {
+                capture_all: false,
+                servers_v4: vec!["10.96.0.10".parse::<IpAddr>().unwrap().into()],
+                servers_v6: vec![],
+            }),
+            ..Policy::default()
+        };
+        let c = Connect {
+            transport: Transport::Udp,
+            destination: "10.96.0.10:53".parse().unwrap(),
+            uid: 1000,
+            gid: 1000,
+            bound_source: None,
+        };
+        let (v, steps) = explain_for(&p, &c);
+        assert_eq!(v.action, Action::Dns(15053));
+        let rules: Vec<(&str, bool)> = steps.iter().map(|s| (s.rule.as_str(), s.matched)).collect();
+        assert_eq!(
+            rules,
+            [
+                ("-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN", false),
+                ("-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp -m multiport ! --dports 53,15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT", false),
+                ("-A ISTIO_OUTPUT -o lo -p tcp ! --dport 53 -m owner ! --uid-owner 1337 -j RETURN", false),
+                ("-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN", false),
+                ("-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS", false),
+                ("-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -d 10.96.0.10/32 -j REDIRECT --to-ports 15053", false),
+                ("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d 10.96.0.10/32 -j REDIRECT --to-port 15053", true),
+            ]
+        );
+        // UDP to another server: past DNS capture, nothing rewrites it.
+        let (v, steps) = explain_for(
+            &p,
+            &Connect {
+                destination: "10.96.0.11:53".parse().unwrap(),
+                ..c
+            },
+        );
+        assert_eq!(v.rule, Rule::NotTcp);
+        assert_eq!(
+            steps.last().unwrap().rule,
+            "UDP: the rest of ISTIO_OUTPUT redirects TCP only: RETURN"
+        );
+        assert_eq!(steps.iter().filter(|s| s.matched).count(), 1);
     }
 }

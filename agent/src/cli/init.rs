@@ -353,8 +353,8 @@ fn apply(args: &InitArgs, policy: &Policy, capture: &Capture) -> anyhow::Result<
 /// What the eBPF backend refuses: interface settings, which it cannot
 /// apply either way without changing what is captured (`-c` would leave
 /// connections it exempts redirected: more capture than asked; `-k` would
-/// leave the VM's traffic uncaptured); DNS capture, TPROXY, another host
-/// loopback range and `--drop-invalid`, which its programs do not do.
+/// leave the VM's traffic uncaptured); TPROXY, another host loopback range
+/// and `--drop-invalid`, which its programs do not do.
 pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
     let mut v = Vec::new();
     if !capture.exclude_interfaces.is_empty() {
@@ -377,9 +377,6 @@ pub fn refused_under_ebpf(capture: &Capture) -> Vec<String> {
             "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR {} (a host loopback range)",
             capture.host_loopback_v4
         ));
-    }
-    if capture.dns.is_some() {
-        v.push("--redirect-dns / ISTIO_META_DNS_CAPTURE (DNS capture)".to_string());
     }
     if capture.tproxy_routing().is_some() {
         v.push("-m TPROXY (TPROXY inbound interception)".to_string());

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::inspect::{self, Output, ReadArgs, Target};
 use crate::{
     ebpf::{PodRef, Registration},
-    policy::{IncludeRanges, OwnerGroups},
+    policy::{DnsCapture, InboundPorts, IncludeRanges, OwnerGroups},
 };
 
 /// Arguments of `divert maps`.
@@ -57,6 +57,36 @@ pub struct PolicyRow {
     /// `{"all_except": [GID…]}` (every group: an empty list) or
     /// `{"only": [GID…]}`.
     pub owner_groups: OwnerGroups,
+    /// `-b`, `includeInboundPorts`: `["*"]`, a list, or empty (none).
+    pub inbound_ports: Vec<String>,
+    /// `-d`, `excludeInboundPorts` (with `-b '*'`).
+    pub inbound_exclude_ports: Vec<u16>,
+    /// DNS capture: null when off, else `{"capture_all": bool,
+    /// "servers_v4": [...], "servers_v6": [...]}`.
+    pub dns: Option<DnsCapture>,
+}
+
+/// Inbound capture in a table cell: `*` (every port), `*,!P,…` (all but
+/// these), `P,…` (these), `-` (none).
+fn inbound_cell(r: &PolicyRow) -> String {
+    if r.inbound_ports.is_empty() {
+        return "-".into();
+    }
+    r.inbound_ports
+        .iter()
+        .cloned()
+        .chain(r.inbound_exclude_ports.iter().map(|p| format!("!{p}")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// DNS capture in a table cell: `*` (capture-all), the nameservers, or `-`.
+fn dns_cell(d: &Option<DnsCapture>) -> String {
+    match d {
+        None => "-".into(),
+        Some(d) if d.capture_all => "*".into(),
+        Some(d) => d.servers().map(ToString::to_string).collect::<Vec<_>>().join(","),
+    }
 }
 
 /// The owner-group filter in a table cell: `*` (every group), `*,!G,…`
@@ -94,6 +124,17 @@ impl From<Registration> for PolicyRow {
             proxy_gids: p.proxy_gids,
             local_addrs: p.local_addrs,
             owner_groups: p.owner_groups,
+            inbound_ports: match &p.inbound_ports {
+                InboundPorts::None => Vec::new(),
+                InboundPorts::All => vec!["*".to_string()],
+                InboundPorts::List(v) => v.iter().map(ToString::to_string).collect(),
+            },
+            inbound_exclude_ports: if p.inbound_ports == InboundPorts::All {
+                p.inbound_exclude_ports
+            } else {
+                Vec::new()
+            },
+            dns: p.dns,
         }
     }
 }
@@ -145,6 +186,8 @@ fn print_table(out: &mut impl Write, rows: &[PolicyRow]) -> std::io::Result<()> 
                 inspect::list(&r.proxy_uids),
                 inspect::list(&r.proxy_gids),
                 owner_groups_cell(&r.owner_groups),
+                inbound_cell(r),
+                dns_cell(&r.dns),
             ]
         })
         .collect();
@@ -163,6 +206,8 @@ fn print_table(out: &mut impl Write, rows: &[PolicyRow]) -> std::io::Result<()> 
             "UIDS",
             "GIDS",
             "OWNER GROUPS",
+            "INBOUND",
+            "DNS",
         ],
         &cells,
         &[0, 4],

@@ -60,18 +60,25 @@ pub enum VerdictFilter {
     Redirected,
     /// Left alone: the connection went where the application asked.
     Passthrough,
-    /// A proxy connect to the pod's own address, sent to the inbound capture port.
+    /// Sent to the inbound capture port: a proxy connect to the pod's own
+    /// address, or an inbound connection captured by socket lookup.
     #[value(name = "inbound_capture", alias = "inbound-capture")]
     InboundCapture,
+    /// DNS sent to the DNS proxy (TCP connections, and UDP connects and
+    /// datagrams sent with a destination).
+    Dns,
 }
 
 impl VerdictFilter {
     fn name(self) -> &'static str {
+        use divert_common::Verdict;
         match self {
-            VerdictFilter::Redirected => "redirected",
-            VerdictFilter::Passthrough => "passthrough",
-            VerdictFilter::InboundCapture => "inbound_capture",
+            VerdictFilter::Redirected => Verdict::Redirect,
+            VerdictFilter::Passthrough => Verdict::PassThrough,
+            VerdictFilter::InboundCapture => Verdict::InboundCapture,
+            VerdictFilter::Dns => Verdict::Dns,
         }
+        .name()
     }
 }
 

@@ -227,6 +227,10 @@ pub fn pod_policy(pod: &Pod, mesh: &MeshConfig, mesh_file: &str) -> Result<Polic
         // The daemon does not attach inbound capture yet.
         inbound_ports: String::new(),
         inbound_exclude_ports: String::new(),
+        // Nor DNS capture (Istio's proxyMetadata ISTIO_META_DNS_CAPTURE).
+        redirect_dns: false,
+        capture_all_dns: false,
+        resolv_conf: "/etc/resolv.conf".into(),
     };
     let origin = |field: &str| -> Source {
         match settings.iter().find(|s| s.0 == field) {

@@ -291,6 +291,9 @@ mod tests {
                         owner_groups_exclude: String::new(),
                         inbound_ports: String::new(),
                         inbound_exclude_ports: String::new(),
+                        redirect_dns: false,
+                        capture_all_dns: false,
+                        resolv_conf: "/etc/resolv.conf".into(),
                     }
                     .to_policy_from(&request_origin)
                     .ok()
@@ -387,6 +390,60 @@ mod tests {
         let v = serde_json::to_value(with(Only(vec!["2000".into()]))).unwrap();
         assert_eq!(v["owner_groups"], serde_json::json!({"only": ["2000"]}));
         assert!(serde_json::to_value(Policy::default()).unwrap()["owner_groups"].is_null());
+    }
+
+    #[test]
+    fn dns_capture_on_the_wire_is_held_to_what_resolv_conf_gives() {
+        let with = |v: serde_json::Value| -> Result<Policy, String> {
+            let mut p = serde_json::to_value(Policy::default()).unwrap();
+            p["dns"] = v;
+            let p: Policy = serde_json::from_value(p).map_err(|e| e.to_string())?;
+            p.validate(&request_origin).map_err(|e| e.to_string())?;
+            Ok(p)
+        };
+        let ok = with(serde_json::json!({
+            "capture_all": false, "servers_v4": ["10.96.0.10"], "servers_v6": ["fd00::a"]
+        }))
+        .unwrap();
+        assert_eq!(ok.dns.unwrap().servers().count(), 2);
+        assert!(with(serde_json::json!({"capture_all": true})).is_ok());
+        let many: Vec<String> = (1..=17).map(|i| format!("10.0.0.{i}")).collect();
+        for (bad, says) in [
+            (
+                serde_json::json!({"capture_all": true, "servers_v4": ["10.0.0.1"]}),
+                "takes no nameservers",
+            ),
+            (serde_json::json!({"capture_all": false}), "no nameservers"),
+            (
+                serde_json::json!({"capture_all": false, "servers_v4": ["fd00::a"]}),
+                "IPv4 addresses only",
+            ),
+            (
+                serde_json::json!({"capture_all": false, "servers_v4": ["10.0.0.1", "10.0.0.1"]}),
+                "repeated",
+            ),
+            (
+                serde_json::json!({"capture_all": false, "servers_v4": many}),
+                "17 nameservers",
+            ),
+            (
+                serde_json::json!({"capture_all": false, "servers_v4": ["kube-dns"]}),
+                "not an IP address",
+            ),
+            (
+                serde_json::json!({"capture_all": false, "servers_v6": ["::ffff:10.0.0.1"]}),
+                "IPv4-mapped",
+            ),
+            (
+                serde_json::json!({"capture_all": false, "servers": ["10.0.0.1"]}),
+                "unknown field",
+            ),
+        ] {
+            let e = with(bad.clone()).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // Off: absent from the request, as before DNS capture existed.
+        assert!(serde_json::to_value(Policy::default()).unwrap()["dns"].is_null());
     }
 
     #[test]

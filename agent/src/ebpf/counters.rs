@@ -16,7 +16,7 @@ pub struct Counter {
     /// Destination as dialled (IPv4-mapped shown as IPv4).
     pub destination: IpAddr,
     pub port: u16,
-    /// `redirected`, `inbound_capture` or `passthrough`.
+    /// `redirected`, `inbound_capture`, `dns` or `passthrough` (`Verdict::name`).
     pub verdict: &'static str,
     /// Connects judged.
     pub connections: u64,

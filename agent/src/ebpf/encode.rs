@@ -16,7 +16,9 @@ use divert_common::{
 use ipnetwork::IpNetwork;
 
 use super::RegisteredBy;
-use crate::policy::{canonical, InboundPorts, IncludeRanges, OwnerGroups, Policy};
+use crate::policy::{
+    canonical, DnsCapture, InboundPorts, IncludeRanges, Nameserver, OwnerGroups, Policy,
+};
 
 /// Every map entry (besides the header) that one namespace's policy owns.
 #[derive(Default)]
@@ -28,6 +30,8 @@ pub struct Entries {
     pub ports: Vec<PortKey>,
     pub addrs: Vec<AddrKey>,
     pub groups: Vec<GroupKey>,
+    /// `NAMESERVERS` entries: each nameserver DNS capture captures.
+    pub nameservers: Vec<AddrKey>,
     /// `INBOUND_NETNS` entries: each own address (16 bytes, IPv4 mapped)
     /// with the namespace, when the policy captures inbound connections.
     pub inbound_netns: Vec<([u8; 16], u64)>,
@@ -69,6 +73,7 @@ impl Entries {
             ports: minus(&self.ports, &other.ports),
             addrs: minus(&self.addrs, &other.addrs),
             groups: minus(&self.groups, &other.groups),
+            nameservers: minus(&self.nameservers, &other.nameservers),
             inbound_netns: minus(&self.inbound_netns, &other.inbound_netns),
         }
     }
@@ -125,6 +130,16 @@ impl Entries {
                 .map(|a| AddrKey {
                     netns_cookie: netns,
                     addr: mapped(a),
+                })
+                .collect(),
+            nameservers: policy
+                .dns
+                .iter()
+                .filter(|d| !d.capture_all)
+                .flat_map(|d| d.servers())
+                .map(|s| AddrKey {
+                    netns_cookie: netns,
+                    addr: mapped(&s.addr()),
                 })
                 .collect(),
             // Loopback and link-local addresses are every namespace's:
@@ -267,6 +282,21 @@ pub fn policy_from(h: &PolicyHeader, e: &Entries) -> Policy {
             InboundPorts::None
         },
         inbound_exclude_ports: ports(port_list::INBOUND_EXCLUDE),
+        dns: (h.flags & flags::DNS_CAPTURE != 0).then(|| {
+            let mut servers: Vec<IpAddr> = e
+                .nameservers
+                .iter()
+                .map(|k| canonical(IpAddr::from(k.addr)))
+                .collect();
+            servers.sort();
+            let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) =
+                servers.into_iter().partition(IpAddr::is_ipv4);
+            DnsCapture {
+                capture_all: h.flags & flags::DNS_CAPTURE_ALL != 0,
+                servers_v4: v4.into_iter().map(Nameserver::from).collect(),
+                servers_v6: v6.into_iter().map(Nameserver::from).collect(),
+            }
+        }),
     }
 }
 
@@ -314,6 +344,11 @@ pub fn header(policy: &Policy) -> PolicyHeader {
         (
             matches!(policy.inbound_ports, InboundPorts::List(_)),
             flags::INBOUND_LIST,
+        ),
+        (policy.dns.is_some(), flags::DNS_CAPTURE),
+        (
+            policy.dns.as_ref().is_some_and(|d| d.capture_all),
+            flags::DNS_CAPTURE_ALL,
         ),
     ] {
         if cond {

@@ -84,6 +84,8 @@ pub enum Error {
     },
     #[error("netns {0:#x} is already registered in this instance")]
     AlreadyRegistered(u64),
+    #[error("{0} nameservers to capture DNS for: the kernel holds at most {max} per namespace", max = divert_common::limits::MAX_NAMESERVERS)]
+    TooManyNameservers(usize),
     #[error("owner groups {0:?}: the kernel takes GIDs; resolve group names first (OwnerGroups::resolved)")]
     GroupName(String),
     #[error("address {addr} is netns {netns:#x}'s, which captures inbound connections too: inbound capture finds a connection's namespace by its destination, so each address must be one namespace's")]
@@ -359,6 +361,10 @@ impl Maps {
         for k in groups.keys().filter_map(|k| k.ok()) {
             by.entry(k.netns_cookie).or_default().groups.push(k);
         }
+        let servers = self.read_hash::<AddrKey, u8>(maps::NAMESERVERS)?;
+        for k in servers.keys().filter_map(|k| k.ok()) {
+            by.entry(k.netns_cookie).or_default().nameservers.push(k);
+        }
         let owners = self.read_hash::<[u8; 16], u64>(maps::INBOUND_NETNS)?;
         for (addr, netns) in owners.iter().filter_map(|e| e.ok()) {
             by.entry(netns)
@@ -461,6 +467,11 @@ impl Maps {
             maps::OWNER_GROUPS,
             &e.groups,
         )?;
+        insert_all(
+            hash_map(&mut self.maps, maps::NAMESERVERS)?,
+            maps::NAMESERVERS,
+            &e.nameservers,
+        )?;
         let mut owners: HashMap<&mut MapData, [u8; 16], u64> =
             hash_map(&mut self.maps, maps::INBOUND_NETNS)?;
         for (addr, netns) in &e.inbound_netns {
@@ -515,6 +526,11 @@ impl Maps {
         e.groups
             .iter()
             .for_each(|k| note(maps::OWNER_GROUPS, groups.remove(k)));
+        let mut servers: HashMap<&mut MapData, AddrKey, u8> =
+            hash_map(&mut self.maps, maps::NAMESERVERS)?;
+        e.nameservers
+            .iter()
+            .for_each(|k| note(maps::NAMESERVERS, servers.remove(k)));
         let mut owners: HashMap<&mut MapData, [u8; 16], u64> =
             hash_map(&mut self.maps, maps::INBOUND_NETNS)?;
         for (addr, netns) in &e.inbound_netns {
@@ -528,10 +544,17 @@ impl Maps {
 }
 
 /// What the maps cannot hold however they are written: an owner group
-/// given by name (the kernel compares GIDs).
+/// given by name (the kernel compares GIDs), more nameservers than a
+/// namespace may have.
 fn kernel_ready(policy: &Policy) -> Result<()> {
     if policy.owner_groups.gids().is_none() {
         return Err(Error::GroupName(policy.owner_groups.groups().join(",")));
+    }
+    if let Some(dns) = &policy.dns {
+        let count = dns.servers().count();
+        if count > divert_common::limits::MAX_NAMESERVERS {
+            return Err(Error::TooManyNameservers(count));
+        }
     }
     Ok(())
 }

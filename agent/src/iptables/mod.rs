@@ -174,15 +174,31 @@ pub struct Rule {
     pub position: Option<u32>,
     /// Matches and target, e.g. `["-p", "tcp", "-j", "ISTIO_REDIRECT"]`.
     pub spec: Vec<String>,
-    /// For a rule of the nat table's `ISTIO_OUTPUT`: the decisions of
-    /// [`crate::policy::verdict()`] it is the rule for (a multiport rule
-    /// stands for each of its ports). Empty for the other chains, and for
-    /// rules no TCP connect matches (the `-p udp` exclude ports). `divert
-    /// explain` finds the deciding rule by it.
+    /// For a rule of the nat table's `ISTIO_OUTPUT` and `ISTIO_OUTPUT_DNS`:
+    /// the decisions of [`crate::policy::verdict()`] it is the rule for (a
+    /// multiport rule stands for each of its ports), for the transport its
+    /// `-p` matches ([`Rule::matches_transport`]). Empty for the other
+    /// chains. `divert explain` finds the deciding rule by it.
     pub decides: Vec<policy::Rule>,
 }
 
 impl Rule {
+    /// Whether the rule's protocol match (`-p tcp`, `-p udp`, or none)
+    /// admits `t`.
+    pub fn matches_transport(&self, t: policy::Transport) -> bool {
+        let proto = self
+            .spec
+            .windows(2)
+            .find(|w| w[0] == "-p")
+            .map(|w| w[1].as_str());
+        matches!(
+            (proto, t),
+            (None, _)
+                | (Some("tcp"), policy::Transport::Tcp)
+                | (Some("udp"), policy::Transport::Udp)
+        )
+    }
+
     fn new(table: Table, chain: &'static str, spec: &[&str]) -> Rule {
         Rule {
             table,
@@ -429,12 +445,10 @@ pub fn render(policy: &Policy, capture: &Capture, family: Family) -> RuleSet {
             let mut spec = vec!["-p", proto];
             spec.extend(m.iter().map(String::as_str));
             spec.extend(["-j", "RETURN"]);
-            let rule = Rule::nat(ISTIO_OUTPUT, &spec);
-            rules.push(if proto == "tcp" {
-                rule.deciding(ports.iter().map(|&p| policy::Rule::ExcludeOutboundPort(p)))
-            } else {
-                rule
-            });
+            rules.push(
+                Rule::nat(ISTIO_OUTPUT, &spec)
+                    .deciding(ports.iter().map(|&p| policy::Rule::ExcludeOutboundPort(p))),
+            );
         }
     }
     rules.push(
@@ -451,7 +465,7 @@ pub fn render(policy: &Policy, capture: &Capture, family: Family) -> RuleSet {
         )
         .deciding([policy::Rule::InboundPassthroughSource]),
     );
-    owners(&mut rules, policy, capture, lo);
+    owners(&mut rules, policy, lo);
     // The owner-group filter (run.go `handleCaptureByOwnerGroup`).
     match &policy.owner_groups {
         OwnerGroups::AllExcept(groups) => {
@@ -479,7 +493,7 @@ pub fn render(policy: &Policy, capture: &Capture, family: Family) -> RuleSet {
             );
         }
     }
-    if let Some(dns) = &capture.dns {
+    if let Some(dns) = &policy.dns {
         dns_rules(&mut rules, policy, dns, family);
     }
     rules.push(
@@ -619,11 +633,11 @@ fn inbound(rules: &mut Vec<Rule>, policy: &Policy, capture: &Capture, lo: &str, 
 /// Step 6's owner rules of [`render`]: per proxy UID, then per GID, the
 /// redirect back to the inbound capture port, the return of other
 /// processes' loopback traffic, and the return of the proxy's own.
-fn owners(rules: &mut Vec<Rule>, policy: &Policy, capture: &Capture, lo: &str) {
+fn owners(rules: &mut Vec<Rule>, policy: &Policy, lo: &str) {
     let tunnel = policy.inbound_tunnel_port.to_string();
     // With DNS capture the proxy's loopback DNS is not sent inbound, and
     // other processes' loopback DNS over TCP is left to ISTIO_OUTPUT_DNS.
-    let dns = capture.dns.is_some();
+    let dns = policy.dns.is_some();
     let not_tunnel_or_dns = format!("53,{tunnel}");
     let loopback_included = policy.include_ranges.has_loopback();
     type Decides = fn(u32) -> policy::Rule;
@@ -682,13 +696,14 @@ fn owners(rules: &mut Vec<Rule>, policy: &Policy, capture: &Capture, lo: &str) {
 /// the clients' queries and the upstream answers zone 2 and 1, so the two
 /// legs of a proxied query never share a conntrack entry.
 fn dns_rules(rules: &mut Vec<Rule>, policy: &Policy, dns: &policy::DnsCapture, family: Family) {
-    let servers: Vec<String> = match family {
+    let nameservers = match family {
         Family::V4 => &dns.servers_v4,
         Family::V6 => &dns.servers_v6,
-    }
-    .iter()
-    .map(|s| format!("{s}/{}", family.host_bits()))
-    .collect();
+    };
+    let servers: Vec<String> = nameservers
+        .iter()
+        .map(|s| format!("{s}/{}", family.host_bits()))
+        .collect();
     let dns_port = DNS_PROXY_PORT.to_string();
     rules.push(Rule::raw("OUTPUT", &["-j", ISTIO_OUTPUT_DNS]));
     if dns.capture_all || !servers.is_empty() {
@@ -698,20 +713,26 @@ fn dns_rules(rules: &mut Vec<Rule>, policy: &Policy, dns: &policy::DnsCapture, f
     // `--to-port`.
     for (proto, to) in [("tcp", "--to-ports"), ("udp", "--to-port")] {
         if dns.capture_all {
-            rules.push(Rule::nat(
-                ISTIO_OUTPUT_DNS,
-                &[
-                    "-p", proto, "--dport", "53", "-j", "REDIRECT", to, &dns_port,
-                ],
-            ));
+            rules.push(
+                Rule::nat(
+                    ISTIO_OUTPUT_DNS,
+                    &[
+                        "-p", proto, "--dport", "53", "-j", "REDIRECT", to, &dns_port,
+                    ],
+                )
+                .deciding([policy::Rule::DnsCapture(None)]),
+            );
         }
-        for s in &servers {
-            rules.push(Rule::nat(
-                ISTIO_OUTPUT_DNS,
-                &[
-                    "-p", proto, "--dport", "53", "-d", s, "-j", "REDIRECT", to, &dns_port,
-                ],
-            ));
+        for (s, ns) in servers.iter().zip(nameservers) {
+            rules.push(
+                Rule::nat(
+                    ISTIO_OUTPUT_DNS,
+                    &[
+                        "-p", proto, "--dport", "53", "-d", s, "-j", "REDIRECT", to, &dns_port,
+                    ],
+                )
+                .deciding([policy::Rule::DnsCapture(Some(ns.addr()))]),
+            );
         }
     }
     for (ids, owner) in [

@@ -88,31 +88,34 @@ fn dns_capture_reads_the_nameservers_and_refuses_what_it_cannot_match() {
     )
     .unwrap();
     let path = conf.to_str().unwrap().to_string();
-    let (_, c) = policy_for(&[
+    let (p, _) = policy_for(&[
         "--redirect-dns".into(),
         "--resolv-conf".into(),
         path.clone(),
     ]);
-    let dns = c.dns.unwrap();
-    assert_eq!(dns.servers_v4, vec!["10.96.0.10"]);
-    assert_eq!(dns.servers_v6, vec!["fd00::a"]);
+    let dns = p.dns.unwrap();
+    let written = |v: &[crate::policy::Nameserver]| -> Vec<String> {
+        v.iter().map(ToString::to_string).collect()
+    };
+    assert_eq!(written(&dns.servers_v4), vec!["10.96.0.10"]);
+    assert_eq!(written(&dns.servers_v6), vec!["fd00::a"]);
     assert!(!dns.capture_all);
     // --capture-all-dns does not read the file.
-    let (_, c) = policy_for(&[
+    let (p, _) = policy_for(&[
         "--redirect-dns".into(),
         "--capture-all-dns".into(),
         "--resolv-conf".into(),
         "/nonexistent".into(),
     ]);
-    assert!(c.dns.unwrap().capture_all);
+    assert!(p.dns.unwrap().capture_all);
     // No nameserver: DNS capture is off, as istio-iptables turns it off.
     std::fs::write(&conf, "search x\n").unwrap();
-    let (_, c) = policy_for(&[
+    let (p, _) = policy_for(&[
         "--redirect-dns".into(),
         "--resolv-conf".into(),
         path.clone(),
     ]);
-    assert_eq!(c.dns, None);
+    assert_eq!(p.dns, None);
     // A nameserver iptables cannot match, and a missing file: errors that
     // name the file and the setting.
     let _g = crate::policy::TEST_ENV

@@ -16,7 +16,7 @@ pub use parse::{go_bool, go_bool_flag, CaptureArgs, PolicyArgs, PolicyError, Sou
 
 pub use verdict::{
     as_dialled, inbound_verdict, verdict, verdict_for, Action, Connect, InboundVerdict, Rule,
-    Verdict,
+    Transport, Verdict,
 };
 
 /// Environment variables are process-wide: unit tests that parse flags
@@ -34,7 +34,7 @@ pub const DEFAULT_INBOUND_TUNNEL_PORT: u16 = 15008;
 pub const DEFAULT_PROXY_ID: u32 = 1337;
 /// The port istio-agent's DNS proxy listens on, where DNS capture sends
 /// port 53 (istio's `IstioAgentDNSListenerPort`).
-pub const DNS_PROXY_PORT: u16 = 15053;
+pub const DNS_PROXY_PORT: u16 = divert_common::DNS_PROXY_PORT;
 /// TPROXY mode's packet mark (`-t`, `INBOUND_TPROXY_MARK`), istio's default.
 pub const DEFAULT_TPROXY_MARK: u32 = 1337;
 /// TPROXY mode's route table (`-r`, `INBOUND_TPROXY_ROUTE_TABLE`), istio's default.
@@ -102,8 +102,8 @@ impl InboundPorts {
 
 /// The capture settings only a backend that sees packets applies (the
 /// iptables backend's interface, mangle and raw rules): TPROXY, interfaces,
-/// DNS capture, `--drop-invalid`, another host loopback range. Not part of [`Policy`], which is what the kernel maps hold
-/// and the daemon's socket takes.
+/// `--drop-invalid`, another host loopback range. Not part of [`Policy`],
+/// which is what the kernel maps hold and the daemon's socket takes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capture {
     /// `-m`: how inbound connections reach the inbound capture port
@@ -126,9 +126,6 @@ pub struct Capture {
     /// (`ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`), as written; 127.0.0.1/32 by
     /// default. Only the iptables backend applies another.
     pub host_loopback_v4: String,
-    /// DNS capture (`--redirect-dns`, `ISTIO_META_DNS_CAPTURE`); `None`
-    /// when off.
-    pub dns: Option<DnsCapture>,
     /// TPROXY mode's mark and route table (`-t`, `-r`); used only with
     /// `-m TPROXY`.
     pub tproxy: Tproxy,
@@ -137,17 +134,97 @@ pub struct Capture {
 /// DNS capture as istio-iptables does it (run.go `SetupDNSRedir`): TCP and
 /// UDP to port 53 of the nameservers (or of every address, with
 /// `--capture-all-dns`) go to istio-agent's [`DNS_PROXY_PORT`], except the
-/// proxy's own; UDP DNS is split over two conntrack zones.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// proxy's own. The iptables backend also splits UDP DNS over two
+/// conntrack zones; the eBPF backend has no conntrack to split.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DnsCapture {
     /// `--capture-all-dns`: port 53 of every destination, not only of the
     /// nameservers.
     pub capture_all: bool,
-    /// The IPv4 nameservers of the namespace's resolv.conf, as written
-    /// there (none with `capture_all`, which does not read it).
-    pub servers_v4: Vec<String>,
+    /// The IPv4 nameservers of the namespace's resolv.conf, in its order
+    /// (none with `capture_all`, which does not read it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers_v4: Vec<Nameserver>,
     /// The IPv6 nameservers, likewise.
-    pub servers_v6: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers_v6: Vec<Nameserver>,
+}
+
+impl DnsCapture {
+    /// Every nameserver, IPv4 first.
+    pub fn servers(&self) -> impl Iterator<Item = &Nameserver> {
+        self.servers_v4.iter().chain(&self.servers_v6)
+    }
+}
+
+/// One nameserver of a resolv.conf: an IP address, kept as written (the
+/// iptables backend writes `-d <as written>/32`, as istio-iptables does).
+/// Not IPv4-mapped, no zone: iptables could not match either. Two are
+/// equal when their addresses are, however written. A string on the wire.
+#[derive(Clone, Debug, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Nameserver {
+    addr: IpAddr,
+    written: String,
+}
+
+impl Nameserver {
+    /// Errors say why `s` is not a nameserver iptables can match.
+    pub fn parse(s: &str) -> Result<Nameserver, String> {
+        let addr: IpAddr = s
+            .parse()
+            .map_err(|_| format!("nameserver {s:?} is not an IP address iptables can match"))?;
+        if canonical(addr) != addr {
+            return Err(format!(
+                "nameserver {s:?} is IPv4-mapped: write the IPv4 address"
+            ));
+        }
+        Ok(Nameserver {
+            addr,
+            written: s.to_string(),
+        })
+    }
+
+    /// The address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+}
+
+impl From<IpAddr> for Nameserver {
+    fn from(addr: IpAddr) -> Nameserver {
+        let addr = canonical(addr);
+        Nameserver {
+            addr,
+            written: addr.to_string(),
+        }
+    }
+}
+
+impl PartialEq for Nameserver {
+    fn eq(&self, other: &Nameserver) -> bool {
+        self.addr == other.addr
+    }
+}
+
+impl std::fmt::Display for Nameserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.written)
+    }
+}
+
+impl TryFrom<String> for Nameserver {
+    type Error = String;
+    fn try_from(s: String) -> Result<Nameserver, String> {
+        Nameserver::parse(&s)
+    }
+}
+
+impl From<Nameserver> for String {
+    fn from(n: Nameserver) -> String {
+        n.written
+    }
 }
 
 /// TPROXY mode's policy routing (istio-iptables' `-t` and `-r`): inbound
@@ -183,7 +260,7 @@ impl Capture {
 
 impl Default for Capture {
     /// istio-iptables' defaults: no inbound capture, no interfaces, one
-    /// address family decision, every group, 127.0.0.1/32, no DNS capture.
+    /// address family decision, every group, 127.0.0.1/32.
     fn default() -> Self {
         Capture {
             interception_mode: InterceptionMode::default(),
@@ -192,7 +269,6 @@ impl Default for Capture {
             dual_stack: false,
             drop_invalid: false,
             host_loopback_v4: DEFAULT_HOST_LOOPBACK_V4.to_string(),
-            dns: None,
             tproxy: Tproxy::default(),
         }
     }
@@ -321,6 +397,10 @@ pub struct Policy {
     /// `excludeInboundPorts`; istio-iptables ignores them with a list).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inbound_exclude_ports: Vec<u16>,
+    /// DNS capture (`--redirect-dns`, `ISTIO_META_DNS_CAPTURE`); off by
+    /// default (and then absent from a request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsCapture>,
 }
 
 impl Default for Policy {
@@ -340,6 +420,7 @@ impl Default for Policy {
             owner_groups: OwnerGroups::default(),
             inbound_ports: InboundPorts::None,
             inbound_exclude_ports: Vec::new(),
+            dns: None,
         }
     }
 }

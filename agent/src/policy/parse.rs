@@ -12,10 +12,10 @@ use clap::{parser::ValueSource, ArgMatches, Args};
 use ipnetwork::IpNetwork;
 
 use super::{
-    Capture, DnsCapture, InboundPorts, IncludeRanges, InterceptionMode, OwnerGroups, Policy,
-    Tproxy, DEFAULT_HOST_LOOPBACK_V4, DEFAULT_INBOUND_CAPTURE_PORT, DEFAULT_INBOUND_TUNNEL_PORT,
-    DEFAULT_PROXY_ID, DEFAULT_PROXY_PORT, DEFAULT_TPROXY_MARK, DEFAULT_TPROXY_ROUTE_TABLE,
-    MAX_PROXY_IDS,
+    Capture, DnsCapture, InboundPorts, IncludeRanges, InterceptionMode, Nameserver, OwnerGroups,
+    Policy, Tproxy, DEFAULT_HOST_LOOPBACK_V4, DEFAULT_INBOUND_CAPTURE_PORT,
+    DEFAULT_INBOUND_TUNNEL_PORT, DEFAULT_PROXY_ID, DEFAULT_PROXY_PORT, DEFAULT_TPROXY_MARK,
+    DEFAULT_TPROXY_ROUTE_TABLE, MAX_PROXY_IDS,
 };
 
 /// Where a setting's value came from, for error messages.
@@ -104,6 +104,8 @@ pub enum PolicyError {
         reason: &'static str,
         origin: Source,
     },
+    #[error("invalid DNS capture in {origin}: {reason}")]
+    Dns { reason: String, origin: Source },
     #[error("invalid boolean in {origin}: {reason}")]
     InvalidBool { reason: String, origin: Source },
     #[error("invalid group {value:?} in {origin}: a GID or a group name (letters, digits, '_', '.', '-'; at most 32 bytes)")]
@@ -134,6 +136,7 @@ impl PolicyError {
             | PolicyError::ResolvConf { origin, .. }
             | PolicyError::InvalidNumber { origin, .. }
             | PolicyError::InvalidBool { origin, .. }
+            | PolicyError::Dns { origin, .. }
             | PolicyError::InvalidGroup { origin, .. }
             | PolicyError::TooManyGroups { origin, .. } => origin,
         }
@@ -290,6 +293,26 @@ pub struct PolicyArgs {
         value_name = "PORTS"
     )]
     pub inbound_exclude_ports: String,
+
+    /// Capture DNS: TCP and UDP to port 53 of the nameservers in
+    /// --resolv-conf go to istio-agent's port 15053, except the proxy's
+    /// own. Also from ISTIO_META_DNS_CAPTURE.
+    #[arg(long = "redirect-dns", env = "REDIRECT_DNS", value_parser = go_bool, value_name = "BOOL")]
+    pub redirect_dns: bool,
+
+    /// With --redirect-dns: capture port 53 of every destination, not
+    /// only of the nameservers (what istio-cni uses).
+    #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS", value_parser = go_bool, value_name = "BOOL")]
+    pub capture_all_dns: bool,
+
+    /// The resolv.conf whose `nameserver` lines --redirect-dns captures
+    /// (istio-iptables reads /etc/resolv.conf).
+    #[arg(
+        long = "resolv-conf",
+        default_value = "/etc/resolv.conf",
+        value_name = "PATH"
+    )]
+    pub resolv_conf: std::path::PathBuf,
 }
 
 impl PolicyArgs {
@@ -297,8 +320,30 @@ impl PolicyArgs {
     /// the namespace's). `matches` are the matches these args were parsed
     /// from, used to say whether a bad value came from a flag or the
     /// environment; without them every value is attributed to its flag.
+    ///
+    /// `--redirect-dns` not given, istio-iptables' other variable for it,
+    /// `ISTIO_META_DNS_CAPTURE`, is read.
     pub fn to_policy(&self, matches: Option<&ArgMatches>) -> Result<Policy, PolicyError> {
-        self.to_policy_from(&|id: &str| origin_of(id, matches))
+        let given = matches
+            .and_then(|m| m.value_source("redirect_dns"))
+            .is_some_and(|s| s != ValueSource::DefaultValue);
+        let (redirect_dns, dns_origin) = or_env(
+            self.redirect_dns,
+            given,
+            origin_of("redirect_dns", matches),
+            "ISTIO_META_DNS_CAPTURE",
+        )?;
+        let args = PolicyArgs {
+            redirect_dns,
+            ..self.clone()
+        };
+        args.to_policy_from(&|id: &str| {
+            if id == "redirect_dns" {
+                dns_origin.clone()
+            } else {
+                origin_of(id, matches)
+            }
+        })
     }
 
     /// Validate into a [`Policy`], attributing each setting (by its field
@@ -352,9 +397,58 @@ impl PolicyArgs {
                 &self.inbound_exclude_ports,
                 origin("inbound_exclude_ports"),
             )?,
+            dns: dns_capture(
+                self.redirect_dns,
+                self.capture_all_dns,
+                &self.resolv_conf,
+                origin("redirect_dns"),
+            )?,
             ..Policy::default()
         })
     }
+}
+
+/// DNS capture as istio-iptables decides it (run.go `Run` and
+/// `SetupDNSRedir`): off without `redirect_dns`; with `capture_all`, port
+/// 53 of every address; else the nameservers of `resolv_conf`, and off
+/// (with a warning, as istio-iptables) when it names none. `origin` is the
+/// setting that turned it on, for errors.
+fn dns_capture(
+    redirect_dns: bool,
+    capture_all: bool,
+    resolv_conf: &std::path::Path,
+    origin: Source,
+) -> Result<Option<DnsCapture>, PolicyError> {
+    if !redirect_dns {
+        if capture_all {
+            tracing::warn!(
+                "--capture-all-dns is set but DNS capture (--redirect-dns, ISTIO_META_DNS_CAPTURE) is not: no DNS is captured"
+            );
+        }
+        return Ok(None);
+    }
+    if capture_all {
+        return Ok(Some(DnsCapture {
+            capture_all: true,
+            servers_v4: Vec::new(),
+            servers_v6: Vec::new(),
+        }));
+    }
+    let (servers_v4, servers_v6) = nameservers(resolv_conf, origin)?;
+    if servers_v4.is_empty() && servers_v6.is_empty() {
+        // istio-iptables: "REDIRECT_DNS is set, but CAPTURE_ALL_DNS is
+        // false, and no DNS servers provided. DNS capture disabled."
+        tracing::warn!(
+            resolv_conf = %resolv_conf.display(),
+            "DNS capture is set, but --capture-all-dns is not and resolv.conf names no nameserver: no DNS is captured (as istio-iptables)"
+        );
+        return Ok(None);
+    }
+    Ok(Some(DnsCapture {
+        capture_all: false,
+        servers_v4,
+        servers_v6,
+    }))
 }
 
 /// istio-iptables' flags that shape capture beyond the policy: the
@@ -429,27 +523,6 @@ pub struct CaptureArgs {
         value_name = "TABLE"
     )]
     pub inbound_tproxy_route_table: String,
-
-    /// Capture DNS: TCP and UDP to port 53 of the nameservers in
-    /// --resolv-conf go to istio-agent's port 15053, except the proxy's
-    /// own (UDP in two conntrack zones). Also from ISTIO_META_DNS_CAPTURE.
-    /// iptables backend only.
-    #[arg(long = "redirect-dns", env = "REDIRECT_DNS", value_parser = go_bool, value_name = "BOOL")]
-    pub redirect_dns: bool,
-
-    /// With --redirect-dns: capture port 53 of every destination, not
-    /// only of the nameservers (what istio-cni uses).
-    #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS", value_parser = go_bool, value_name = "BOOL")]
-    pub capture_all_dns: bool,
-
-    /// The resolv.conf whose `nameserver` lines --redirect-dns captures
-    /// (istio-iptables reads /etc/resolv.conf).
-    #[arg(
-        long = "resolv-conf",
-        default_value = "/etc/resolv.conf",
-        value_name = "PATH"
-    )]
-    pub resolv_conf: std::path::PathBuf,
 
     /// Drop packets conntrack finds invalid (the mangle table's ISTIO_DROP).
     /// Also from INVALID_DROP. iptables backend only.
@@ -591,7 +664,7 @@ fn or_env(
 impl CaptureArgs {
     /// The validated capture settings. `matches` as for
     /// [`PolicyArgs::to_policy`]. Errors: a bad value, named with its flag
-    /// or environment variable; DNS capture, which divert does not do yet.
+    /// or environment variable.
     pub fn to_capture(&self, matches: Option<&ArgMatches>) -> Result<Capture, PolicyError> {
         let origin = |id: &str| origin_of(id, matches);
         let given = |id: &str| {
@@ -601,41 +674,8 @@ impl CaptureArgs {
         };
         let either =
             |value: bool, id: &str, other: &str| or_env(value, given(id), origin(id), other);
-        let redirect_dns = either(self.redirect_dns, "redirect_dns", "ISTIO_META_DNS_CAPTURE")?;
         let (drop_invalid, _) = either(self.drop_invalid, "drop_invalid", "INVALID_DROP")?;
         let (dual_stack, _) = either(self.dual_stack, "dual_stack", "ISTIO_DUAL_STACK")?;
-        let (redirect_dns, dns_origin) = redirect_dns;
-        let dns = if !redirect_dns {
-            if self.capture_all_dns {
-                tracing::warn!(
-                    "--capture-all-dns is set but DNS capture (--redirect-dns, ISTIO_META_DNS_CAPTURE) is not: no DNS is captured"
-                );
-            }
-            None
-        } else if self.capture_all_dns {
-            Some(DnsCapture {
-                capture_all: true,
-                servers_v4: Vec::new(),
-                servers_v6: Vec::new(),
-            })
-        } else {
-            let (servers_v4, servers_v6) = nameservers(&self.resolv_conf, dns_origin)?;
-            if servers_v4.is_empty() && servers_v6.is_empty() {
-                // istio-iptables: "REDIRECT_DNS is set, but CAPTURE_ALL_DNS
-                // is false, and no DNS servers provided. DNS capture disabled."
-                tracing::warn!(
-                    resolv_conf = %self.resolv_conf.display(),
-                    "DNS capture is set, but --capture-all-dns is not and resolv.conf names no nameserver: no DNS is captured (as istio-iptables)"
-                );
-                None
-            } else {
-                Some(DnsCapture {
-                    capture_all: false,
-                    servers_v4,
-                    servers_v6,
-                })
-            }
-        };
         let tproxy = Tproxy {
             mark: parse_u32(
                 "TPROXY mark",
@@ -676,7 +716,6 @@ impl CaptureArgs {
             dual_stack,
             drop_invalid,
             host_loopback_v4,
-            dns,
             tproxy,
         })
     }
@@ -720,7 +759,7 @@ const RESOLV_CONF_MAX: u64 = 64 * 1024;
 fn nameservers(
     path: &std::path::Path,
     origin: Source,
-) -> Result<(Vec<String>, Vec<String>), PolicyError> {
+) -> Result<(Vec<Nameserver>, Vec<Nameserver>), PolicyError> {
     use std::io::Read as _;
     let fail = |reason: String| PolicyError::ResolvConf {
         path: path.display().to_string(),
@@ -744,15 +783,11 @@ fn nameservers(
         let Some(addr) = words.next() else {
             continue;
         };
-        match addr.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(_)) => v4.push(addr.to_string()),
-            Ok(std::net::IpAddr::V6(_)) => v6.push(addr.to_string()),
-            Err(_) => {
-                return Err(fail(format!(
-                    "line {}: nameserver {addr:?} is not an IP address iptables can match",
-                    n + 1
-                )))
-            }
+        let server = Nameserver::parse(addr).map_err(|e| fail(format!("line {}: {e}", n + 1)))?;
+        if server.addr().is_ipv4() {
+            v4.push(server);
+        } else {
+            v6.push(server);
         }
     }
     Ok((v4, v6))
@@ -793,6 +828,11 @@ impl PolicyArgs {
             inbound_exclude_ports: join(
                 &mut policy.inbound_exclude_ports.iter().map(u16::to_string),
             ),
+            // A policy's nameservers come from a file, not a flag: DNS
+            // capture is not written back ([`Policy::validate`] checks it).
+            redirect_dns: false,
+            capture_all_dns: false,
+            resolv_conf: "/etc/resolv.conf".into(),
         }
     }
 }
@@ -814,10 +854,15 @@ impl Policy {
     /// groups. `origin` names each field (`proxy_port`, …) in the error.
     pub fn validate(&self, origin: &dyn Fn(&str) -> Source) -> Result<(), PolicyError> {
         let parsed = PolicyArgs::of(self).to_policy_from(origin)?;
+        // DNS capture is not a flag value: checked by its own rules below.
         let again = Policy {
             local_addrs: Vec::new(),
+            dns: self.dns.clone(),
             ..parsed
         };
+        if let Some(dns) = &self.dns {
+            check_dns(dns, origin("dns"))?;
+        }
         let differs = |field: &str, reason: &str| PolicyError::NotCanonical {
             origin: origin(field),
             reason: reason.to_string(),
@@ -872,6 +917,43 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// A DNS capture that did not come from [`dns_capture`] held to what it
+/// returns: with `capture_all` no nameservers, without it at least one;
+/// each list its own family, no nameserver twice, at most
+/// [`MAX_NAMESERVERS`](divert_common::limits::MAX_NAMESERVERS) in all.
+fn check_dns(dns: &DnsCapture, origin: Source) -> Result<(), PolicyError> {
+    let bad = |reason: String| {
+        Err(PolicyError::Dns {
+            reason,
+            origin: origin.clone(),
+        })
+    };
+    let count = dns.servers().count();
+    if dns.capture_all && count != 0 {
+        return bad("capture_all captures every address: it takes no nameservers".into());
+    }
+    if !dns.capture_all && count == 0 {
+        return bad("no nameservers and no capture_all: nothing would be captured".into());
+    }
+    if count > divert_common::limits::MAX_NAMESERVERS {
+        return bad(format!(
+            "{count} nameservers, at most {} are supported",
+            divert_common::limits::MAX_NAMESERVERS
+        ));
+    }
+    if dns.servers_v4.iter().any(|s| !s.addr().is_ipv4())
+        || dns.servers_v6.iter().any(|s| !s.addr().is_ipv6())
+    {
+        return bad("servers_v4 holds IPv4 addresses only, servers_v6 IPv6 only".into());
+    }
+    let unique: std::collections::HashSet<std::net::IpAddr> =
+        dns.servers().map(Nameserver::addr).collect();
+    if unique.len() != count {
+        return bad("a nameserver is repeated".into());
+    }
+    Ok(())
 }
 
 /// istio-iptables' default proxy UID: the UID of the user `ENVOY_USER` names

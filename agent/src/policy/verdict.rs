@@ -6,6 +6,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+pub use divert_common::chain::Transport;
 use divert_common::chain::{self, Hit, Owner};
 use ipnetwork::IpNetwork;
 use serde::Serialize;
@@ -20,6 +21,9 @@ pub enum Action {
     Redirect(u16),
     /// Rewritten to the inbound capture port on the loopback (`ISTIO_IN_REDIRECT`).
     InboundCapture(u16),
+    /// DNS rewritten to istio-agent's DNS proxy on the loopback
+    /// (`ISTIO_OUTPUT_DNS`), at this port.
+    Dns(u16),
     /// Left alone (`RETURN`).
     PassThrough,
 }
@@ -31,6 +35,7 @@ impl Action {
             Action::PassThrough => chain::Verdict::PassThrough,
             Action::Redirect(_) => chain::Verdict::Redirect,
             Action::InboundCapture(_) => chain::Verdict::InboundCapture,
+            Action::Dns(_) => chain::Verdict::Dns,
         }
     }
 }
@@ -61,6 +66,11 @@ pub enum Rule {
     /// `-m owner ! --gid-owner G1 … -j RETURN`: the connecting GID is not
     /// in the owner-group include list (`ISTIO_OUTBOUND_OWNER_GROUPS`).
     OwnerGroupNotIncluded,
+    /// `-A ISTIO_OUTPUT_DNS -p tcp|udp --dport 53 -d <nameserver> -j
+    /// REDIRECT --to-ports 15053` (`None`: without `-d`, capture-all).
+    DnsCapture(Option<IpAddr>),
+    /// UDP past DNS capture: the rest of `ISTIO_OUTPUT` redirects TCP only.
+    NotTcp,
     /// `-d 127.0.0.1/32 -j RETURN` (`::1/128` for IPv6).
     HostLoopback,
     /// `-d CIDR -j RETURN` (`-x`).
@@ -102,6 +112,19 @@ impl fmt::Display for Rule {
                 f,
                 "the GID is not in the owner groups captured (ISTIO_OUTBOUND_OWNER_GROUPS)"
             ),
+            Rule::DnsCapture(Some(ns)) => {
+                write!(
+                    f,
+                    "DNS to nameserver {ns}: to the DNS proxy (--redirect-dns)"
+                )
+            }
+            Rule::DnsCapture(None) => {
+                write!(
+                    f,
+                    "DNS to any address: to the DNS proxy (--capture-all-dns)"
+                )
+            }
+            Rule::NotTcp => write!(f, "UDP: only DNS is captured"),
             Rule::HostLoopback => write!(f, "destination is 127.0.0.1 / ::1"),
             Rule::ExcludeRange(n) => write!(f, "destination is in exclude range {n} (-x)"),
             Rule::IncludeOutboundPort(p) => {
@@ -121,9 +144,12 @@ pub struct Verdict {
     pub rule: Rule,
 }
 
-/// One outbound TCP connect as the kernel sees it at `connect()`.
+/// One outbound connect as the kernel sees it at `connect()` (for UDP,
+/// or at `sendmsg()` with a destination).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Connect {
+    /// TCP or UDP.
+    pub transport: Transport,
     /// Destination as dialled (IPv4-mapped IPv6 is judged as IPv4).
     pub destination: SocketAddr,
     /// Real UID of the connecting process.
@@ -134,12 +160,13 @@ pub struct Connect {
     pub bound_source: Option<IpAddr>,
 }
 
-/// The verdict for `destination` dialled by a process with `uid`/`gid` from
-/// an unbound socket. See [`verdict_for`].
+/// The verdict for `destination` dialled over TCP by a process with
+/// `uid`/`gid` from an unbound socket. See [`verdict_for`].
 pub fn verdict(policy: &Policy, destination: SocketAddr, uid: u32, gid: u32) -> Verdict {
     verdict_for(
         policy,
         &Connect {
+            transport: Transport::Tcp,
             destination,
             uid,
             gid,
@@ -164,6 +191,7 @@ pub fn verdict_for(policy: &Policy, c: &Connect) -> Verdict {
         IpAddr::from(chain::PASSTHROUGH_SRC6),
     ];
     let connect = chain::Connect {
+        transport: c.transport,
         dst: chain_dst(dst),
         port,
         uid: c.uid,
@@ -191,6 +219,14 @@ pub fn verdict_for(policy: &Policy, c: &Connect) -> Verdict {
         Hit::Proxy(o, id) => by_owner(o, Rule::ProxyUid, Rule::ProxyGid, id),
         Hit::OwnerGroupExcluded => Rule::OwnerGroupExcluded(c.gid),
         Hit::OwnerGroupNotIncluded => Rule::OwnerGroupNotIncluded,
+        Hit::DnsCapture => Rule::DnsCapture(
+            policy
+                .dns
+                .as_ref()
+                .is_some_and(|d| !d.capture_all)
+                .then_some(dst),
+        ),
+        Hit::NotTcp => Rule::NotTcp,
         Hit::HostLoopback => Rule::HostLoopback,
         Hit::ExcludeRange => Rule::ExcludeRange(lists.range.expect("the lookup found it")),
         Hit::IncludeOutboundPort => Rule::IncludeOutboundPort(port),
@@ -202,6 +238,7 @@ pub fn verdict_for(policy: &Policy, c: &Connect) -> Verdict {
         chain::Verdict::PassThrough => Action::PassThrough,
         chain::Verdict::Redirect => Action::Redirect(policy.proxy_port),
         chain::Verdict::InboundCapture => Action::InboundCapture(policy.inbound_capture_port),
+        chain::Verdict::Dns => Action::Dns(super::DNS_PROXY_PORT),
     };
     Verdict { action, rule }
 }
@@ -245,6 +282,13 @@ impl chain::Lookups for Lists<'_> {
     }
     fn inbound_exclude_port(&mut self, port: u16) -> bool {
         self.policy.inbound_exclude_ports.contains(&port)
+    }
+    fn nameserver(&mut self, dst: chain::Dst) -> bool {
+        let ip = ip_of(dst);
+        self.policy
+            .dns
+            .as_ref()
+            .is_some_and(|d| d.servers().any(|s| s.addr() == ip))
     }
 }
 
@@ -512,6 +556,7 @@ mod tests {
     fn inbound_passthrough_source_passes() {
         let p = base();
         let c = Connect {
+            transport: Transport::Tcp,
             destination: sa("10.211.0.1:8080"),
             uid: 1337,
             gid: 1337,
@@ -534,6 +579,7 @@ mod tests {
             ("::6", "[::ffff:10.0.0.1]:443"),
         ] {
             let c = Connect {
+                transport: Transport::Tcp,
                 destination: sa(dst),
                 uid: APP,
                 gid: APP,
@@ -545,6 +591,7 @@ mod tests {
         }
         for dst in ["[::1]:8080", "[fd00:211::1]:8080", "127.0.0.1:8080"] {
             let c = Connect {
+                transport: Transport::Tcp,
                 destination: sa(dst),
                 uid: APP,
                 gid: APP,
@@ -696,6 +743,99 @@ mod tests {
         assert_eq!(
             v(&with(InboundPorts::None, vec![]), 8080, peer),
             (None, NoInboundCapture)
+        );
+    }
+
+    fn dns_policy(servers: &[&str]) -> Policy {
+        use crate::policy::{DnsCapture, Nameserver};
+        let ns: Vec<Nameserver> = servers
+            .iter()
+            .map(|s| Nameserver::parse(s).unwrap())
+            .collect();
+        Policy {
+            include_ranges: IncludeRanges::List(vec![]),
+            dns: Some(DnsCapture {
+                capture_all: servers.is_empty(),
+                servers_v4: ns.iter().filter(|n| n.addr().is_ipv4()).cloned().collect(),
+                servers_v6: ns.iter().filter(|n| n.addr().is_ipv6()).cloned().collect(),
+            }),
+            ..base()
+        }
+    }
+
+    fn udp(p: &Policy, dst: &str, uid: u32, gid: u32) -> Verdict {
+        verdict_for(
+            p,
+            &Connect {
+                transport: Transport::Udp,
+                destination: sa(dst),
+                uid,
+                gid,
+                bound_source: None,
+            },
+        )
+    }
+
+    #[test]
+    fn dns_to_a_nameserver_goes_to_the_dns_proxy_except_the_proxys_own() {
+        let p = dns_policy(&["10.96.0.10", "fd00::a"]);
+        for dst in ["10.96.0.10:53", "[fd00::a]:53"] {
+            let want = Verdict {
+                action: Action::Dns(15053),
+                rule: Rule::DnsCapture(Some(sa(dst).ip())),
+            };
+            assert_eq!(udp(&p, dst, APP, APP), want, "{dst}");
+            assert_eq!(verdict(&p, sa(dst), APP, APP), want, "{dst} over TCP");
+            assert_eq!(udp(&p, dst, 1337, 1337).rule, Rule::ProxyUid(1337));
+        }
+        // Another server, another port: UDP is left alone past DNS capture.
+        assert_eq!(udp(&p, "10.96.0.11:53", APP, APP).rule, Rule::NotTcp);
+        assert_eq!(udp(&p, "10.96.0.10:5353", APP, APP).rule, Rule::NotTcp);
+        // Capture-all: every address's port 53.
+        let all = dns_policy(&[]);
+        assert_eq!(
+            udp(&all, "192.0.2.9:53", APP, APP).rule,
+            Rule::DnsCapture(None)
+        );
+        // No DNS capture: UDP is never captured.
+        assert_eq!(
+            udp(&base(), "10.96.0.10:53", APP, APP).action,
+            Action::PassThrough
+        );
+    }
+
+    #[test]
+    fn dns_capture_follows_istio_iptables_port_53_exceptions() {
+        // A loopback nameserver (systemd-resolved's stub): the
+        // application's TCP DNS is not returned as "local" (`! --dport 53`)
+        // and reaches DNS capture.
+        let p = dns_policy(&["127.0.0.53"]);
+        assert_eq!(
+            verdict(&p, sa("127.0.0.53:53"), APP, APP).rule,
+            Rule::DnsCapture(Some("127.0.0.53".parse().unwrap()))
+        );
+        // Other local ports still return.
+        assert_eq!(
+            verdict(&p, sa("127.0.0.53:80"), APP, APP).rule,
+            Rule::LocalNotProxyUid(1337)
+        );
+        // The proxy UID's TCP to a local port 53 is not sent inbound
+        // (`! --dports 53,15008` with --uid-owner) ...
+        let own: SocketAddr = sa("10.211.0.1:53");
+        assert_eq!(verdict(&p, own, 1337, 1337).rule, Rule::ProxyUid(1337));
+        // ... but istio writes only `! --dport 15008` with --gid-owner.
+        assert_eq!(
+            verdict(&p, own, 4242, 1337).rule,
+            Rule::ProxyGidToLocal(1337)
+        );
+        // -o 53 excludes UDP too (istio-iptables writes -p tcp and -p udp).
+        let excluded = Policy {
+            exclude_ports: vec![53],
+            ..dns_policy(&["10.96.0.10"])
+        };
+        assert_eq!(
+            udp(&excluded, "10.96.0.10:53", APP, APP).rule,
+            Rule::ExcludeOutboundPort(53)
         );
     }
 }

@@ -18,6 +18,17 @@
 //! * `udp DST`: sends one datagram from a socket connected to DST and
 //!   prints the answer and ` peer=<the answer's source>`; `error …` when
 //!   none comes.
+//! * `dns-server ANSWER ADDR…`: a DNS server on each ADDR, UDP and TCP:
+//!   every A query is answered with the address ANSWER (so the answer
+//!   says which server answered), every other query with no records.
+//! * `dns NAME SERVER [--tcp] [--unconnected] [--mapped]`: asks SERVER for
+//!   NAME's A record over connected UDP (`--unconnected`: `sendto` and
+//!   `recvfrom`; `--tcp`: TCP; `--mapped`: an IPv4 SERVER through an
+//!   AF_INET6 socket as `::ffff:a.b.c.d`) and prints `answer=<address>
+//!   from=<the reply's source>` (UDP; TCP: the peer), then ` peer=<getpeername()>`
+//!   for a connected socket; `error …` when no answer comes. `--also
+//!   SERVER2` (unconnected): the same socket asks SERVER2 too, before
+//!   reading, and a line is printed for each of the two replies.
 //! * `late-proxy ADDR MS`: accepts, waits MS milliseconds, then asks
 //!   `SO_ORIGINAL_DST` and prints `late orig=<…>` on stdout (one line per
 //!   connection): a proxy that asks after the client may have gone.
@@ -81,6 +92,8 @@ fn main() -> ExitCode {
         Some("tproxy") => tproxy(&args[1..]),
         Some("udp-server") => udp_server(&args[1..]),
         Some("udp") => udp(&args[1]),
+        Some("dns-server") => dns_server(&args[1], &args[2..]),
+        Some("dns") => dns(&args[1], &args[2], &args[3..]),
         Some("client") => client(&args[1], &args[2..]),
         Some("late-proxy") => late_proxy(&args[1], &args[2]),
         Some("send") => send(&args[1]),
@@ -256,6 +269,167 @@ fn udp(dst: &str) -> Result<()> {
     let (n, from) = sock.recv_from(&mut buf)?;
     println!("{} peer={from}", String::from_utf8_lossy(&buf[..n]));
     Ok(())
+}
+
+/// The answer to one DNS query: A queries get `answer`.
+fn dns_answer(query: &[u8], answer: Ipv4Addr) -> Option<Vec<u8>> {
+    use hickory_proto::{
+        op::{Message, MessageType},
+        rr::{rdata::A, RData, Record, RecordType},
+    };
+    let q = Message::from_vec(query).ok()?;
+    let mut r = Message::new(q.metadata.id, MessageType::Response, q.metadata.op_code);
+    r.metadata.recursion_desired = q.metadata.recursion_desired;
+    r.metadata.recursion_available = true;
+    for question in &q.queries {
+        r.add_query(question.clone());
+        if question.query_type() == RecordType::A {
+            r.add_answer(Record::from_rdata(
+                question.name().clone(),
+                60,
+                RData::A(A(answer)),
+            ));
+        }
+    }
+    r.to_vec().ok()
+}
+
+fn dns_server(answer: &str, addrs: &[String]) -> Result<()> {
+    let answer: Ipv4Addr = answer.parse()?;
+    let mut handles = Vec::new();
+    for a in addrs {
+        let addr: SocketAddr = a.parse()?;
+        let udp = std::net::UdpSocket::bind(addr)?;
+        handles.push(thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                if let Some(reply) = dns_answer(&buf[..n], answer) {
+                    let _ = udp.send_to(&reply, from);
+                }
+            }
+        }));
+        let tcp = listen(addr)?;
+        handles.push(thread::spawn(move || {
+            for mut c in tcp.incoming().flatten() {
+                thread::spawn(move || {
+                    let _ = c.set_read_timeout(Some(TIMEOUT));
+                    let mut len = [0u8; 2];
+                    while c.read_exact(&mut len).is_ok() {
+                        let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+                        if c.read_exact(&mut q).is_err() {
+                            break;
+                        }
+                        let Some(reply) = dns_answer(&q, answer) else {
+                            break;
+                        };
+                        let mut out = (reply.len() as u16).to_be_bytes().to_vec();
+                        out.extend(reply);
+                        if c.write_all(&out).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn dns(name: &str, server: &str, opts: &[String]) -> Result<()> {
+    use hickory_proto::{
+        op::Message,
+        rr::{Name, RecordType},
+    };
+    let (mut tcp, mut connected, mut mapped) = (false, true, false);
+    let mut also: Option<SocketAddr> = None;
+    let mut it = opts.iter();
+    while let Some(o) = it.next() {
+        match o.as_str() {
+            "--tcp" => tcp = true,
+            "--unconnected" => connected = false,
+            "--mapped" => mapped = true,
+            "--also" => also = Some(it.next().ok_or("--also SERVER2")?.parse()?),
+            other => return Err(format!("unknown option {other}").into()),
+        }
+    }
+    let server: SocketAddr = server.parse()?;
+    let dst: SocketAddr = match (server, mapped) {
+        (SocketAddr::V4(v4), true) => (v4.ip().to_ipv6_mapped(), v4.port()).into(),
+        _ => server,
+    };
+    let mut q = Message::query();
+    q.metadata.recursion_desired = true;
+    q.add_query(hickory_proto::op::Query::query(
+        Name::from_ascii(name)?,
+        RecordType::A,
+    ));
+    let query = q.to_vec()?;
+    let domain = Domain::for_address(dst);
+    let (reply, from, peer) = if tcp {
+        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.connect_timeout(&dst.into(), TIMEOUT)?;
+        let mut c: TcpStream = s.into();
+        let mut out = (query.len() as u16).to_be_bytes().to_vec();
+        out.extend(&query);
+        c.write_all(&out)?;
+        let mut len = [0u8; 2];
+        c.read_exact(&mut len)?;
+        let mut reply = vec![0u8; u16::from_be_bytes(len) as usize];
+        c.read_exact(&mut reply)?;
+        let peer = c.peer_addr()?;
+        (reply, peer, Some(peer))
+    } else {
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let u: std::net::UdpSocket = s.into();
+        if connected {
+            u.connect(dst)?;
+            u.send(&query)?;
+        } else {
+            u.send_to(&query, dst)?;
+        }
+        let mut buf = [0u8; 1500];
+        if let Some(second) = also {
+            u.send_to(&query, second)?;
+            let mut lines = Vec::new();
+            for _ in 0..2 {
+                let (n, from) = u.recv_from(&mut buf)?;
+                lines.push(format!("answer={} from={from}", first_a(&buf[..n])?));
+            }
+            println!("{}", lines.join("\n"));
+            return Ok(());
+        }
+        let (n, from) = u.recv_from(&mut buf)?;
+        let peer = if connected {
+            Some(u.peer_addr()?)
+        } else {
+            None
+        };
+        (buf[..n].to_vec(), from, peer)
+    };
+    let answer = first_a(&reply)?;
+    match peer {
+        Some(p) => println!("answer={answer} from={from} peer={p}"),
+        None => println!("answer={answer} from={from}"),
+    }
+    Ok(())
+}
+
+/// The first A record of a DNS reply, or `none`.
+fn first_a(reply: &[u8]) -> Result<String> {
+    use hickory_proto::{op::Message, rr::RData};
+    let m = Message::from_vec(reply)?;
+    Ok(m.answers
+        .iter()
+        .find_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "none".into()))
 }
 
 fn send(socket: &str) -> Result<()> {
