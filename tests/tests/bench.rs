@@ -47,14 +47,40 @@ fn the_benchmark_measures_every_backend_and_reports() {
     let trie = |name: &str| registry.maps.iter().find(|m| m.name == name).unwrap();
     assert!(trie("INCLUDE_V4").registered_bytes > trie("INCLUDE_V4").loaded_bytes);
     assert!(trie("EXCLUDE_V4").registered_bytes > trie("EXCLUDE_V4").loaded_bytes);
+    // Inbound and DNS capture: every connection and lookup was checked by
+    // its client (captured ones reached the proxy with the destination
+    // dialled, answers came from the server asked).
+    let pod = bench::pod::measure(&settings).expect("the whole pod");
+    assert_eq!(pod.len(), 3);
+    for r in &pod {
+        assert_eq!(r.samples, settings.rounds * settings.batch, "{r:?}");
+        assert!(r.inbound_p50_ns > 0 && r.dns_p50_ns > 0, "{r:?}");
+        match r.backend {
+            // REDIRECT leaves an entry per inbound connection, and DNS
+            // capture one per lookup (source ports may repeat).
+            Backend::Iptables => {
+                assert_eq!(r.inbound_conntrack_per_10k, 10_000, "{r:?}");
+                assert!(r.dns_conntrack_per_10k > 0, "{r:?}");
+            }
+            Backend::Floor | Backend::Ebpf => {
+                assert_eq!(
+                    (r.inbound_conntrack_per_10k, r.dns_conntrack_per_10k),
+                    (0, 0),
+                    "{r:?}"
+                );
+            }
+        }
+    }
     let run = Run {
         machine: bench::machine().expect("machine"),
         settings,
         rows,
         registry,
+        pod,
     };
     let text = report::text(&run);
     assert!(text.contains("ebpf/floor p50"), "{text}");
+    assert!(text.contains("the whole pod"), "{text}");
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("chart.png");
     report::chart(&run, &png).expect("chart");

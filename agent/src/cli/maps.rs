@@ -85,7 +85,11 @@ fn dns_cell(d: &Option<DnsCapture>) -> String {
     match d {
         None => "-".into(),
         Some(d) if d.capture_all => "*".into(),
-        Some(d) => d.servers().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        Some(d) => d
+            .servers()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
     }
 }
 

@@ -23,6 +23,7 @@
 //! Nothing here asserts on time: the run prints and writes what it measured.
 
 pub mod peer;
+pub mod pod;
 pub mod registry;
 pub mod report;
 
@@ -219,6 +220,9 @@ pub struct Run {
     pub settings: Settings,
     pub rows: Vec<Row>,
     pub registry: registry::Figures,
+    /// Inbound and DNS capture ([`pod`]); empty in runs from before them.
+    #[serde(default)]
+    pub pod: Vec<pod::PodRow>,
 }
 
 /// Where it ran.

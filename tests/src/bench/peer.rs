@@ -193,6 +193,15 @@ pub enum Command {
     },
     /// One connection to `dst` carrying `bytes` bytes to the proxy.
     Bulk { dst: SocketAddrV4, bytes: u64 },
+    /// `count` DNS-sized queries to `dst`, each as glibc makes one lookup:
+    /// a new UDP socket, `connect`, `send`, `recvfrom`, close. Each answer
+    /// must come from `expect_from` (the server asked, whatever answered)
+    /// and echo the query.
+    Dns {
+        dst: SocketAddrV4,
+        count: usize,
+        expect_from: SocketAddrV4,
+    },
 }
 
 /// The client's answer to a [`Command`], one JSON object per line.
@@ -266,6 +275,23 @@ fn run(cmd: &Command) -> Result<Reply, String> {
                 reply.sockopt_ns.push(record.sockopt_ns);
             }
         }
+        Command::Dns {
+            dst,
+            count,
+            expect_from,
+        } => {
+            reply.latency_ns.reserve(count);
+            for i in 0..count {
+                let (latency, from) = dns_query(dst, i as u64)
+                    .map_err(|e| format!("query {i} of {count} to {dst}: {e}"))?;
+                if from != SocketAddr::V4(expect_from) {
+                    return Err(format!(
+                        "query {i} to {dst} was answered from {from}, expected {expect_from}"
+                    ));
+                }
+                reply.latency_ns.push(latency);
+            }
+        }
         Command::Bulk { dst, bytes } => {
             reply.bytes = bulk(dst, bytes).map_err(|e| format!("bulk to {dst}: {e}"))?;
             if reply.bytes != bytes {
@@ -312,6 +338,38 @@ fn one_connection(dst: SocketAddrV4, reset: bool, port: Option<u16>) -> io::Resu
     let (mut s, t0) = connect(dst, reset, port, MODE_LATENCY)?;
     let record = read_record(&mut s)?;
     Ok((record.accept_ns.saturating_sub(t0), record))
+}
+
+/// One lookup's worth of UDP: socket, connect, send a 40-byte query
+/// (about an A query's size) numbered `n`, receive the echo. Returns the
+/// time from the socket's creation to the answer and the answer's source.
+fn dns_query(dst: SocketAddrV4, n: u64) -> io::Result<(u64, SocketAddr)> {
+    let mut query = [0u8; 40];
+    query[..8].copy_from_slice(&n.to_le_bytes());
+    let t0 = monotonic_ns();
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.connect(&SocketAddr::V4(dst).into())?;
+    let u: std::net::UdpSocket = s.into();
+    u.send(&query)?;
+    let mut buf = [0u8; 512];
+    let (len, from) = u.recv_from(&mut buf)?;
+    let took = monotonic_ns() - t0;
+    if buf[..len] != query {
+        return Err(io::Error::other("the answer is not the query's echo"));
+    }
+    Ok((took, from))
+}
+
+/// The DNS proxy's stand-in: echo every datagram on `listen` to its
+/// sender, forever.
+pub fn dns_proxy(listen: SocketAddr) -> io::Result<()> {
+    let sock = std::net::UdpSocket::bind(listen)?;
+    let mut buf = [0u8; 512];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf)?;
+        sock.send_to(&buf[..n], from)?;
+    }
 }
 
 fn bulk(dst: SocketAddrV4, bytes: u64) -> io::Result<u64> {

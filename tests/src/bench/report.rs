@@ -175,6 +175,55 @@ pub fn text(run: &Run) -> String {
             total
         );
     }
+    if !run.pod.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nthe whole pod: inbound connections from a peer to 10.213.0.1:8080 (captured to 15006) and DNS lookups to 10.213.0.2:53 (captured to 15053), {} samples each:",
+            grouped(run.pod[0].samples)
+        );
+        let _ = writeln!(
+            s,
+            "{:<9} {:>12} {:>12} {:>10} {:>14} {:>14}  {:>9} {:>9} {:>14}",
+            "backend",
+            "inbound p50",
+            "inbound p99",
+            "conn/s",
+            "SO_ORIG p50",
+            "conntrack/10k",
+            "DNS p50",
+            "DNS p99",
+            "conntrack/10k"
+        );
+        for r in &run.pod {
+            let _ = writeln!(
+                s,
+                "{:<9} {:>10.1}µs {:>10.1}µs {:>10.0} {:>12.2}µs {:>14}  {:>7.1}µs {:>7.1}µs {:>14}",
+                r.backend.name(),
+                us(r.inbound_p50_ns),
+                us(r.inbound_p99_ns),
+                r.inbound_connections_per_sec,
+                us(r.inbound_so_original_dst_p50_ns),
+                r.inbound_conntrack_per_10k,
+                us(r.dns_p50_ns),
+                us(r.dns_p99_ns),
+                r.dns_conntrack_per_10k
+            );
+        }
+        let of = |b: Backend| run.pod.iter().find(|r| r.backend == b);
+        if let (Some(f), Some(i), Some(e)) =
+            (of(Backend::Floor), of(Backend::Iptables), of(Backend::Ebpf))
+        {
+            let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
+            let _ = writeln!(
+                s,
+                "inbound p50: ebpf/floor {:.2}×, iptables/ebpf {:.2}×; DNS p50: ebpf/floor {:.2}×, iptables/ebpf {:.2}×",
+                ratio(e.inbound_p50_ns, f.inbound_p50_ns),
+                ratio(i.inbound_p50_ns, e.inbound_p50_ns),
+                ratio(e.dns_p50_ns, f.dns_p50_ns),
+                ratio(i.dns_p50_ns, e.dns_p50_ns),
+            );
+        }
+    }
     let g = &run.registry;
     let _ = writeln!(
         s,

@@ -41,6 +41,14 @@ enum Role {
         #[arg(long)]
         cpu: Option<usize>,
     },
+    /// The DNS proxy's stand-in, echoing datagrams on ADDR (spawned by the
+    /// benchmark).
+    #[command(hide = true)]
+    DnsProxy {
+        addr: SocketAddr,
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
     /// The client end, driven over stdin (spawned by the benchmark).
     #[command(hide = true)]
     Client {
@@ -59,6 +67,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.role {
         Some(Role::Proxy { addr, cpu }) => pin(cpu).and_then(|()| Ok(peer::proxy(addr)?)),
+        Some(Role::DnsProxy { addr, cpu }) => pin(cpu).and_then(|()| Ok(peer::dns_proxy(addr)?)),
         Some(Role::Client { cpu }) => pin(cpu).and_then(|()| Ok(peer::client()?)),
         Some(Role::Registry { namespaces }) => registry::measure(namespaces).and_then(|f| {
             println!("{}", serde_json::to_string(&f)?);
@@ -97,6 +106,7 @@ fn orchestrate(quick: bool, out: &PathBuf) -> Result<()> {
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let machine = bench::machine()?;
     let rows = bench::measure(&settings)?;
+    let pod = bench::pod::measure(&settings)?;
     eprintln!(
         "divert-bench: registering {} namespaces",
         settings.namespaces
@@ -107,6 +117,7 @@ fn orchestrate(quick: bool, out: &PathBuf) -> Result<()> {
         settings,
         rows,
         registry,
+        pod,
     };
     fs::write(
         out.join("results.json"),
