@@ -635,9 +635,10 @@ pub fn wait_for_line(path: &Path, needle: &str, within: Duration) -> Result<Stri
     }
 }
 
-/// squid in `intercept` mode on 127.0.0.1:15001 in the lab's client
-/// namespace and proxy cgroup: a real transparent proxy that asks
-/// `SO_ORIGINAL_DST` for every intercepted connection. Runs as the `proxy`
+/// squid in `intercept` mode on 127.0.0.1:15001 (outbound) and
+/// 127.0.0.1:15006 (inbound) in the lab's client namespace and proxy
+/// cgroup: a real transparent proxy that asks `SO_ORIGINAL_DST` for every
+/// intercepted connection. Runs as the `proxy`
 /// user (Debian's squid), whose UID divert must be told with `-u`.
 pub struct Squid {
     pub daemon: Daemon,
@@ -664,6 +665,7 @@ impl Squid {
             format!(
                 "http_port 127.0.0.1:3128\n\
                  http_port 127.0.0.1:15001 intercept\n\
+                 http_port 127.0.0.1:15006 intercept\n\
                  http_access allow all\n\
                  cache deny all\n\
                  access_log stdio:{d}/access.log squid\n\
@@ -712,14 +714,27 @@ impl Squid {
 /// The testkit HTTP server in the lab's peer namespace at `addr`, answering
 /// every request with `body`.
 pub fn start_http(lab: &Lab, addr: SocketAddr, body: &str) -> Result<Daemon> {
-    let (mut cmd, _keep) = command_in(
+    start_http_in(
+        lab,
         Placement {
             netns: &lab.peer,
             cgroup: &lab.plain,
             ids: None,
         },
-        testkit_bin(),
-    )?;
+        addr,
+        body,
+    )
+}
+
+/// The testkit HTTP server placed at `place` (in one of `lab`'s
+/// namespaces), listening on `addr` (reachable from the client namespace).
+pub fn start_http_in(
+    lab: &Lab,
+    place: Placement<'_>,
+    addr: SocketAddr,
+    body: &str,
+) -> Result<Daemon> {
+    let (mut cmd, _keep) = command_in(place, testkit_bin())?;
     cmd.args(["http", &addr.to_string(), body]);
     let d = Daemon::spawn("http server", cmd)?;
     wait_listening(&lab.client, &[addr], Duration::from_secs(10))?;

@@ -2,7 +2,8 @@
 //! fresh machine ready, prove it, measure it, and show it.
 //!
 //! `setup` is idempotent and quiet when everything is present: Debian
-//! packages (LLVM 22 for bpf-linker, iptables, bpftool, curl, squid), the
+//! packages (LLVM 22 for bpf-linker, iptables, nftables, bpftool, curl,
+//! squid, dig for the DNS tests), the
 //! nightly toolchain with `rust-src`, and `bpf-linker` built against LLVM 22.
 //! `fonts-dejavu-core` is there for the benchmark's chart.
 
@@ -26,6 +27,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "squid",
+    "bind9-dnsutils",
     "fonts-dejavu-core",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";

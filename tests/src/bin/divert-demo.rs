@@ -7,13 +7,18 @@
 //!    as its own UID (`proxy`), in a cgroup of the demo's own;
 //! 3. `divert run -u <squid's uid> --proxy-cgroup <that cgroup> --stats --
 //!    curl http://10.211.N.2/`;
-//! 4. curl's answer, squid's access-log line, divert's counters; then
-//!    everything is torn down (also on failure).
+//! 4. curl's answer, squid's access-log line, divert's counters;
+//! 5. inbound: an HTTP server in the client namespace (10.211.N.1:8080),
+//!    and `divert run -b 8080 … -- ip netns exec <peer> curl
+//!    http://10.211.N.1:8080/`: socket lookup hands curl's connection to
+//!    squid's inbound listener (127.0.0.1:15006), squid asks
+//!    `SO_ORIGINAL_DST` and forwards it to the server;
+//! 6. everything is torn down (also on failure).
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::{ensure, Context, Result};
-use divert_tests::{command_in, divert_bin, start_http, wait_for_line, Lab, Squid};
+use divert_tests::{command_in, divert_bin, start_http, start_http_in, wait_for_line, Lab, Squid};
 
 fn main() -> ExitCode {
     match demo() {
@@ -102,11 +107,83 @@ fn demo() -> Result<()> {
         "squid did not learn the original destination"
     );
 
+    step("inbound: an HTTP server in the client namespace, a client in the peer");
+    let app = SocketAddr::new(lab.v4(1), 8080);
+    let app_body = format!("Hello from {app}: you came in through squid, captured by divert.");
+    let _app = start_http_in(&lab, lab.in_client(&lab.plain, None), app, &app_body)?;
+    let app_url = format!("http://{app}/");
+    let peer = lab.peer.name.clone();
+    let inbound_args: Vec<String> = [
+        "run",
+        "-u",
+        &uid,
+        "-g",
+        &uid,
+        "-i",
+        "",
+        "-b",
+        "8080",
+        "--proxy-cgroup",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([lab.proxy.path.display().to_string()])
+    .chain([
+        "--cgroup-parent".into(),
+        lab.root.path.display().to_string(),
+    ])
+    .chain(
+        [
+            "--stats",
+            "--",
+            "ip",
+            "netns",
+            "exec",
+            &peer,
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &app_url,
+        ]
+        .map(String::from),
+    )
+    .collect();
+    let shown: Vec<&str> = inbound_args
+        .iter()
+        .map(|a| if a.is_empty() { "''" } else { a.as_str() })
+        .collect();
+    step(&format!("divert {}", shown.join(" ")));
+    let (mut cmd, _keep) = command_in(lab.in_client(&lab.plain, None), divert_bin())?;
+    let out = cmd.args(&inbound_args).output().context("running divert")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("--- curl's answer (from the peer):\n{}", stdout.trim_end());
+    println!(
+        "--- divert's counters:\n{}",
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    );
+    ensure!(
+        out.status.success(),
+        "divert run exited with {}",
+        out.status
+    );
+    ensure!(
+        stdout.trim() == app_body,
+        "curl did not get the application's body"
+    );
+    let line = wait_for_line(&squid.access_log, &app_url, Duration::from_secs(10))?;
+    println!("--- squid's access log:\n{line}");
+    ensure!(
+        line.contains(&format!("ORIGINAL_DST/{}", app.ip())),
+        "squid did not learn the inbound connection's original destination"
+    );
+
     step("tearing down the namespaces, cgroups and processes");
     drop(squid);
     drop(lab);
     println!(
-        "\ndemo passed: curl -> divert (eBPF connect4) -> squid (SO_ORIGINAL_DST) -> {server}"
+        "\ndemo passed: curl -> divert (eBPF connect4) -> squid (SO_ORIGINAL_DST) -> {server}\n\
+         and the peer's curl -> divert (eBPF sk_lookup) -> squid (SO_ORIGINAL_DST) -> {app}"
     );
     Ok(())
 }
