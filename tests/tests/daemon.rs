@@ -614,6 +614,28 @@ fn dns_capture_registered_by_init_sends_the_pods_dns_to_its_proxy() {
     let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(e["verdict"], "dns", "{e}");
     assert_eq!(e["to"], "127.0.0.1:15053", "{e}");
+    // And an inbound connection (the injector's -b '*' -d 15090,15021,15020).
+    let inbound = |port: u16| -> serde_json::Value {
+        let out = Command::new(divert_bin())
+            .args(["explain", "--bpffs-dir"])
+            .arg(s.bpffs.path())
+            .args(["--netns", &cookie, "--inbound", "-o", "json"])
+            .arg(format!("{}:{port}", s.lab.v4(1)))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "explain: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let e = inbound(8080);
+    assert_eq!(
+        (&e["verdict"], &e["direction"]),
+        (
+            &serde_json::json!("inbound_capture"),
+            &serde_json::json!("inbound")
+        ),
+        "{e}"
+    );
+    assert_eq!(inbound(15021)["verdict"], "passthrough");
     // Unregistered: DNS goes where it was asked again.
     let out = s.init(&["--cleanup", "-i", "*"]);
     assert!(out.status.success(), "cleanup: {}", text(&out.stderr));

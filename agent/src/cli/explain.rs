@@ -1,7 +1,9 @@
 //! `divert explain --netns COOKIE|--pod NS/NAME DEST:PORT [--uid U] [--gid G]
-//! [--bound-source IP]`: what divert does with one connect, and why, step by
-//! step through istio-iptables' `ISTIO_OUTPUT` chain, from the policy in
-//! the live maps. The decision is the kernel's own
+//! [--bound-source IP] [--udp]`: what divert does with one connect (or, with
+//! `--udp`, a DNS query), and why, step by step through istio-iptables'
+//! `ISTIO_OUTPUT` chain (and `ISTIO_OUTPUT_DNS`), from the policy in the
+//! live maps; with `--inbound [--from IP]`, one inbound connection to one
+//! of the namespace's addresses through `ISTIO_INBOUND`. The decision is the kernel's own
 //! ([`crate::policy::verdict_for`] runs `divert_common::chain::judge`); the
 //! rules are printed as the iptables backend writes them
 //! ([`crate::iptables::render`]): one source for each.
@@ -21,8 +23,8 @@ use crate::{
     ebpf::PodRef,
     iptables::{self, Family},
     policy::{
-        as_dialled, canonical, verdict_for, Action, Capture, Connect, IncludeRanges, IpNetwork,
-        Policy, Rule, Transport, Verdict,
+        as_dialled, canonical, inbound_verdict, verdict_for, Action, Capture, Connect,
+        InboundVerdict, IncludeRanges, IpNetwork, Policy, Rule, Transport, Verdict,
     },
 };
 
@@ -54,8 +56,19 @@ pub struct ExplainArgs {
     pub bound_source: Option<IpAddr>,
 
     /// A UDP connect or datagram (a DNS query) instead of a TCP connect.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "inbound")]
     pub udp: bool,
+
+    /// An inbound TCP connection to DEST:PORT, one of the namespace's own
+    /// addresses, walked through istio-iptables' `ISTIO_INBOUND` chain
+    /// (`--uid`, `--gid` and `--bound-source` do not apply).
+    #[arg(long, conflicts_with_all = ["uid", "gid", "bound_source"])]
+    pub inbound: bool,
+
+    /// With --inbound: the client's address [default: a remote client, not
+    /// one of the namespace's own addresses].
+    #[arg(long, value_name = "IP", requires = "inbound")]
+    pub from: Option<IpAddr>,
 }
 
 /// `divert explain -o json`.
@@ -68,15 +81,24 @@ pub struct Explanation {
     pub port: u16,
     /// `tcp` or `udp`.
     pub transport: &'static str,
-    pub uid: u32,
-    pub gid: u32,
+    /// `outbound` (a connect of the namespace's) or `inbound` (a connection
+    /// to one of its addresses).
+    pub direction: &'static str,
+    /// Outbound: the connecting process's UID and GID; null inbound.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Inbound: the client's address (null: a remote client); null
+    /// outbound.
+    pub from: Option<IpAddr>,
     /// `redirected`, `passthrough`, `inbound_capture` or `dns` (as `divert
     /// stats`).
     pub verdict: &'static str,
     /// The rule that decided, in words.
     pub rule: String,
-    /// Where the connect goes: 127.0.0.1/::1 at this port when rewritten,
-    /// the destination itself when passed through.
+    /// Where the connection goes. Outbound: 127.0.0.1/::1 at this port
+    /// when rewritten. Inbound: the capture listener's port at the
+    /// destination address (socket lookup keeps the destination). Passed
+    /// through: the destination itself.
     pub to: SocketAddr,
     /// Every rule tried, in chain order; the last one decided.
     pub steps: Vec<Step>,
@@ -108,6 +130,44 @@ fn run(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
     most_specific_first(&mut policy);
     let pod = maps.pods()?.remove(&cookie);
     let dst = canonical(args.destination.ip());
+    if args.inbound {
+        if !policy.local_addrs.contains(&dst) {
+            bail!(
+                "{dst} is not an address of netns {cookie} (its addresses: {}): no inbound connection to it is this namespace's",
+                policy
+                    .local_addrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let port = args.destination.port();
+        let (v, steps) = explain_inbound_for(&policy, dst, port, args.from);
+        let e = Explanation {
+            netns_cookie: cookie,
+            pod,
+            destination: dst,
+            port,
+            transport: "tcp",
+            direction: "inbound",
+            uid: None,
+            gid: None,
+            from: args.from,
+            verdict: if v.captured_to.is_some() {
+                divert_common::Verdict::InboundCapture.name()
+            } else {
+                divert_common::Verdict::PassThrough.name()
+            },
+            rule: v.rule_for(port).to_string(),
+            to: SocketAddr::new(dst, v.captured_to.unwrap_or(port)),
+            steps,
+        };
+        return match args.read.output {
+            Output::Json => inspect::json(out, &e),
+            Output::Table => Ok(print(out, &e)?),
+        };
+    }
     let transport = if args.udp {
         Transport::Udp
     } else {
@@ -137,8 +197,10 @@ fn run(args: &ExplainArgs, out: &mut impl Write) -> anyhow::Result<()> {
         destination: dst,
         port: args.destination.port(),
         transport: if args.udp { "udp" } else { "tcp" },
-        uid: args.uid,
-        gid: args.gid,
+        direction: "outbound",
+        uid: Some(args.uid),
+        gid: Some(args.gid),
+        from: None,
         verdict: v.action.kernel().name(),
         rule: v.rule.to_string(),
         to: match v.action {
@@ -212,6 +274,62 @@ pub fn explain_for(policy: &Policy, c: &Connect) -> (Verdict, Vec<Step>) {
     (v, steps)
 }
 
+/// [`inbound_verdict`] for a TCP connection from `from` (default: a
+/// remote client) to `port` of `dst`, one of the namespace's addresses,
+/// with the rules of istio-iptables' `ISTIO_INBOUND` chain (REDIRECT mode)
+/// it passes, in order, up to the one that decided (or the chain's end). A
+/// connection from a local address, or a policy without `-b`, meets no
+/// inbound rule: one step says why.
+pub fn explain_inbound_for(
+    policy: &Policy,
+    dst: IpAddr,
+    port: u16,
+    from: Option<IpAddr>,
+) -> (InboundVerdict, Vec<Step>) {
+    // A source in TEST-NET (RFC 5737/3849): never one of the namespace's.
+    let source = from.unwrap_or(if dst.is_ipv4() {
+        IpAddr::from([192, 0, 2, 1])
+    } else {
+        "2001:db8::1".parse().expect("an IPv6 address")
+    });
+    let v = inbound_verdict(policy, port, source);
+    let rule = v.rule_for(port);
+    if matches!(rule, Rule::NoInboundCapture | Rule::InboundFromLocal) {
+        return (
+            v,
+            vec![Step {
+                rule: format!("{rule}: no {} rule applies", iptables::ISTIO_INBOUND),
+                matched: true,
+            }],
+        );
+    }
+    let family = if dst.is_ipv4() {
+        Family::V4
+    } else {
+        Family::V6
+    };
+    let rules = iptables::render(policy, &Capture::default(), family);
+    let mut steps = Vec::new();
+    for r in rules
+        .in_table(iptables::Table::Nat)
+        .filter(|r| r.chain == iptables::ISTIO_INBOUND)
+    {
+        let matched = r.decides.contains(&rule);
+        steps.push(Step {
+            rule: r.line(),
+            matched,
+        });
+        if matched {
+            return (v, steps);
+        }
+    }
+    steps.push(Step {
+        rule: format!("end of {}: RETURN", iptables::ISTIO_INBOUND),
+        matched: true,
+    });
+    (v, steps)
+}
+
 /// Order the include and exclude ranges most specific first. The tries do
 /// not keep the order ranges were written in, and when several match, the
 /// kernel's LPM lookup finds the longest prefix: that is the range named.
@@ -229,15 +347,22 @@ fn print(out: &mut impl Write, e: &Explanation) -> std::io::Result<()> {
         .pod
         .as_ref()
         .map_or(String::new(), |p| format!(" (pod {p})"));
-    writeln!(
-        out,
-        "{} connect to {} from uid {} gid {} in netns {}{who}",
-        e.transport.to_uppercase(),
-        SocketAddr::new(e.destination, e.port),
-        e.uid,
-        e.gid,
-        e.netns_cookie
-    )?;
+    let dst = SocketAddr::new(e.destination, e.port);
+    match (e.uid, e.gid) {
+        (Some(uid), Some(gid)) => writeln!(
+            out,
+            "{} connect to {dst} from uid {uid} gid {gid} in netns {}{who}",
+            e.transport.to_uppercase(),
+            e.netns_cookie
+        )?,
+        _ => writeln!(
+            out,
+            "inbound TCP connection to {dst} of netns {}{who} from {}",
+            e.netns_cookie,
+            e.from
+                .map_or("a remote client".to_string(), |f| f.to_string())
+        )?,
+    }
     for (i, s) in e.steps.iter().enumerate() {
         writeln!(
             out,
@@ -419,5 +544,59 @@ mod tests {
             "UDP: the rest of ISTIO_OUTPUT redirects TCP only: RETURN"
         );
         assert_eq!(steps.iter().filter(|s| s.matched).count(), 1);
+    }
+
+    #[test]
+    fn an_inbound_connection_is_explained_through_istio_inbound() {
+        let own: IpAddr = "10.211.0.1".parse().unwrap();
+        let p = Policy {
+            inbound_ports: crate::policy::InboundPorts::All,
+            inbound_exclude_ports: vec![15090, 15021],
+            local_addrs: vec![own],
+            ..Policy::default()
+        };
+        let walk = |p: &Policy, port, from| {
+            let (v, steps) = explain_inbound_for(p, own, port, from);
+            let rules: Vec<(String, bool)> =
+                steps.into_iter().map(|s| (s.rule, s.matched)).collect();
+            (v.captured_to, v.rule_for(port), rules)
+        };
+        let tunnel = (
+            "-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN".to_string(),
+            false,
+        );
+        let excluded =
+            "-A ISTIO_INBOUND -p tcp -m multiport --dports 15090,15021 -j RETURN".to_string();
+        assert_eq!(
+            walk(&p, 8080, None),
+            (
+                Some(15006),
+                Rule::InboundAllPorts,
+                vec![
+                    tunnel.clone(),
+                    (excluded.clone(), false),
+                    ("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT".into(), true)
+                ]
+            )
+        );
+        assert_eq!(
+            walk(&p, 15021, None),
+            (
+                None,
+                Rule::InboundExcludedPort(15021),
+                vec![tunnel.clone(), (excluded, true)]
+            )
+        );
+        // The namespace's own connection meets no inbound rule.
+        let (to, rule, steps) = walk(&p, 8080, Some(own));
+        assert_eq!((to, rule, steps.len()), (None, Rule::InboundFromLocal, 1));
+        // A -b list: another port reaches the chain's end.
+        let list = Policy {
+            inbound_ports: crate::policy::InboundPorts::List(vec![8080]),
+            ..p
+        };
+        let (to, rule, steps) = walk(&list, 9090, None);
+        assert_eq!((to, rule), (None, Rule::NoMatch));
+        assert_eq!(steps.last().unwrap().0, "end of ISTIO_INBOUND: RETURN");
     }
 }

@@ -174,7 +174,8 @@ pub struct Rule {
     pub position: Option<u32>,
     /// Matches and target, e.g. `["-p", "tcp", "-j", "ISTIO_REDIRECT"]`.
     pub spec: Vec<String>,
-    /// For a rule of the nat table's `ISTIO_OUTPUT` and `ISTIO_OUTPUT_DNS`:
+    /// For a rule of the nat table's `ISTIO_OUTPUT`, `ISTIO_OUTPUT_DNS` and
+    /// `ISTIO_INBOUND`:
     /// the decisions of [`crate::policy::verdict()`] it is the rule for (a
     /// multiport rule stands for each of its ports), for the transport its
     /// `-p` matches ([`Rule::matches_transport`]). Empty for the other
@@ -408,10 +409,13 @@ pub fn render(policy: &Policy, capture: &Capture, family: Family) -> RuleSet {
         ));
         rules.push(Rule::mangle(ISTIO_DROP, &["-j", "DROP"]));
     }
-    rules.push(Rule::nat(
-        ISTIO_INBOUND,
-        &["-p", "tcp", "--dport", &tunnel, "-j", "RETURN"],
-    ));
+    rules.push(
+        Rule::nat(
+            ISTIO_INBOUND,
+            &["-p", "tcp", "--dport", &tunnel, "-j", "RETURN"],
+        )
+        .deciding([policy::Rule::InboundTunnelPort]),
+    );
     rules.push(Rule::nat(
         ISTIO_REDIRECT,
         &[
@@ -584,11 +588,17 @@ fn inbound(rules: &mut Vec<Rule>, policy: &Policy, capture: &Capture, lo: &str, 
     let established = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"];
     match &policy.inbound_ports {
         InboundPorts::All => {
-            for m in port_matches(&policy.inbound_exclude_ports) {
+            for (m, ports) in port_matches(&policy.inbound_exclude_ports)
+                .into_iter()
+                .zip(policy.inbound_exclude_ports.chunks(MULTIPORT_MAX))
+            {
                 let mut spec = vec!["-p", "tcp"];
                 spec.extend(m.iter().map(String::as_str));
                 spec.extend(["-j", "RETURN"]);
-                rules.push(Rule::new(table, ISTIO_INBOUND, &spec));
+                rules.push(
+                    Rule::new(table, ISTIO_INBOUND, &spec)
+                        .deciding(ports.iter().map(|&p| policy::Rule::InboundExcludedPort(p))),
+                );
             }
             if tproxy {
                 let mut spec = vec!["-p", "tcp"];
@@ -600,10 +610,10 @@ fn inbound(rules: &mut Vec<Rule>, policy: &Policy, capture: &Capture, lo: &str, 
                     &["-p", "tcp", "-j", ISTIO_TPROXY],
                 ));
             } else {
-                rules.push(Rule::nat(
-                    ISTIO_INBOUND,
-                    &["-p", "tcp", "-j", ISTIO_IN_REDIRECT],
-                ));
+                rules.push(
+                    Rule::nat(ISTIO_INBOUND, &["-p", "tcp", "-j", ISTIO_IN_REDIRECT])
+                        .deciding([policy::Rule::InboundAllPorts]),
+                );
             }
         }
         InboundPorts::List(ports) => {
@@ -619,10 +629,13 @@ fn inbound(rules: &mut Vec<Rule>, policy: &Policy, capture: &Capture, lo: &str, 
                         &["-p", "tcp", "--dport", &port, "-j", ISTIO_TPROXY],
                     ));
                 } else {
-                    rules.push(Rule::nat(
-                        ISTIO_INBOUND,
-                        &["-p", "tcp", "--dport", &port, "-j", ISTIO_IN_REDIRECT],
-                    ));
+                    rules.push(
+                        Rule::nat(
+                            ISTIO_INBOUND,
+                            &["-p", "tcp", "--dport", &port, "-j", ISTIO_IN_REDIRECT],
+                        )
+                        .deciding([policy::Rule::InboundListedPort(*p)]),
+                    );
                 }
             }
         }

@@ -83,6 +83,19 @@ pub enum Rule {
     IncludeRange(IpNetwork),
     /// End of the chain: `RETURN`.
     NoMatch,
+    /// `-A ISTIO_INBOUND -p tcp --dport <tunnel> -j RETURN`.
+    InboundTunnelPort,
+    /// `-A ISTIO_INBOUND -p tcp --dport P -j RETURN` (`-d`, with `-b '*'`).
+    InboundExcludedPort(u16),
+    /// `-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT` (`-b '*'`).
+    InboundAllPorts,
+    /// `-A ISTIO_INBOUND -p tcp --dport P -j ISTIO_IN_REDIRECT` (`-b` list).
+    InboundListedPort(u16),
+    /// No `-b`: no inbound rule exists.
+    NoInboundCapture,
+    /// From a local address: the namespace's own connection, whose NAT
+    /// `OUTPUT` decides; the inbound rules never see it.
+    InboundFromLocal,
 }
 
 impl fmt::Display for Rule {
@@ -133,6 +146,18 @@ impl fmt::Display for Rule {
             Rule::IncludeAll => write!(f, "include ranges are '*' (-i)"),
             Rule::IncludeRange(n) => write!(f, "destination is in include range {n} (-i)"),
             Rule::NoMatch => write!(f, "no rule matched"),
+            Rule::InboundTunnelPort => write!(f, "the inbound tunnel port is never captured"),
+            Rule::InboundExcludedPort(p) => {
+                write!(f, "port {p} is in the exclude inbound ports (-d)")
+            }
+            Rule::InboundAllPorts => write!(f, "inbound ports are '*' (-b)"),
+            Rule::InboundListedPort(p) => {
+                write!(f, "port {p} is in the include inbound ports (-b)")
+            }
+            Rule::NoInboundCapture => write!(f, "no inbound capture (-b is empty)"),
+            Rule::InboundFromLocal => {
+                write!(f, "from a local address: the namespace's own connection")
+            }
         }
     }
 }
@@ -300,6 +325,23 @@ pub struct InboundVerdict {
     /// The inbound capture port it goes to, or `None`.
     pub captured_to: Option<u16>,
     pub rule: chain::InboundHit,
+}
+
+impl InboundVerdict {
+    /// The deciding rule as a [`Rule`] (what the iptables backend's
+    /// `ISTIO_INBOUND` rules are marked with) for a connection to `port`.
+    pub fn rule_for(&self, port: u16) -> Rule {
+        use chain::InboundHit as H;
+        match self.rule {
+            H::NoInboundCapture => Rule::NoInboundCapture,
+            H::FromLocal => Rule::InboundFromLocal,
+            H::TunnelPort => Rule::InboundTunnelPort,
+            H::ExcludedPort => Rule::InboundExcludedPort(port),
+            H::AllPorts => Rule::InboundAllPorts,
+            H::ListedPort => Rule::InboundListedPort(port),
+            H::End => Rule::NoMatch,
+        }
+    }
 }
 
 /// The verdict for an inbound TCP connection to `port` of the namespace
