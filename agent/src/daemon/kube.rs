@@ -224,10 +224,12 @@ pub fn pod_policy(pod: &Pod, mesh: &MeshConfig, mesh_file: &str) -> Result<Polic
         // Istio has no annotation for the owner-group filter: every group.
         owner_groups: "*".to_string(),
         owner_groups_exclude: String::new(),
-        // The daemon does not attach inbound capture yet.
+        // The pod watch registers outbound capture only: inbound ports
+        // (includeInboundPorts, excludeInboundPorts) and DNS capture
+        // (proxyMetadata ISTIO_META_DNS_CAPTURE) come with its meshed-pod
+        // decision (`divert init` registers both today).
         inbound_ports: String::new(),
         inbound_exclude_ports: String::new(),
-        // Nor DNS capture (Istio's proxyMetadata ISTIO_META_DNS_CAPTURE).
         redirect_dns: false,
         capture_all_dns: false,
         resolv_conf: "/etc/resolv.conf".into(),
