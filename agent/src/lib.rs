@@ -7,6 +7,8 @@
 //!   where eBPF is not allowed; [`nftables`]: istio-nftables' tables
 //!   (`--native-nftables`).
 //! * [`cgroup`], [`netns`]: the kernel objects a policy is attached to.
+//! * [`sidecar`]: which pods are meshed, and their policy, as istio-cni
+//!   reads a pod.
 //! * [`cli`]: one module per subcommand of the `divert` binary.
 //!
 //! `ARCHITECTURE.md` at the repository root tells how flags become a verdict
@@ -20,3 +22,4 @@ pub mod iptables;
 pub mod netns;
 pub mod nftables;
 pub mod policy;
+pub mod sidecar;
