@@ -77,6 +77,23 @@ fn args() -> Vec<std::ffi::OsString> {
 }
 
 fn main() -> ExitCode {
+    // Run as `divert-cni` (the conflist's `type`): a CNI plugin, whose
+    // interface is CNI_* variables and stdin, not a command line.
+    let invoked_as = std::env::args_os().next().and_then(|a| {
+        std::path::Path::new(&a)
+            .file_name()
+            .map(|n| n.to_os_string())
+    });
+    if invoked_as.as_deref() == Some(std::ffi::OsStr::new("divert-cni")) {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("DIVERT_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .json()
+            .init();
+        return cli::cni::main();
+    }
     let matches = Cli::command().get_matches_from(args());
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The daemon says what it does (info); the one-shot commands only warn.

@@ -318,7 +318,10 @@ mod tests {
         assert_eq!(p.inbound_ports, InboundPorts::All);
         assert_eq!(p.inbound_exclude_ports, vec![15020, 15021, 15090]);
         assert_eq!(p.exclude_ports, vec![15020]);
-        assert_eq!((p.proxy_uids.as_slice(), p.proxy_gids.as_slice()), (&[1337][..], &[1337][..]));
+        assert_eq!(
+            (p.proxy_uids.as_slice(), p.proxy_gids.as_slice()),
+            (&[1337][..], &[1337][..])
+        );
         assert_eq!(p.dns, None);
         // The proxy's UID and GID from its securityContext.
         let p = policy_of(&injected("proxy-override-runas.yaml.cni.injected")).unwrap();
@@ -329,7 +332,10 @@ mod tests {
     fn pods_istio_cni_leaves_alone_are_not_meshed() {
         let cni = injected("hello.yaml.cni.injected");
         // istio-init configures its own pod.
-        assert_eq!(meshed(&injected("hello.yaml.injected"), &[]), Err(Skip::IstioInit));
+        assert_eq!(
+            meshed(&injected("hello.yaml.injected"), &[]),
+            Err(Skip::IstioInit)
+        );
         let mut p = cni.clone();
         p.spec.as_mut().unwrap().host_network = Some(true);
         assert_eq!(meshed(&p, &[]), Err(Skip::HostNetwork));

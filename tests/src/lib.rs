@@ -33,6 +33,7 @@ use nix::sched::{setns, CloneFlags};
 
 pub mod bench;
 pub mod cases;
+pub mod fake_api;
 pub mod goldens;
 pub mod node;
 pub mod rig;

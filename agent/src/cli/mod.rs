@@ -1,5 +1,6 @@
 //! The `divert` binary's subcommands, one module each.
 
+pub mod cni;
 pub mod daemon;
 pub mod explain;
 pub mod init;

@@ -1,0 +1,236 @@
+//! `divert-cni` driven exactly as a container runtime drives a chained CNI
+//! plugin (root; its own namespaces, cgroups and bpffs): `CNI_COMMAND`,
+//! `CNI_CONTAINERID`, `CNI_NETNS`, `CNI_IFNAME`, `CNI_ARGS` with the pod's
+//! name, `CNI_PATH`, and the network configuration with `prevResult` on
+//! stdin, against the node daemon and a fake API server serving Istio's own
+//! injected pod (`tests/testdata/istio-inject/hello.yaml.cni.injected`).
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use divert::{ebpf::pinned, policy::Action};
+use divert_tests::{
+    cases::expected,
+    divert_bin,
+    fake_api::{kubeconfig, FakeApi},
+    node::Setup,
+    require_root,
+};
+use serde_json::{json, Value};
+
+/// The pod template of Istio's CNI-mode injector golden as a pod named
+/// `default/<name>`, with `annotations` added (or, with a null value,
+/// removed).
+fn pod(name: &str, annotations: &[(&str, Option<&str>)]) -> Value {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/istio-inject/hello.yaml.cni.injected");
+    let text = std::fs::read_to_string(path).unwrap();
+    let text = text.split("\n---").next().unwrap();
+    let doc: Value = serde_yaml_ng::from_str(text).unwrap();
+    let mut p = doc["spec"]["template"].clone();
+    p["apiVersion"] = json!("v1");
+    p["kind"] = json!("Pod");
+    p["metadata"]["name"] = json!(name);
+    p["metadata"]["namespace"] = json!("default");
+    p["metadata"]["uid"] = json!(format!("uid-{name}"));
+    for (k, v) in annotations {
+        match v {
+            Some(v) => p["metadata"]["annotations"][*k] = json!(v),
+            None => {
+                p["metadata"]["annotations"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove(*k);
+            }
+        }
+    }
+    p
+}
+
+/// A pod with no sidecar: the application's container only.
+fn plain_pod(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}")},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+    })
+}
+
+/// `divert` under the name the conflist gives it.
+fn plugin(dir: &Path) -> PathBuf {
+    let p = dir.join("divert-cni");
+    if !p.exists() {
+        std::os::unix::fs::symlink(divert_bin(), &p).unwrap();
+    }
+    p
+}
+
+const PREV_RESULT: &str = r#"{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/x"}],"ips":[{"address":"10.244.1.17/24","interface":0}]}"#;
+
+struct Cni {
+    bin: PathBuf,
+    config: Value,
+    netns: PathBuf,
+}
+
+impl Cni {
+    /// Run one command as the runtime would: (exit code, stdout as JSON).
+    fn call(&self, command: &str, pod: Option<&str>) -> (Option<i32>, Value) {
+        let args = match pod {
+            Some(name) => format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID=0123abcd;K8S_POD_UID=uid-{name}"
+            ),
+            None => "IgnoreUnknown=1".to_string(),
+        };
+        let mut child = Command::new(&self.bin)
+            .env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", "0123abcd")
+            .env("CNI_NETNS", &self.netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_ARGS", args)
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(self.config.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "{command}: stdout is not JSON ({e}): {stdout} / stderr {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code(), v)
+    }
+}
+
+#[test]
+fn the_cni_plugin_registers_meshed_pods_before_they_start_and_nothing_else() {
+    require_root!();
+    let s = Setup::start();
+    let _daemon = s.daemon();
+    let pods = vec![
+        pod("hello-1", &[]),
+        plain_pod("plain-1"),
+        pod(
+            "bad-1",
+            &[(
+                "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                Some("10.0.0.0/33"),
+            )],
+        ),
+        pod("optout-1", &[("sidecar.istio.io/inject", Some("false"))]),
+    ];
+    let api = FakeApi::start(
+        pods,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}),
+    );
+    let dir = s.bpffs.dir.path();
+    let cni = Cni {
+        bin: plugin(dir),
+        config: json!({
+            "cniVersion": "1.0.0",
+            "name": "k8s-pod-network",
+            "type": "divert-cni",
+            "kubernetes": {"kubeconfig": kubeconfig(dir, api.addr)},
+            "daemon_socket": s.socket,
+            "exclude_namespaces": ["kube-system"],
+            "pod_get_attempts": 1,
+            "prevResult": serde_json::from_str::<Value>(PREV_RESULT).unwrap(),
+        }),
+        netns: s.lab.client.path(),
+    };
+    let (cookie, _) = s.lab.client_identity().unwrap();
+    let registered = || {
+        pinned::open_maps(&s.bpffs.path())
+            .unwrap()
+            .registered_cookies()
+            .unwrap()
+            .contains(&cookie)
+    };
+    let passed_through = |v: &Value| {
+        let mut want: Value = serde_json::from_str(PREV_RESULT).unwrap();
+        want["cniVersion"] = json!("1.0.0");
+        *v == want
+    };
+    let dst = SocketAddr::new(s.lab.v4(2), 80);
+    let dial = || s.lab.dial(dst, 1000, 1000, false).unwrap();
+
+    let (code, v) = cni.call("VERSION", None);
+    assert_eq!(code, Some(0));
+    assert!(
+        v["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("1.0.0")),
+        "{v}"
+    );
+
+    // Not a Kubernetes pod, a pod without a sidecar, an opted-out pod:
+    // passed through, untouched.
+    for pod in [None, Some("plain-1"), Some("optout-1")] {
+        let (code, v) = cni.call("ADD", pod);
+        assert_eq!(code, Some(0), "{pod:?}: {v}");
+        assert!(passed_through(&v), "{pod:?}: {v}");
+        assert!(!registered(), "{pod:?} was registered");
+    }
+    assert_eq!(dial(), expected(Action::PassThrough, dst, false));
+
+    // A bad annotation: the spec's error object naming it, nothing registered.
+    let (code, v) = cni.call("ADD", Some("bad-1"));
+    assert_ne!(code, Some(0), "{v}");
+    assert_eq!(v["code"], 100, "{v}");
+    let msg = v["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("traffic.sidecar.istio.io/includeOutboundIPRanges")
+            && msg.contains("10.0.0.0/33"),
+        "{msg}"
+    );
+    assert!(!registered());
+
+    // The meshed pod: registered by ADD, its first connection diverted.
+    let (code, v) = cni.call("ADD", Some("hello-1"));
+    assert_eq!(code, Some(0), "{v}");
+    assert!(passed_through(&v), "{v}");
+    assert!(registered());
+    assert_eq!(dial(), expected(Action::Redirect(15001), dst, false));
+    // istio-cni's policy: inbound capture of every port but 15020, 15021,
+    // 15090 (the proxy listens on 15006 in the lab).
+    let own = SocketAddr::new(s.lab.v4(1), 8080);
+    assert_eq!(
+        s.lab.dial_in(own).unwrap(),
+        format!("proxy {own} orig={own} peer={own}")
+    );
+    let (code, v) = cni.call("CHECK", Some("hello-1"));
+    assert_eq!(code, Some(0), "{v}");
+
+    // DEL unregisters; CHECK then says the meshed pod is not registered.
+    let (code, v) = cni.call("DEL", Some("hello-1"));
+    assert_eq!(code, Some(0), "{v}");
+    assert!(!registered());
+    assert_eq!(dial(), expected(Action::PassThrough, dst, false));
+    let (code, v) = cni.call("CHECK", Some("hello-1"));
+    assert_ne!(code, Some(0), "{v}");
+    assert_eq!(v["code"], 102, "{v}");
+
+    // DEL for a namespace that is gone already succeeds.
+    let gone = Cni {
+        netns: "/run/netns/divert-test-no-such-namespace".into(),
+        ..cni
+    };
+    let (code, v) = gone.call("DEL", Some("hello-1"));
+    assert_eq!(code, Some(0), "{v}");
+}
