@@ -157,29 +157,12 @@ fn every_manifest_is_a_valid_kubernetes_object() {
         [
             "ClusterRole",
             "ClusterRoleBinding",
-            "ConfigMap",
             "DaemonSet",
             "Namespace",
             "Pod",
             "ServiceAccount"
         ]
     );
-}
-
-#[test]
-fn the_mesh_config_is_what_the_daemon_reads() {
-    for (file, doc) in documents() {
-        if doc["kind"] == "ConfigMap" {
-            let cm: ConfigMap = typed(&doc, &file);
-            let json = &cm.data.unwrap()["config.json"];
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("config.json");
-            std::fs::write(&path, json).unwrap();
-            let mesh = divert::daemon::kube::MeshConfig::load(&path).unwrap();
-            assert_eq!(mesh.exclude_ip_ranges, "169.254.169.254/32");
-            assert_eq!(mesh.proxy_uid, "1337");
-        }
-    }
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! `divert daemon --kubernetes` against a fake API server that serves
 //! recorded list/watch JSON (`tests/testdata/kubernetes/`) over real HTTP to
-//! the real kube-rs client: a meshed pod is registered from its
-//! annotations over the mesh defaults, an annotation change is applied to
-//! the running pod, and a bad annotation posts an Event and changes
-//! nothing.
+//! the real kube-rs client: a pod injected for istio-cni is registered with
+//! the policy the CNI plugin gives it, an annotation change is applied to
+//! the running pod, a bad annotation posts an Event and changes nothing,
+//! and a pod that is its istio-init's is let go.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -42,14 +42,8 @@ fn pods_are_registered_from_their_annotations_live() {
     let pod = testdata("pod-cart-1.json");
     let api = FakeApi::start(vec![pod.clone()], testdata("namespace-shop.json"));
     let config = kubeconfig(s.bpffs.dir.path(), api.addr);
-    let mesh = s.bpffs.dir.path().join("mesh.json");
-    std::fs::write(
-        &mesh,
-        r#"{"excludeOutboundPorts": "5432", "proxyUID": "1337"}"#,
-    )
-    .unwrap();
     let _daemon = s.daemon_env(
-        &["--kubernetes", "--mesh-config", mesh.to_str().unwrap()],
+        &["--kubernetes"],
         &[
             ("KUBECONFIG", config.to_str().unwrap()),
             ("NODE_NAME", "node-1"),
@@ -74,11 +68,11 @@ fn pods_are_registered_from_their_annotations_live() {
         let (dst, got) = dial(port);
         got == expected(Action::Redirect(15001), dst, false)
     };
-    // The annotation excludes 8080; present, it replaces the mesh
-    // default's 5432, which is therefore redirected.
+    // The annotation excludes 8080; present, it replaces istio-cni's
+    // default (15020), which is therefore redirected.
     assert!(redirected(80));
     assert!(!redirected(8080));
-    assert!(redirected(5432));
+    assert!(redirected(15020));
     let (_, metrics) = s.http_get("/metrics");
     assert!(
         metrics.contains(r#"namespace="shop",pod="cart-1""#),
@@ -127,4 +121,14 @@ fn pods_are_registered_from_their_annotations_live() {
     );
     assert!(!redirected(80), "the bad annotation changed the policy");
     assert!(redirected(8080), "the bad annotation changed the policy");
+
+    // An istio-init container now: the pod is its init container's, and
+    // the watch takes back what it registered (never a pod it does not
+    // own, never one without a sidecar).
+    let mut own_init = changed.clone();
+    own_init["metadata"]["resourceVersion"] = json!("5003");
+    own_init["spec"]["initContainers"][0]["name"] = json!("istio-init");
+    api.modify(own_init);
+    wait_until("the watch let go of the pod", || !registered());
+    assert!(!redirected(80) && !redirected(8080));
 }

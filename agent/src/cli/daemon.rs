@@ -51,16 +51,22 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = daemon::gc::DEFAULT_INTERVAL.as_secs_f64(), env = "DIVERT_GC_INTERVAL")]
     pub gc_interval: f64,
 
-    /// Watch this node's pods (NODE_NAME) and register meshed pods from
-    /// their annotations over the mesh defaults of --mesh-config.
+    /// Watch this node's pods (NODE_NAME) and register the meshed ones the
+    /// CNI plugin would (injected, with an istio-proxy sidecar and no
+    /// istio-init), with the policy it would give them, live.
     #[arg(long, env = "DIVERT_KUBERNETES")]
     pub kubernetes: bool,
 
-    /// Mesh-wide defaults (JSON: includeIPRanges, excludeIPRanges,
-    /// includeOutboundPorts, excludeOutboundPorts, proxyUID, proxyGID,
-    /// proxyPort, inboundCapturePort); missing means Istio's defaults.
-    #[arg(long, value_name = "PATH", default_value = daemon::kube::DEFAULT_MESH_CONFIG, env = "DIVERT_MESH_CONFIG")]
-    pub mesh_config: PathBuf,
+    /// Namespaces whose pods the pod watch never touches (comma-separated;
+    /// istio-cni's excludeNamespaces).
+    #[arg(
+        long,
+        value_name = "NAMESPACES",
+        default_value = "kube-system",
+        value_delimiter = ',',
+        env = "DIVERT_EXCLUDE_NAMESPACES"
+    )]
+    pub exclude_namespaces: Vec<String>,
 
     /// Detach and unpin everything under --bpffs-dir, then exit.
     #[arg(long)]
@@ -124,10 +130,6 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
             "--kubernetes needs NODE_NAME (set it from the downward API: spec.nodeName)"
         ),
     };
-    let mesh = match node {
-        Some(_) => Some(daemon::kube::MeshConfig::load_checked(&args.mesh_config)?),
-        None => None,
-    };
     let cgroup_root = match &args.cgroup_root {
         Some(p) => p.clone(),
         None => crate::cgroup::cgroup2_mount().context("finding the cgroup v2 mount")?,
@@ -159,7 +161,7 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     let reader = Arc::new(pinned::open_maps(&args.bpffs_dir)?);
     let shutdown = CancellationToken::new();
     let bpffs = args.bpffs_dir.clone();
-    let mesh_file = args.mesh_config.display().to_string();
+    let exclude_namespaces = args.exclude_namespaces.clone();
     let socket = args.socket.display().to_string();
     rt.block_on(async move {
         tokio::spawn(
@@ -179,10 +181,10 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
         });
         tracing::info!("metrics on http://{bound}/metrics, readiness on /healthz/ready");
         let watch = async {
-            match (node, mesh) {
-                (Some(node), Some(mesh)) => {
+            match node {
+                Some(node) => {
                     tracing::info!(node = %node, "watching this node's pods");
-                    daemon::kube::run(registry.clone(), node, mesh, mesh_file).await
+                    daemon::kube::run(registry.clone(), node, exclude_namespaces).await
                 }
                 _ => std::future::pending().await,
             }

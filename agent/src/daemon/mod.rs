@@ -160,7 +160,7 @@ impl Registry {
     /// Register `netns_cookie`'s policy, or replace it make-before-break
     /// (see [`Maps::replace`]), with the namespace's own addresses,
     /// recording `by` as who registered it. The node's own namespace is refused.
-    pub fn register_namespace(
+    fn register_namespace(
         &self,
         netns_cookie: u64,
         mut policy: crate::policy::Policy,
@@ -174,6 +174,27 @@ impl Registry {
         }
         policy.local_addrs = local_addrs.to_vec();
         self.lock().replace(netns_cookie, &policy, by)?;
+        Ok(())
+    }
+
+    /// Register (or replace) `peer`'s namespace with `policy`, and attach or
+    /// detach its inbound capture to match: the one way a namespace is
+    /// registered, for the socket and the pod watch alike. Fully configured
+    /// or not at all: when inbound capture cannot be attached, the policy is
+    /// removed again.
+    pub fn register_peer(
+        &self,
+        peer: &Peer,
+        policy: crate::policy::Policy,
+        by: RegisteredBy,
+    ) -> anyhow::Result<()> {
+        let capture_port = (!policy.inbound_ports.is_none()).then_some(policy.inbound_capture_port);
+        self.register_namespace(peer.netns_cookie, policy, &peer.local_addrs, by)?;
+        let ns = std::path::PathBuf::from(format!("/proc/{}/ns/net", peer.pid));
+        if let Err(e) = self.inbound(peer.netns_cookie, &ns, capture_port) {
+            let _ = self.forget(peer.netns_cookie);
+            return Err(e.context("attaching inbound capture; the policy was removed again"));
+        }
         Ok(())
     }
 
@@ -231,22 +252,7 @@ impl Registry {
             match req.op {
                 Op::Register { policy } => {
                     policy.validate(&|field| Source::Request(field.to_string()))?;
-                    let capture_port =
-                        (!policy.inbound_ports.is_none()).then_some(policy.inbound_capture_port);
-                    self.register_namespace(
-                        peer.netns_cookie,
-                        *policy,
-                        &peer.local_addrs,
-                        RegisteredBy::Init,
-                    )?;
-                    let ns = std::path::PathBuf::from(format!("/proc/{}/ns/net", peer.pid));
-                    if let Err(e) = self.inbound(peer.netns_cookie, &ns, capture_port) {
-                        // Fully configured or not at all.
-                        let _ = self.forget(peer.netns_cookie);
-                        return Err(
-                            e.context("attaching inbound capture; the policy was removed again")
-                        );
-                    }
+                    self.register_peer(peer, *policy, RegisteredBy::Init)?;
                     tracing::info!(
                         pid = peer.pid,
                         netns_cookie = peer.netns_cookie,

@@ -30,9 +30,6 @@ pub enum Source {
     /// A pod annotation, e.g. `traffic.sidecar.istio.io/includeOutboundIPRanges`
     /// on `shop/cart-1`.
     Annotation { pod: String, annotation: String },
-    /// The node daemon's mesh-wide defaults file, e.g. `includeIPRanges` in
-    /// `/etc/divert/mesh/config.json`.
-    MeshConfig { file: String, key: String },
     /// A field of the policy in a registration request on the daemon's
     /// socket, e.g. `proxy_port`.
     Request(String),
@@ -47,7 +44,6 @@ impl fmt::Display for Source {
             Source::Annotation { pod, annotation } => {
                 write!(f, "annotation {annotation} of pod {pod}")
             }
-            Source::MeshConfig { file, key } => write!(f, "{key} in {file}"),
             Source::Request(field) => write!(f, "policy.{field} of the registration request"),
         }
     }
