@@ -7,6 +7,7 @@
 //!   where eBPF is not allowed; [`nftables`]: istio-nftables' tables
 //!   (`--native-nftables`).
 //! * [`cgroup`], [`netns`]: the kernel objects a policy is attached to.
+//! * [`conflist`]: chaining `divert-cni` into the node's CNI configuration.
 //! * [`sidecar`]: which pods are meshed, and their policy, as istio-cni
 //!   reads a pod.
 //! * [`cli`]: one module per subcommand of the `divert` binary.
@@ -16,6 +17,7 @@
 
 pub mod cgroup;
 pub mod cli;
+pub mod conflist;
 pub mod daemon;
 pub mod ebpf;
 pub mod iptables;

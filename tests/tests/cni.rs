@@ -234,3 +234,106 @@ fn the_cni_plugin_registers_meshed_pods_before_they_start_and_nothing_else() {
     let (code, v) = gone.call("DEL", Some("hello-1"));
     assert_eq!(code, Some(0), "{v}");
 }
+
+#[test]
+fn the_daemon_chains_the_plugin_into_the_primary_conflist_and_keeps_it_there() {
+    require_root!();
+    let s = Setup::start();
+    let dir = s.bpffs.dir.path();
+    let (conf, bin) = (dir.join("net.d"), dir.join("bin"));
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    let flannel = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/cni/10-flannel.conflist"),
+    )
+    .unwrap();
+    let conflist = conf.join("10-flannel.conflist");
+    std::fs::write(&conflist, &flannel).unwrap();
+    let api = FakeApi::start(
+        vec![pod("hello-1", &[])],
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}),
+    );
+    let kubeconfig = kubeconfig(dir, api.addr);
+    let cni_flags = [
+        "--cni-conf-dir".to_string(),
+        conf.display().to_string(),
+        "--cni-bin-dir".to_string(),
+        bin.display().to_string(),
+    ];
+    let mut flags: Vec<&str> = cni_flags.iter().map(String::as_str).collect();
+    let kc = kubeconfig.display().to_string();
+    flags.extend(["--cni-kubeconfig", &kc]);
+    let daemon = s.daemon_with(&flags);
+    let ours = |text: &str| -> Option<Value> {
+        let v: Value = serde_json::from_str(text).ok()?;
+        v["plugins"]
+            .as_array()?
+            .iter()
+            .find(|p| p["type"] == "divert-cni")
+            .cloned()
+    };
+    divert_tests::fake_api::wait_until("divert-cni chained", || {
+        ours(&std::fs::read_to_string(&conflist).unwrap()).is_some()
+    });
+    let entry = ours(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+    assert_eq!(entry["daemon_socket"], json!(s.socket), "{entry}");
+    assert_eq!(
+        entry["kubernetes"]["kubeconfig"],
+        json!(kubeconfig),
+        "{entry}"
+    );
+    let installed = bin.join("divert-cni");
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(divert_bin()).unwrap(),
+        "the plugin is this build's binary"
+    );
+
+    // The runtime runs the installed plugin with its entry of the list.
+    let mut config = entry.clone();
+    config["cniVersion"] = json!("0.3.1");
+    config["name"] = json!("cbr0");
+    config["pod_get_attempts"] = json!(1);
+    config["prevResult"] = serde_json::from_str(PREV_RESULT).unwrap();
+    let runtime = Cni {
+        bin: installed,
+        config,
+        netns: s.lab.client.path(),
+    };
+    let (code, v) = runtime.call("ADD", Some("hello-1"));
+    assert_eq!(code, Some(0), "{v}");
+    let dst = SocketAddr::new(s.lab.v4(2), 80);
+    assert_eq!(
+        s.lab.dial(dst, 1000, 1000, false).unwrap(),
+        expected(Action::Redirect(15001), dst, false)
+    );
+
+    // Flannel rewrites its file: divert-cni is chained again.
+    let rewritten = flannel.replace("cbr0", "cbr1");
+    std::fs::write(&conflist, &rewritten).unwrap();
+    divert_tests::fake_api::wait_until("divert-cni chained again", || {
+        ours(&std::fs::read_to_string(&conflist).unwrap()).is_some()
+    });
+
+    // Uninstall: flannel's latest file back byte for byte, no plugin left.
+    drop(daemon);
+    let out = Command::new(divert_bin())
+        .args(["daemon", "--uninstall", "--bpffs-dir"])
+        .arg(s.bpffs.path())
+        .args(&cni_flags)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&conflist).unwrap(), rewritten);
+    assert!(!bin.join("divert-cni").exists());
+    let left: Vec<_> = std::fs::read_dir(&conf)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}

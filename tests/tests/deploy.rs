@@ -210,5 +210,32 @@ fn the_daemonset_grants_what_the_daemon_needs() {
         for want in ["/sys/fs/bpf", "/host/sys/fs/cgroup", "/var/run/divert"] {
             assert!(mounts.contains(&want), "{want} not mounted: {mounts:?}");
         }
+        // The CNI directories the daemon installs divert-cni into are the
+        // node's own (/host/X is the node's /X).
+        for flag in ["--cni-conf-dir=", "--cni-bin-dir="] {
+            let arg = c
+                .args
+                .iter()
+                .flatten()
+                .find_map(|a| a.strip_prefix(flag))
+                .unwrap_or_else(|| panic!("{flag} is not set"));
+            let mount = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.mount_path == arg)
+                .unwrap_or_else(|| panic!("{arg} is not mounted"));
+            let volume = spec
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == mount.name)
+                .unwrap();
+            assert_eq!(
+                volume.host_path.as_ref().map(|h| h.path.as_str()),
+                arg.strip_prefix("/host"),
+                "{flag}"
+            );
+        }
     }
 }

@@ -68,9 +68,143 @@ pub struct DaemonArgs {
     )]
     pub exclude_namespaces: Vec<String>,
 
-    /// Detach and unpin everything under --bpffs-dir, then exit.
+    /// The node's CNI configuration directory as this process sees it (a
+    /// hostPath mount): with --cni-bin-dir, divert-cni is chained into the
+    /// primary configuration there, kept there when the primary rewrites
+    /// its file, and taken out again by --uninstall.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "DIVERT_CNI_CONF_DIR",
+        requires = "cni_bin_dir"
+    )]
+    pub cni_conf_dir: Option<PathBuf>,
+
+    /// The node's CNI bin directory as this process sees it: divert-cni
+    /// (this binary) is copied there.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "DIVERT_CNI_BIN_DIR",
+        requires = "cni_conf_dir"
+    )]
+    pub cni_bin_dir: Option<PathBuf>,
+
+    /// The kubeconfig divert-cni reads pods with, as a path on the node
+    /// (the plugin runs there). Default: one written from this pod's
+    /// service account into --cni-conf-dir, as divert-kubeconfig.
+    #[arg(long, value_name = "PATH", env = "DIVERT_CNI_KUBECONFIG")]
+    pub cni_kubeconfig: Option<PathBuf>,
+
+    /// The CNI configuration directory as the node sees it (where the
+    /// written kubeconfig is, for the plugin).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/etc/cni/net.d",
+        env = "DIVERT_CNI_HOST_CONF_DIR"
+    )]
+    pub cni_host_conf_dir: PathBuf,
+
+    /// Detach and unpin everything under --bpffs-dir (and, with
+    /// --cni-conf-dir, take divert-cni out of the node's CNI
+    /// configuration), then exit.
     #[arg(long)]
     pub uninstall: bool,
+}
+
+/// How often the CNI configuration is checked (and repaired).
+pub const CNI_REPAIR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where divert-cni goes, and what its conflist entry says.
+#[derive(Clone)]
+struct CniInstall {
+    conf_dir: PathBuf,
+    bin_dir: PathBuf,
+    entry: serde_json::Value,
+    /// The kubeconfig to write into `conf_dir` (from the service account),
+    /// when none was given.
+    kubeconfig: Option<String>,
+}
+
+impl CniInstall {
+    fn of(args: &DaemonArgs) -> anyhow::Result<Option<CniInstall>> {
+        let (Some(conf_dir), Some(bin_dir)) = (&args.cni_conf_dir, &args.cni_bin_dir) else {
+            return Ok(None);
+        };
+        let (path, kubeconfig) = match &args.cni_kubeconfig {
+            Some(p) => (p.clone(), None),
+            None => (
+                args.cni_host_conf_dir.join(KUBECONFIG_NAME),
+                Some(service_account_kubeconfig().context(
+                    "writing divert-cni's kubeconfig from this pod's service account (or give --cni-kubeconfig)",
+                )?),
+            ),
+        };
+        Ok(Some(CniInstall {
+            conf_dir: conf_dir.clone(),
+            bin_dir: bin_dir.clone(),
+            entry: serde_json::json!({
+                "type": crate::conflist::PLUGIN,
+                "daemon_socket": args.socket,
+                "kubernetes": {"kubeconfig": path},
+                "exclude_namespaces": args.exclude_namespaces,
+            }),
+            kubeconfig,
+        }))
+    }
+
+    /// Install or repair; logs what changed.
+    fn apply(&self) -> anyhow::Result<()> {
+        if let Some(k) = &self.kubeconfig {
+            let path = self.conf_dir.join(KUBECONFIG_NAME);
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(k.as_str()) {
+                std::fs::write(&path, k).with_context(|| format!("writing {}", path.display()))?;
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+        let exe = std::env::current_exe().context("finding this binary")?;
+        match crate::conflist::install(&self.conf_dir, &self.bin_dir, &exe, &self.entry)? {
+            crate::conflist::Installed::Chained(p) => {
+                tracing::info!(conflist = %p.display(), "divert-cni chained into the node's CNI configuration")
+            }
+            crate::conflist::Installed::NoPrimary => tracing::warn!(
+                dir = %self.conf_dir.display(),
+                "no CNI network configuration yet: divert-cni is chained when the primary plugin writes one"
+            ),
+            crate::conflist::Installed::AlreadyThere(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// The kubeconfig divert writes for its CNI plugin.
+pub const KUBECONFIG_NAME: &str = "divert-kubeconfig";
+
+/// A kubeconfig for the API server from this pod's service account (its
+/// token and CA, `KUBERNETES_SERVICE_HOST` and `_PORT`): what the plugin,
+/// running on the node outside any pod, reads pods with.
+fn service_account_kubeconfig() -> anyhow::Result<String> {
+    const SA: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").context("KUBERNETES_SERVICE_HOST")?;
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").context("KUBERNETES_SERVICE_PORT")?;
+    let token = std::fs::read_to_string(format!("{SA}/token")).context("the token")?;
+    let ca = std::fs::read(format!("{SA}/ca.crt")).context("the CA")?;
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca);
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    Ok(format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://{host}:{port}\n    certificate-authority-data: {ca}\n\
+         users:\n- name: divert-cni\n  user:\n    token: {}\n\
+         contexts:\n- name: divert-cni\n  context:\n    cluster: local\n    user: divert-cni\n\
+         current-context: divert-cni\n",
+        token.trim()
+    ))
 }
 
 pub fn main(args: &DaemonArgs) -> ExitCode {
@@ -82,6 +216,11 @@ pub fn main(args: &DaemonArgs) -> ExitCode {
 
 fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     if args.uninstall {
+        if let (Some(conf), Some(bin)) = (&args.cni_conf_dir, &args.cni_bin_dir) {
+            let restored = crate::conflist::uninstall(conf, bin)?;
+            let _ = std::fs::remove_file(conf.join(KUBECONFIG_NAME));
+            tracing::info!(restored = ?restored, "divert-cni taken out of the node's CNI configuration");
+        }
         let found = pinned::uninstall(&args.bpffs_dir)?;
         let _ = std::fs::remove_file(&args.socket);
         tracing::info!(
@@ -135,6 +274,7 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
         None => crate::cgroup::cgroup2_mount().context("finding the cgroup v2 mount")?,
     };
     crate::cgroup::open(&cgroup_root).context("--cgroup-root")?;
+    let cni = CniInstall::of(args).context("--cni-conf-dir")?;
     let http = daemon::metrics::bind(args.metrics_addr).context("--metrics-addr")?;
     let endpoint = daemon::Endpoint::bind(&args.socket).context("--socket")?;
 
@@ -180,6 +320,34 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
             }
         });
         tracing::info!("metrics on http://{bound}/metrics, readiness on /healthz/ready");
+        if let Some(cni) = cni {
+            // Chained now (the socket serves from here on), and again
+            // whenever the primary plugin rewrites its configuration.
+            tokio::spawn(async move {
+                let mut last_error = String::new();
+                let mut tick = tokio::time::interval(CNI_REPAIR_INTERVAL);
+                loop {
+                    tick.tick().await;
+                    let once = cni.clone();
+                    let outcome = match tokio::task::spawn_blocking(move || once.apply())
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(e) => Err(anyhow::anyhow!("the CNI installer panicked: {e}")),
+                    };
+                    match outcome {
+                        Ok(()) => last_error.clear(),
+                        Err(e) => {
+                            let e = format!("{e:#}");
+                            if e != last_error {
+                                tracing::error!(error = %e, "chaining divert-cni into the node's CNI configuration");
+                                last_error = e;
+                            }
+                        }
+                    }
+                }
+            });
+        }
         let watch = async {
             match node {
                 Some(node) => {
