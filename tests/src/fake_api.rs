@@ -7,7 +7,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
-    sync::{mpsc, Arc, Mutex},
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
@@ -16,50 +16,72 @@ use serde_json::{json, Value};
 
 /// An HTTP/1.1 server with the few API paths the pod watch uses: list and
 /// watch pods, get a namespace, create events. Watch events are pushed by
-/// the test; created events are recorded.
+/// the test into a log that every watch replays from the resourceVersion it
+/// asks for, as the API server does (so a client that reconnects, or a
+/// daemon that restarts, misses nothing); created events are recorded.
 pub struct FakeApi {
     pub addr: SocketAddr,
-    watch: mpsc::Sender<Value>,
+    state: Arc<State>,
     pub events: Arc<Mutex<Vec<Value>>>,
 }
 
 struct State {
     pods: Mutex<Vec<Value>>,
     namespace: Value,
-    watch: Mutex<mpsc::Receiver<Value>>,
+    /// Every watch event pushed, in order, and a wake-up for the watches.
+    log: Mutex<Vec<Value>>,
+    pushed: std::sync::Condvar,
     events: Arc<Mutex<Vec<Value>>>,
+}
+
+/// A pod's `metadata.resourceVersion` as a number (0 when absent).
+fn rv(pod: &Value) -> u64 {
+    pod["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 impl FakeApi {
     pub fn start(pods: Vec<Value>, namespace: Value) -> FakeApi {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = mpsc::channel();
         let events = Arc::new(Mutex::new(Vec::new()));
         let state = Arc::new(State {
             pods: Mutex::new(pods),
             namespace,
-            watch: Mutex::new(rx),
+            log: Mutex::new(Vec::new()),
+            pushed: std::sync::Condvar::new(),
             events: events.clone(),
         });
+        let serving = state.clone();
         thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let state = state.clone();
+                let state = serving.clone();
                 thread::spawn(move || serve(conn, &state));
             }
         });
         FakeApi {
             addr,
-            watch: tx,
+            state,
             events,
         }
     }
 
-    /// Push a MODIFIED event for `pod` into the open watch.
+    /// A MODIFIED event for `pod` (with a resourceVersion higher than any
+    /// before): the pod as listed from now on, and to every watch.
     pub fn modify(&self, pod: Value) {
-        self.watch
-            .send(json!({"type": "MODIFIED", "object": pod}))
-            .unwrap();
+        {
+            let mut pods = self.state.pods.lock().unwrap();
+            pods.retain(|p| p["metadata"]["uid"] != pod["metadata"]["uid"]);
+            pods.push(pod.clone());
+        }
+        self.state
+            .log
+            .lock()
+            .unwrap()
+            .push(json!({"type": "MODIFIED", "object": pod}));
+        self.state.pushed.notify_all();
     }
 }
 
@@ -105,19 +127,28 @@ fn serve(conn: TcpStream, state: &State) {
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let ok = match (method, path) {
             ("GET", "/api/v1/pods") if query.contains("watch=true") => {
-                watch(&mut conn, state);
+                let since = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("resourceVersion="))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                watch(&mut conn, state, since);
                 return;
             }
-            ("GET", "/api/v1/pods") => respond(
-                &mut conn,
-                "200 OK",
-                &json!({
-                    "apiVersion": "v1",
-                    "kind": "PodList",
-                    "metadata": {"resourceVersion": "5000"},
-                    "items": *state.pods.lock().unwrap(),
-                }),
-            ),
+            ("GET", "/api/v1/pods") => {
+                let pods = state.pods.lock().unwrap().clone();
+                let latest = pods.iter().map(rv).max().unwrap_or(0).max(5000);
+                respond(
+                    &mut conn,
+                    "200 OK",
+                    &json!({
+                        "apiVersion": "v1",
+                        "kind": "PodList",
+                        "metadata": {"resourceVersion": latest.to_string()},
+                        "items": pods,
+                    }),
+                )
+            }
             ("GET", p)
                 if p == format!(
                     "/api/v1/namespaces/{}",
@@ -150,36 +181,37 @@ fn serve(conn: TcpStream, state: &State) {
 }
 
 /// A watch: chunked newline-delimited events, as the API server streams
-/// them, until the client goes away.
-fn watch(conn: &mut TcpStream, state: &State) {
+/// them — every logged event whose object is newer than `since`, then each
+/// one pushed — until the client goes away.
+fn watch(conn: &mut TcpStream, state: &State, since: u64) {
     let head =
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
     if conn.write_all(head.as_bytes()).is_err() {
         return;
     }
+    let mut next = 0usize;
     loop {
-        let ev = state
-            .watch
-            .lock()
-            .unwrap()
-            .recv_timeout(Duration::from_millis(200));
-        let Ok(ev) = ev else {
-            // Nothing to send: make sure the client is still there.
-            if conn.write_all(b"").is_err() {
+        let batch: Vec<Value> = {
+            let log = state.log.lock().unwrap();
+            let (log, _) = state
+                .pushed
+                .wait_timeout_while(log, Duration::from_millis(200), |l| l.len() <= next)
+                .unwrap();
+            let batch = log[next..].to_vec();
+            next = log.len();
+            batch
+        };
+        for ev in batch.iter().filter(|e| rv(&e["object"]) > since) {
+            let data = format!("{ev}\n");
+            if write!(conn, "{:x}\r\n{data}\r\n", data.len()).is_err() {
                 return;
             }
-            continue;
-        };
-        if let Some(obj) = ev.get("object") {
-            let mut pods = state.pods.lock().unwrap();
-            pods.retain(|p| p["metadata"]["uid"] != obj["metadata"]["uid"]);
-            pods.push(obj.clone());
+            let _ = conn.flush();
         }
-        let data = format!("{ev}\n");
-        if write!(conn, "{:x}\r\n{data}\r\n", data.len()).is_err() {
+        // Nothing to send: a write of nothing notices a client that is gone.
+        if batch.is_empty() && conn.write_all(b"").is_err() {
             return;
         }
-        let _ = conn.flush();
     }
 }
 

@@ -51,6 +51,44 @@ fn pod(name: &str, annotations: &[(&str, Option<&str>)]) -> Value {
     p
 }
 
+/// Run the injected pod's `istio-validation` container (`istio-iptables
+/// … --run-validation --skip-rule-apply`, as the injector writes it) in
+/// `netns` as UID/GID 1337, under the daemon's cgroup root, with a short
+/// probe timeout: its exit status.
+fn validation(s: &Setup, netns: &divert_tests::Netns) -> Option<i32> {
+    let p = pod("x", &[]);
+    let c = p["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "istio-validation")
+        .unwrap();
+    let args: Vec<String> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(args[0], "istio-iptables");
+    let (mut cmd, _keep) = divert_tests::command_in(
+        divert_tests::Placement {
+            netns,
+            cgroup: &s.lab.plain,
+            ids: Some((1337, 1337)),
+        },
+        divert_bin(),
+    )
+    .unwrap();
+    let out = cmd
+        .args(&args)
+        .arg("--probe-timeout=2s")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .output()
+        .unwrap();
+    out.status.code()
+}
+
 /// A pod with no sidecar: the application's container only.
 fn plain_pod(name: &str) -> Value {
     json!({
@@ -215,6 +253,30 @@ fn the_cni_plugin_registers_meshed_pods_before_they_start_and_nothing_else() {
         format!("proxy {own} orig={own} peer={own}")
     );
     let (code, v) = cni.call("CHECK", Some("hello-1"));
+    assert_eq!(code, Some(0), "{v}");
+    // The injector's istio-validation container, its arguments as Istio
+    // writes them, as its UID, in a pod registered this way (a namespace of
+    // its own, where nothing listens yet, as before the proxy starts).
+    let fresh =
+        divert_tests::Netns::create(&format!("divert-test-{}-cni", std::process::id())).unwrap();
+    let in_fresh = Cni {
+        netns: fresh.path(),
+        bin: cni.bin.clone(),
+        config: cni.config.clone(),
+    };
+    assert_eq!(
+        validation(&s, &fresh),
+        Some(126),
+        "istio-validation fails unregistered"
+    );
+    let (code, v) = in_fresh.call("ADD", Some("hello-1"));
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        validation(&s, &fresh),
+        Some(0),
+        "istio-validation passes registered"
+    );
+    let (code, v) = in_fresh.call("DEL", Some("hello-1"));
     assert_eq!(code, Some(0), "{v}");
 
     // DEL unregisters; CHECK then says the meshed pod is not registered.

@@ -91,6 +91,35 @@ fn pods_are_registered_from_their_annotations_live() {
     assert_eq!(rows[0]["source"], "kubernetes", "{rows:#}");
     assert_eq!(rows[0]["exclude_ports"], json!([8080]), "{rows:#}");
 
+    // A daemon restart changes no policy: the watch computes the same one.
+    let maps_row = || -> Value {
+        let out = std::process::Command::new(divert_tests::divert_bin())
+            .args(["maps", "--pod", "shop/cart-1", "-o", "json", "--bpffs-dir"])
+            .arg(s.bpffs.path())
+            .output()
+            .unwrap();
+        let mut rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+        rows[0]["registered_at"] = Value::Null;
+        rows[0].clone()
+    };
+    let before = maps_row();
+    drop(_daemon);
+    let _daemon = s.daemon_env(
+        &["--kubernetes"],
+        &[
+            ("KUBECONFIG", config.to_str().unwrap()),
+            ("NODE_NAME", "node-1"),
+        ],
+    );
+    // The restarted daemon's watch has registered the pod again.
+    divert_tests::wait_for_line(
+        &s.bpffs.dir.path().join("daemon-2.log"),
+        "registered from annotations",
+        std::time::Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(maps_row(), before, "a restart changed the policy");
+
     // Live: the annotation now excludes 80 instead.
     let mut changed = pod.clone();
     changed["metadata"]["resourceVersion"] = json!("5001");
