@@ -285,15 +285,44 @@ fn median_f64(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// A long-lived benchmark client process, killed on drop.
+/// A long-lived benchmark client process (`divert-bench client`, driven
+/// over stdin), killed on drop.
 struct Client {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     backend: Backend,
+    /// What it is, for errors: e.g. `ebpf client`.
+    what: String,
 }
 
 impl Client {
+    /// Spawn the client at `place`, pinned to `cpu`.
+    fn spawn(
+        place: Placement<'_>,
+        cpu: Option<usize>,
+        backend: Backend,
+        what: String,
+    ) -> Result<Client> {
+        let (mut cmd, _keep) = command_in(place, bench_exe()?)?;
+        cmd.arg("client");
+        if let Some(c) = cpu {
+            cmd.args(["--cpu", &c.to_string()]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning the {what}"))?;
+        Ok(Client {
+            stdin: child.stdin.take().expect("piped"),
+            stdout: BufReader::new(child.stdout.take().expect("piped")),
+            child,
+            backend,
+            what,
+        })
+    }
+
     fn call(&mut self, cmd: &Command) -> Result<Reply> {
         serde_json::to_writer(&mut self.stdin, cmd)?;
         self.stdin.write_all(b"\n")?;
@@ -301,13 +330,13 @@ impl Client {
         let mut line = String::new();
         self.stdout
             .read_line(&mut line)
-            .with_context(|| format!("{} client", self.backend.name()))?;
+            .with_context(|| self.what.clone())?;
         if line.is_empty() {
-            bail!("the {} client exited", self.backend.name());
+            bail!("the {} exited", self.what);
         }
         let reply: Reply = serde_json::from_str(&line)?;
         if let Some(e) = reply.error {
-            bail!("{}: {e}", self.backend.name());
+            bail!("{}: {e}", self.what);
         }
         Ok(reply)
     }
@@ -459,29 +488,16 @@ impl Twin {
         }
         let proxy = crate::Daemon::spawn(&format!("{} proxy", backend.name()), cmd)?;
         crate::wait_listening(&netns, &[PROXY.into()], std::time::Duration::from_secs(10))?;
-        let (mut cmd, _keep) = command_in(
+        let client = Client::spawn(
             Placement {
                 netns: &netns,
                 cgroup: client_cg,
                 ids: Some(CLIENT_IDS),
             },
-            &exe,
-        )?;
-        cmd.arg("client");
-        if let Some(c) = client_cpu {
-            cmd.args(["--cpu", &c.to_string()]);
-        }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("spawning the benchmark client")?;
-        let client = Client {
-            stdin: child.stdin.take().expect("piped"),
-            stdout: BufReader::new(child.stdout.take().expect("piped")),
-            child,
+            client_cpu,
             backend,
-        };
+            format!("{} client", backend.name()),
+        )?;
         Ok(Twin {
             backend,
             client,

@@ -19,12 +19,10 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    process::Stdio,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use divert::{
     ebpf::{Interceptor, RegisteredBy},
     iptables::{self, Family},
@@ -35,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     bench_exe, cpus, median_f64,
     peer::{Command, Reply},
-    percentile, say, Backend, Settings, CLIENT_IDS, CONNTRACK_FIRST_PORT, PROXY_IDS,
+    percentile, say, Backend, Client, Settings, CLIENT_IDS, CONNTRACK_FIRST_PORT, PROXY_IDS,
 };
 use crate::{command_in, Cgroup, Daemon, Netns, Placement};
 
@@ -93,63 +91,11 @@ pub fn policy() -> Policy {
     }
 }
 
-/// A client process driven over stdin, killed on drop.
-struct Driven {
-    child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    stdout: BufReader<std::process::ChildStdout>,
-    what: String,
-}
-
-impl Driven {
-    fn spawn(place: Placement<'_>, cpu: Option<usize>, what: String) -> Result<Driven> {
-        let (mut cmd, _keep) = command_in(place, bench_exe()?)?;
-        cmd.arg("client");
-        if let Some(c) = cpu {
-            cmd.args(["--cpu", &c.to_string()]);
-        }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawning the {what}"))?;
-        Ok(Driven {
-            stdin: child.stdin.take().expect("piped"),
-            stdout: BufReader::new(child.stdout.take().expect("piped")),
-            child,
-            what,
-        })
-    }
-
-    fn call(&mut self, cmd: &Command) -> Result<Reply> {
-        serde_json::to_writer(&mut self.stdin, cmd)?;
-        self.stdin.write_all(b"\n")?;
-        self.stdin.flush()?;
-        let mut line = String::new();
-        self.stdout.read_line(&mut line)?;
-        if line.is_empty() {
-            bail!("the {} exited", self.what);
-        }
-        let reply: Reply = serde_json::from_str(&line)?;
-        if let Some(e) = reply.error {
-            bail!("{}: {e}", self.what);
-        }
-        Ok(reply)
-    }
-}
-
-impl Drop for Driven {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// One backend's pod and peer with their processes running.
 struct PodTwin {
     backend: Backend,
-    inbound: Driven,
-    dns: Driven,
+    inbound: Client,
+    dns: Client,
     _servers: Vec<Daemon>,
     pod: Netns,
     _peer: Netns,
@@ -249,22 +195,24 @@ impl PodTwin {
             &[SocketAddr::from((Ipv4Addr::LOCALHOST, listen_port))],
             std::time::Duration::from_secs(10),
         )?;
-        let inbound = Driven::spawn(
+        let inbound = Client::spawn(
             Placement {
                 netns: &peer,
                 cgroup: plain,
                 ids: Some(CLIENT_IDS),
             },
             client_cpu,
+            backend,
             format!("{} inbound client", backend.name()),
         )?;
-        let dns = Driven::spawn(
+        let dns = Client::spawn(
             Placement {
                 netns: &pod,
                 cgroup: workload_cg,
                 ids: Some(CLIENT_IDS),
             },
             client_cpu,
+            backend,
             format!("{} DNS client", backend.name()),
         )?;
         Ok(PodTwin {
