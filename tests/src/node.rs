@@ -195,6 +195,16 @@ impl Setup {
         assert_eq!(got, expected(Action::Redirect(15001), dst, false), "{when}");
     }
 
+    /// Whether the namespace with `cookie` has a policy in this node's
+    /// pinned maps.
+    pub fn is_registered(&self, cookie: u64) -> bool {
+        pinned::open_maps(&self.bpffs.path())
+            .unwrap()
+            .registered_cookies()
+            .unwrap()
+            .contains(&cookie)
+    }
+
     pub fn assert_attached_once(&self, when: &str) {
         let counts = pinned::attachment_counts(&self.lab.root.path).unwrap();
         assert!(

@@ -12,7 +12,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use divert::{ebpf::pinned, policy::Action};
+use divert::policy::Action;
 use divert_tests::{
     cases::expected,
     divert_bin,
@@ -192,13 +192,7 @@ fn the_cni_plugin_registers_meshed_pods_before_they_start_and_nothing_else() {
         netns: s.lab.client.path(),
     };
     let (cookie, _) = s.lab.client_identity().unwrap();
-    let registered = || {
-        pinned::open_maps(&s.bpffs.path())
-            .unwrap()
-            .registered_cookies()
-            .unwrap()
-            .contains(&cookie)
-    };
+    let registered = || s.is_registered(cookie);
     let passed_through = |v: &Value| {
         let mut want: Value = serde_json::from_str(PREV_RESULT).unwrap();
         want["cniVersion"] = json!("1.0.0");

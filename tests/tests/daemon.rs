@@ -238,19 +238,19 @@ fn a_deleted_namespace_loses_its_policy_and_the_others_keep_theirs() {
     // Its inbound capture link, pinned, goes with it too.
     let link = s.bpffs.path().join(format!("links/netns-{gone_cookie}"));
     assert!(link.exists(), "{}", link.display());
+    assert!(s.is_registered(gone_cookie));
     let registered = || {
         pinned::open_maps(&s.bpffs.path())
             .unwrap()
             .registered_cookies()
             .unwrap()
     };
-    assert!(registered().contains(&gone_cookie));
     drop(gone);
     // The daemon sweeps every 0.5 s: the policy goes within one interval
     // plus a sweep. Allow far more on a loaded machine; a policy that never
     // goes fails here.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while registered().contains(&gone_cookie) {
+    while s.is_registered(gone_cookie) {
         assert!(
             Instant::now() < deadline,
             "the deleted namespace's policy stayed"
@@ -400,11 +400,7 @@ fn validate_proves_each_backend_and_undoes_a_failed_setup() {
         "{err}"
     );
     assert!(err.contains("did not arrive on 127.0.0.1:15001"), "{err}");
-    let registered = pinned::open_maps(&s.bpffs.path())
-        .unwrap()
-        .registered_cookies()
-        .unwrap();
-    assert!(!registered.contains(&stray_cookie), "{registered:?}");
+    assert!(!s.is_registered(stray_cookie));
 }
 
 #[test]

@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use divert::{ebpf::pinned, policy::Action};
+use divert::policy::Action;
 use divert_tests::{
     cases::expected,
     command_in,
@@ -51,13 +51,7 @@ fn pods_are_registered_from_their_annotations_live() {
     );
 
     let (cookie, _) = s.lab.client_identity().unwrap();
-    let registered = || {
-        pinned::open_maps(&s.bpffs.path())
-            .unwrap()
-            .registered_cookies()
-            .unwrap()
-            .contains(&cookie)
-    };
+    let registered = || s.is_registered(cookie);
     wait_until("the pod registered", registered);
     let peer = s.lab.v4(2);
     let dial = |port: u16| {
