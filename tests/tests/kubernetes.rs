@@ -26,18 +26,25 @@ fn testdata(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
+/// The pod with UID `uid`: a process in the client namespace, in a cgroup
+/// named the way kubelet names the pod's (cgroupfs driver). Killed (and
+/// its cgroups removed) on drop. Tests running at once use different UIDs:
+/// the daemon finds a pod's process by its UID anywhere on the machine.
+fn pod_process(s: &Setup, uid: &str) -> (Daemon, [divert_tests::Cgroup; 3]) {
+    let kubepods = s.lab.root.child("kubepods").unwrap();
+    let besteffort = kubepods.child("besteffort").unwrap();
+    let pod_cg = besteffort.child(&format!("pod{uid}")).unwrap();
+    let (mut pause, _keep) = command_in(s.lab.in_client(&pod_cg, None), "sleep").unwrap();
+    pause.arg("600");
+    let pause = Daemon::spawn("pause", pause).unwrap();
+    (pause, [pod_cg, besteffort, kubepods])
+}
+
 #[test]
 fn pods_are_registered_from_their_annotations_live() {
     require_root!();
     let s = Setup::start();
-    // The pod: a process in the client namespace, in a cgroup named the
-    // way kubelet names the pod's (cgroupfs driver).
-    let kubepods = s.lab.root.child("kubepods").unwrap();
-    let besteffort = kubepods.child("besteffort").unwrap();
-    let pod_cg = besteffort.child(&format!("pod{POD_UID}")).unwrap();
-    let (mut pause, _keep) = command_in(s.lab.in_client(&pod_cg, None), "sleep").unwrap();
-    pause.arg("600");
-    let _pause = Daemon::spawn("pause", pause).unwrap();
+    let _pod_process = pod_process(&s, POD_UID);
 
     let pod = testdata("pod-cart-1.json");
     let api = FakeApi::start(vec![pod.clone()], testdata("namespace-shop.json"));
@@ -154,4 +161,97 @@ fn pods_are_registered_from_their_annotations_live() {
     api.modify(own_init);
     wait_until("the watch let go of the pod", || !registered());
     assert!(!redirected(80) && !redirected(8080));
+}
+
+#[test]
+fn a_meshed_pod_that_cannot_be_registered_is_reported_and_tried_again() {
+    require_root!();
+    let s = Setup::start();
+    // A UID of its own (see `pod_process`).
+    let uid = "0f1e2d3c-4b5a-4697-8877-665544332211";
+    let _pod_process = pod_process(&s, uid);
+    let mut pod = testdata("pod-cart-1.json");
+    pod["metadata"]["uid"] = json!(uid);
+    let api = FakeApi::start(vec![], testdata("namespace-shop.json"));
+    let config = kubeconfig(s.bpffs.dir.path(), api.addr);
+    let _daemon = s.daemon_env(
+        &["--kubernetes"],
+        &[
+            ("KUBECONFIG", config.to_str().unwrap()),
+            ("NODE_NAME", "node-1"),
+        ],
+    );
+    // Another namespace with the pod's address captures inbound first: the
+    // pod (also -b '*') cannot be registered while it does.
+    let other =
+        divert_tests::Netns::create(&format!("divert-test-{}-twin", std::process::id())).unwrap();
+    let own = s.lab.v4(1).to_string();
+    other
+        .ip(&["addr", "add", &format!("{own}/32"), "dev", "lo"])
+        .unwrap();
+    let init = |extra: &[&str]| {
+        let (mut cmd, _keep) = command_in(
+            divert_tests::Placement {
+                netns: &other,
+                cgroup: &s.lab.plain,
+                ids: None,
+            },
+            divert_tests::divert_bin(),
+        )
+        .unwrap();
+        let out = cmd
+            .args(["init", "--backend", "ebpf", "--daemon-socket"])
+            .arg(&s.socket)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    init(&["-b", "*", "-i", ""]);
+    let (cookie, _) = s.lab.client_identity().unwrap();
+    api.modify(pod);
+    wait_until("the failure reported", || {
+        api.events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"] == "DivertNotRegistered")
+    });
+    let ev = api.events.lock().unwrap().last().unwrap().clone();
+    assert_eq!(ev["involvedObject"]["uid"], uid, "{ev}");
+    assert!(
+        ev["message"].as_str().unwrap_or_default().contains(&own),
+        "the Event says why: {ev}"
+    );
+    assert!(!s.is_registered(cookie));
+    assert!(
+        s.http_get("/metrics")
+            .1
+            .contains("divert_meshed_pods_unregistered 1"),
+        "the gauge counts it"
+    );
+    // The other namespace lets go: the next try registers the pod.
+    init(&["--cleanup", "-i", "*"]);
+    wait_until("the pod registered on a later try", || {
+        s.is_registered(cookie)
+    });
+    wait_until("the gauge back to 0", || {
+        s.http_get("/metrics")
+            .1
+            .contains("divert_meshed_pods_unregistered 0")
+    });
+    assert_eq!(
+        api.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reason"] == "DivertNotRegistered")
+            .count(),
+        1,
+        "reported once, not at every try"
+    );
 }

@@ -296,6 +296,7 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     let interval = std::time::Duration::from_secs_f64(args.gc_interval);
     let bound = http.local_addr()?;
     let metrics = Arc::new(daemon::metrics::Metrics::new(args.metrics_top));
+    let unregistered = metrics.unregistered_pods();
     // A read-only handle of the metrics' own: scrapes never wait for, or
     // hold up, a registration.
     let reader = Arc::new(pinned::open_maps(&args.bpffs_dir)?);
@@ -352,7 +353,7 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
             match node {
                 Some(node) => {
                     tracing::info!(node = %node, "watching this node's pods");
-                    daemon::kube::run(registry.clone(), node, exclude_namespaces).await
+                    daemon::kube::run(registry.clone(), node, exclude_namespaces, unregistered).await
                 }
                 _ => std::future::pending().await,
             }

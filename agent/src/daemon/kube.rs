@@ -19,15 +19,17 @@
 //! * A bad annotation: a `Warning` Event on the pod (reason
 //!   `DivertBadAnnotation`) and a log line naming pod, annotation and value;
 //!   that pod keeps what it had, every other pod is unaffected.
+//! * A meshed pod whose registration fails (a full map, an address another
+//!   namespace captures, …): a `Warning` Event (`DivertNotRegistered`) once,
+//!   the `divert_meshed_pods_unregistered` gauge, and another try every
+//!   [`RETRY`].
 
 use std::{collections::HashMap, fs, sync::Arc, time::Duration};
 
 use super::Registry;
-use crate::{
-    ebpf::RegisteredBy,
-    policy::Policy,
-    sidecar::{self, BadAnnotation},
-};
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::{ebpf::RegisteredBy, policy::Policy, sidecar};
 use anyhow::Context as _;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::{
@@ -71,12 +73,18 @@ struct Applied {
     registered: HashMap<String, (u64, Policy)>,
     /// Meshed pods whose namespace was not found yet.
     pending: HashMap<String, Pod>,
+    /// Meshed pods whose registration failed (reported, and tried again
+    /// with the pending ones).
+    failed: HashMap<String, Pod>,
 }
 
 struct Watch {
     client: Client,
     registry: Arc<Registry>,
     exclude_namespaces: Vec<String>,
+    /// `divert_meshed_pods_unregistered`: meshed pods whose registration
+    /// failed.
+    unregistered: Gauge,
     node: String,
     applied: Applied,
 }
@@ -88,6 +96,7 @@ impl Watch {
         if let Err(skip) = sidecar::meshed(&pod, &self.exclude_namespaces) {
             tracing::debug!(pod = %who, reason = %skip, "not meshed");
             self.applied.pending.remove(&uid);
+            self.settled(&uid);
             if let Some((cookie, _)) = self.applied.registered.remove(&uid) {
                 // Removes the pod identity with the policy.
                 let registry = self.registry.clone();
@@ -101,7 +110,12 @@ impl Watch {
             Err(bad) => {
                 self.applied.pending.remove(&uid);
                 tracing::warn!(pod = %who, annotation = %bad.annotation, value = %bad.value, error = %bad.reason, "bad annotation: the pod keeps what it had");
-                self.post_event(&pod, &bad).await;
+                self.post_warning(
+                    &pod,
+                    "DivertBadAnnotation",
+                    format!("divert: {bad}; the pod's interception was left as it was"),
+                )
+                .await;
                 return;
             }
         };
@@ -145,13 +159,36 @@ impl Watch {
                     tracing::warn!(pod = %who, error = %format!("{e:#}"), "recording the pod's identity failed: its metrics and `divert maps` show no pod");
                 }
                 tracing::info!(pod = %who, netns_cookie = cookie, "registered from annotations");
-                self.applied.registered.insert(uid, (cookie, policy));
+                self.applied
+                    .registered
+                    .insert(uid.clone(), (cookie, policy));
+                self.settled(&uid);
             }
-            Err(e) => tracing::warn!(pod = %who, error = %format!("{e:#}"), "registration failed"),
+            Err(e) => {
+                let e = format!("{e:#}");
+                tracing::warn!(pod = %who, error = %e, "registration failed: the pod is meshed but not intercepted");
+                // Reported once per failure, tried again every RETRY.
+                if self.applied.failed.insert(uid, pod.clone()).is_none() {
+                    self.post_warning(
+                        &pod,
+                        "DivertNotRegistered",
+                        format!("divert: the pod is meshed but could not be registered: {e}; trying again"),
+                    )
+                    .await;
+                }
+                self.unregistered.set(self.applied.failed.len() as i64);
+            }
         }
     }
 
-    async fn post_event(&self, pod: &Pod, bad: &BadAnnotation) {
+    /// `uid` is registered or no longer meshed: not a failure any more.
+    fn settled(&mut self, uid: &str) {
+        if self.applied.failed.remove(uid).is_some() {
+            self.unregistered.set(self.applied.failed.len() as i64);
+        }
+    }
+
+    async fn post_warning(&self, pod: &Pod, reason: &str, message: String) {
         let ns = pod.namespace().unwrap_or_default();
         let now = Time(k8s_openapi::chrono::Utc::now());
         let ev = Event {
@@ -168,10 +205,8 @@ impl Watch {
                 uid: pod.uid(),
                 ..ObjectReference::default()
             },
-            reason: Some("DivertBadAnnotation".into()),
-            message: Some(format!(
-                "divert: {bad}; the pod's interception was left as it was"
-            )),
+            reason: Some(reason.into()),
+            message: Some(message),
             type_: Some("Warning".into()),
             source: Some(EventSource {
                 component: Some("divert".into()),
@@ -195,6 +230,7 @@ pub async fn run(
     registry: Arc<Registry>,
     node: String,
     exclude_namespaces: Vec<String>,
+    unregistered: Gauge,
 ) -> anyhow::Result<()> {
     {
         let client = Client::try_default()
@@ -207,6 +243,7 @@ pub async fn run(
             client,
             registry,
             exclude_namespaces,
+            unregistered,
             node,
             applied: Applied::default(),
         };
@@ -218,6 +255,7 @@ pub async fn run(
                     Ok(Some(watcher::Event::Delete(p))) => {
                         let uid = p.uid().unwrap_or_default();
                         w.applied.pending.remove(&uid);
+                        w.settled(&uid);
                         // The namespace goes with the pod; garbage
                         // collection removes the policy.
                         w.applied.registered.remove(&uid);
@@ -227,7 +265,13 @@ pub async fn run(
                     Err(e) => tracing::warn!(error = %e, "pod watch"),
                 },
                 _ = retry.tick() => {
-                    let pending: Vec<Pod> = w.applied.pending.values().cloned().collect();
+                    let pending: Vec<Pod> = w
+                        .applied
+                        .pending
+                        .values()
+                        .chain(w.applied.failed.values())
+                        .cloned()
+                        .collect();
                     for p in pending {
                         w.reconcile(p).await;
                     }

@@ -13,6 +13,8 @@
 //!   labels: payload bytes of those connections, each direction, added when
 //!   a connection closes.
 //! * `divert_registered_namespaces`: namespaces with a policy.
+//! * `divert_meshed_pods_unregistered`: meshed pods the pod watch could not
+//!   register (each also gets a `DivertNotRegistered` Event).
 //!
 //! Cardinality is bounded per network namespace: the first `top`
 //! (`--metrics-top`) destinations (address and port) seen for a namespace
@@ -85,6 +87,7 @@ pub struct Metrics {
     /// `divert_received_bytes_total`.
     families: [Family<ConnectionLabels, Counter>; 3],
     registered: Gauge,
+    unregistered_pods: Gauge,
     top: usize,
     state: Mutex<State>,
 }
@@ -118,13 +121,26 @@ impl Metrics {
             "Network namespaces with a registered policy",
             registered.clone(),
         );
+        let unregistered_pods = Gauge::default();
+        registry.register(
+            "divert_meshed_pods_unregistered",
+            "Meshed pods the pod watch could not register (reported with a DivertNotRegistered Event, tried again)",
+            unregistered_pods.clone(),
+        );
         Metrics {
             registry,
             families,
             registered,
+            unregistered_pods,
             top,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// The `divert_meshed_pods_unregistered` gauge, which the pod watch
+    /// sets.
+    pub fn unregistered_pods(&self) -> Gauge {
+        self.unregistered_pods.clone()
     }
 
     /// Fold the kernel's counters (and the registered namespaces, with their
