@@ -68,11 +68,29 @@ impl FakeApi {
         }
     }
 
-    /// A MODIFIED event for `pod` (with a resourceVersion higher than any
-    /// before): the pod as listed from now on, and to every watch.
-    pub fn modify(&self, pod: Value) {
+    /// A MODIFIED event for `pod`: the pod as listed from now on, and to
+    /// every watch. As the API server does on every write, it gets a
+    /// resourceVersion higher than any before (the one it has, if higher).
+    pub fn modify(&self, mut pod: Value) {
         {
             let mut pods = self.state.pods.lock().unwrap();
+            let latest = pods
+                .iter()
+                .map(rv)
+                .chain(
+                    self.state
+                        .log
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|e| rv(&e["object"])),
+                )
+                .max()
+                .unwrap_or(0)
+                .max(5000);
+            if rv(&pod) <= latest {
+                pod["metadata"]["resourceVersion"] = json!((latest + 1).to_string());
+            }
             pods.retain(|p| p["metadata"]["uid"] != pod["metadata"]["uid"]);
             pods.push(pod.clone());
         }
