@@ -218,13 +218,25 @@ pub fn install(
     binary: &Path,
     entry: &Value,
 ) -> anyhow::Result<Installed> {
-    if !is_ours(entry) {
-        bail!("divert's entry must have \"type\": \"{PLUGIN}\"");
-    }
+    install_plugin(bin_dir, binary)?;
+    chain(conf_dir, entry)
+}
+
+/// Copy `binary` into `bin_dir` as [`PLUGIN`] when what is there differs.
+pub fn install_plugin(bin_dir: &Path, binary: &Path) -> anyhow::Result<()> {
     let target = bin_dir.join(PLUGIN);
     let new = fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
     if fs::read(&target).ok().as_deref() != Some(&new[..]) {
         write_atomic(&target, &new, 0o755)?;
+    }
+    Ok(())
+}
+
+/// Chain `entry` into the primary configuration of `conf_dir` (the
+/// configuration half of [`install`]).
+pub fn chain(conf_dir: &Path, entry: &Value) -> anyhow::Result<Installed> {
+    if !is_ours(entry) {
+        bail!("divert's entry must have \"type\": \"{PLUGIN}\"");
     }
     let Some(path) = primary(conf_dir)? else {
         return Ok(Installed::NoPrimary);

@@ -282,6 +282,23 @@ fn the_cni_plugin_registers_meshed_pods_before_they_start_and_nothing_else() {
     assert_ne!(code, Some(0), "{v}");
     assert_eq!(v["code"], 102, "{v}");
 
+    // A pod the API server does not have, and a daemon that does not
+    // answer: errors the runtime shows (101), and retries (11).
+    let (code, v) = cni.call("ADD", Some("missing-1"));
+    assert_ne!(code, Some(0), "{v}");
+    assert_eq!(v["code"], 101, "{v}");
+    let mut no_daemon = cni.config.clone();
+    no_daemon["daemon_socket"] = json!(dir.join("no-such.sock"));
+    let down = Cni {
+        config: no_daemon,
+        bin: cni.bin.clone(),
+        netns: cni.netns.clone(),
+    };
+    let (code, v) = down.call("ADD", Some("hello-1"));
+    assert_ne!(code, Some(0), "{v}");
+    assert_eq!(v["code"], 11, "{v}");
+    assert!(!registered());
+
     // DEL for a namespace that is gone already succeeds.
     let gone = Cni {
         netns: "/run/netns/divert-test-no-such-namespace".into(),

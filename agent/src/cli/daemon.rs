@@ -122,9 +122,58 @@ struct CniInstall {
     conf_dir: PathBuf,
     bin_dir: PathBuf,
     entry: serde_json::Value,
-    /// The kubeconfig to write into `conf_dir` (from the service account),
-    /// when none was given.
-    kubeconfig: Option<String>,
+    /// Where the kubeconfig written into `conf_dir` comes from, when none
+    /// was given: read again at every check, so a rotated token is written.
+    service_account: Option<ServiceAccount>,
+}
+
+/// This pod's service account and the API server's address.
+#[derive(Clone, Debug)]
+struct ServiceAccount {
+    /// Holds `token` and `ca.crt`.
+    dir: PathBuf,
+    host: String,
+    port: String,
+}
+
+/// Where a pod's service account is mounted.
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+impl ServiceAccount {
+    /// This pod's (`KUBERNETES_SERVICE_HOST` and `_PORT`, and
+    /// [`SERVICE_ACCOUNT_DIR`]), checked readable now.
+    fn of_this_pod() -> anyhow::Result<ServiceAccount> {
+        let sa = ServiceAccount {
+            dir: SERVICE_ACCOUNT_DIR.into(),
+            host: std::env::var("KUBERNETES_SERVICE_HOST").context("KUBERNETES_SERVICE_HOST")?,
+            port: std::env::var("KUBERNETES_SERVICE_PORT").context("KUBERNETES_SERVICE_PORT")?,
+        };
+        sa.kubeconfig()?;
+        Ok(sa)
+    }
+
+    /// A kubeconfig for the API server with the service account's current
+    /// token and CA: what the plugin, running on the node outside any pod,
+    /// reads pods with.
+    fn kubeconfig(&self) -> anyhow::Result<String> {
+        let token = std::fs::read_to_string(self.dir.join("token")).context("the token")?;
+        let ca = std::fs::read(self.dir.join("ca.crt")).context("the CA")?;
+        use base64::Engine as _;
+        let ca = base64::engine::general_purpose::STANDARD.encode(ca);
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        Ok(format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://{host}:{}\n    certificate-authority-data: {ca}\n\
+             users:\n- name: divert-cni\n  user:\n    token: {}\n\
+             contexts:\n- name: divert-cni\n  context:\n    cluster: local\n    user: divert-cni\n\
+             current-context: divert-cni\n",
+            self.port,
+            token.trim()
+        ))
+    }
 }
 
 impl CniInstall {
@@ -132,11 +181,11 @@ impl CniInstall {
         let (Some(conf_dir), Some(bin_dir)) = (&args.cni_conf_dir, &args.cni_bin_dir) else {
             return Ok(None);
         };
-        let (path, kubeconfig) = match &args.cni_kubeconfig {
+        let (path, service_account) = match &args.cni_kubeconfig {
             Some(p) => (p.clone(), None),
             None => (
                 args.cni_host_conf_dir.join(KUBECONFIG_NAME),
-                Some(service_account_kubeconfig().context(
+                Some(ServiceAccount::of_this_pod().context(
                     "writing divert-cni's kubeconfig from this pod's service account (or give --cni-kubeconfig)",
                 )?),
             ),
@@ -150,22 +199,29 @@ impl CniInstall {
                 "kubernetes": {"kubeconfig": path},
                 "exclude_namespaces": args.exclude_namespaces,
             }),
-            kubeconfig,
+            service_account,
         }))
     }
 
-    /// Install or repair; logs what changed.
-    fn apply(&self) -> anyhow::Result<()> {
-        if let Some(k) = &self.kubeconfig {
+    /// Install or repair: the kubeconfig (when the token changed), the
+    /// plugin binary (when `copy_binary`, or when it is gone: reading this
+    /// binary at every check would cost far more than the check), and the
+    /// conflist entry. Logs what changed.
+    fn apply(&self, copy_binary: bool) -> anyhow::Result<()> {
+        if let Some(sa) = &self.service_account {
+            let k = sa.kubeconfig()?;
             let path = self.conf_dir.join(KUBECONFIG_NAME);
             if std::fs::read_to_string(&path).ok().as_deref() != Some(k.as_str()) {
-                std::fs::write(&path, k).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, &k).with_context(|| format!("writing {}", path.display()))?;
                 use std::os::unix::fs::PermissionsExt as _;
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
             }
         }
-        let exe = std::env::current_exe().context("finding this binary")?;
-        match crate::conflist::install(&self.conf_dir, &self.bin_dir, &exe, &self.entry)? {
+        if copy_binary || !self.bin_dir.join(crate::conflist::PLUGIN).exists() {
+            let exe = std::env::current_exe().context("finding this binary")?;
+            crate::conflist::install_plugin(&self.bin_dir, &exe)?;
+        }
+        match crate::conflist::chain(&self.conf_dir, &self.entry)? {
             crate::conflist::Installed::Chained(p) => {
                 tracing::info!(conflist = %p.display(), "divert-cni chained into the node's CNI configuration")
             }
@@ -181,31 +237,6 @@ impl CniInstall {
 
 /// The kubeconfig divert writes for its CNI plugin.
 pub const KUBECONFIG_NAME: &str = "divert-kubeconfig";
-
-/// A kubeconfig for the API server from this pod's service account (its
-/// token and CA, `KUBERNETES_SERVICE_HOST` and `_PORT`): what the plugin,
-/// running on the node outside any pod, reads pods with.
-fn service_account_kubeconfig() -> anyhow::Result<String> {
-    const SA: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-    let host = std::env::var("KUBERNETES_SERVICE_HOST").context("KUBERNETES_SERVICE_HOST")?;
-    let port = std::env::var("KUBERNETES_SERVICE_PORT").context("KUBERNETES_SERVICE_PORT")?;
-    let token = std::fs::read_to_string(format!("{SA}/token")).context("the token")?;
-    let ca = std::fs::read(format!("{SA}/ca.crt")).context("the CA")?;
-    use base64::Engine as _;
-    let ca = base64::engine::general_purpose::STANDARD.encode(ca);
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host
-    };
-    Ok(format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://{host}:{port}\n    certificate-authority-data: {ca}\n\
-         users:\n- name: divert-cni\n  user:\n    token: {}\n\
-         contexts:\n- name: divert-cni\n  context:\n    cluster: local\n    user: divert-cni\n\
-         current-context: divert-cni\n",
-        token.trim()
-    ))
-}
 
 pub fn main(args: &DaemonArgs) -> ExitCode {
     match run(args) {
@@ -327,17 +358,23 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
             tokio::spawn(async move {
                 let mut last_error = String::new();
                 let mut tick = tokio::time::interval(CNI_REPAIR_INTERVAL);
+                // This build's binary is copied once (and again if removed).
+                let mut copied = false;
                 loop {
                     tick.tick().await;
                     let once = cni.clone();
-                    let outcome = match tokio::task::spawn_blocking(move || once.apply())
+                    let copy = !copied;
+                    let outcome = match tokio::task::spawn_blocking(move || once.apply(copy))
                     .await
                     {
                         Ok(r) => r,
                         Err(e) => Err(anyhow::anyhow!("the CNI installer panicked: {e}")),
                     };
                     match outcome {
-                        Ok(()) => last_error.clear(),
+                        Ok(()) => {
+                            copied = true;
+                            last_error.clear();
+                        }
                         Err(e) => {
                             let e = format!("{e:#}");
                             if e != last_error {
@@ -400,3 +437,44 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
 
 /// How long a stopping daemon waits for the registrations under way.
 pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rotated_service_account_token_is_written_at_the_next_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sa, conf, bin) = (
+            dir.path().join("sa"),
+            dir.path().join("net.d"),
+            dir.path().join("bin"),
+        );
+        for d in [&sa, &conf, &bin] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(sa.join("ca.crt"), b"CA").unwrap();
+        std::fs::write(sa.join("token"), "first-token\n").unwrap();
+        let install = CniInstall {
+            conf_dir: conf.clone(),
+            bin_dir: bin,
+            entry: serde_json::json!({"type": crate::conflist::PLUGIN}),
+            service_account: Some(ServiceAccount {
+                dir: sa.clone(),
+                host: "fd00::1".into(),
+                port: "443".into(),
+            }),
+        };
+        let written = || std::fs::read_to_string(conf.join(KUBECONFIG_NAME)).unwrap();
+        install.apply(true).unwrap();
+        assert!(written().contains("token: first-token\n"), "{}", written());
+        assert!(
+            written().contains("server: https://[fd00::1]:443"),
+            "{}",
+            written()
+        );
+        std::fs::write(sa.join("token"), "second-token\n").unwrap();
+        install.apply(false).unwrap();
+        assert!(written().contains("token: second-token\n"), "{}", written());
+    }
+}
