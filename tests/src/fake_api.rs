@@ -44,7 +44,20 @@ fn rv(pod: &Value) -> u64 {
 
 impl FakeApi {
     pub fn start(pods: Vec<Value>, namespace: Value) -> FakeApi {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::serve_on(TcpListener::bind("127.0.0.1:0").unwrap(), pods, namespace)
+    }
+
+    /// [`FakeApi::start`] on 127.0.0.1 of `netns`, for clients that run
+    /// there (a CNI plugin that a runtime in that namespace executes).
+    pub fn start_in(netns: &crate::Netns, pods: Vec<Value>, namespace: Value) -> FakeApi {
+        let listener = netns
+            .enter(|| TcpListener::bind("127.0.0.1:0"))
+            .unwrap()
+            .unwrap();
+        Self::serve_on(listener, pods, namespace)
+    }
+
+    fn serve_on(listener: TcpListener, pods: Vec<Value>, namespace: Value) -> FakeApi {
         let addr = listener.local_addr().unwrap();
         let events = Arc::new(Mutex::new(Vec::new()));
         let state = Arc::new(State {

@@ -36,6 +36,7 @@ pub mod cases;
 pub mod fake_api;
 pub mod goldens;
 pub mod node;
+pub mod podman;
 pub mod rig;
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);

@@ -410,3 +410,141 @@ fn the_daemon_chains_the_plugin_into_the_primary_conflist_and_keeps_it_there() {
         .collect();
     assert_eq!(left.len(), 1, "{left:?}");
 }
+
+/// The rows `divert maps -o json` shows for the daemon's bpffs.
+fn registrations(s: &Setup) -> Vec<Value> {
+    let out = Command::new(divert_bin())
+        .args(["maps", "-o", "json", "--bpffs-dir"])
+        .arg(s.bpffs.path())
+        .output()
+        .unwrap();
+    serde_json::from_slice::<Vec<Value>>(&out.stdout)
+        .unwrap_or_else(|e| panic!("divert maps: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The plugin in a real container runtime's chain: Debian's podman with
+/// its CNI backend (bridge, then `divert-cni`) runs busybox containers
+/// named as the pods the fake API server serves. podman passes
+/// `K8S_POD_NAME=<container name>` and appends the `CNI_ARGS` it is given
+/// (`K8S_POD_NAMESPACE=default`). Each container's first command connects
+/// to the peer's server; a busybox `nc` in the container listens on 15001
+/// as the proxy would.
+#[test]
+fn a_real_container_runtime_runs_the_plugin_in_its_chain() {
+    require_root!();
+    let s = Setup::start();
+    let daemon = s.daemon();
+    let bad = (
+        "traffic.sidecar.istio.io/excludeOutboundPorts",
+        Some("80,http"),
+    );
+    // The runtime runs in the peer namespace, and so does the plugin it
+    // executes: the API server is served there.
+    let api = FakeApi::start_in(
+        &s.lab.peer,
+        vec![pod("cart", &[]), plain_pod("plain"), pod("bad", &[bad])],
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}),
+    );
+    let dir = s.bpffs.dir.path();
+    let bin_dir = dir.join("cni-bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    plugin(&bin_dir);
+    let pods = s.lab.root.child("pods").unwrap();
+    let podman = divert_tests::podman::Podman::new(
+        &s.lab.peer,
+        &pods,
+        s.lab.n,
+        vec![json!({
+            "type": "divert-cni",
+            "kubernetes": {"kubeconfig": kubeconfig(dir, api.addr)},
+            "daemon_socket": s.socket,
+            "pod_get_attempts": 1,
+        })],
+        &[&bin_dir],
+    )
+    .unwrap();
+    podman.busybox().unwrap();
+
+    let peer = s.lab.v4(2);
+    // Every try either reaches a listener or is refused (the container's
+    // own listener not up yet): the first answer is the first connection
+    // that got anywhere.
+    let script = format!(
+        "nc -ll -p 15001 -e echo diverted & \
+         for i in $(seq 50); do out=$(nc -w 2 {peer} 80 </dev/null); \
+         [ -n \"$out\" ] && break; sleep 0.1; done; echo \"answer: $out\"; sleep 60"
+    );
+    let start = |name: &str, k8s: bool| {
+        let mut cmd = podman.command();
+        cmd.args(podman.run_args())
+            .args(["-d", "--name", name, divert_tests::podman::BUSYBOX, "sh", "-c"])
+            .arg(&script);
+        if k8s {
+            cmd.env("CNI_ARGS", "K8S_POD_NAMESPACE=default");
+        }
+        cmd.output().unwrap()
+    };
+    let answer = |name: &str| -> String {
+        for _ in 0..200 {
+            let out = podman.run(&["logs", name]).unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if let Some(a) = text.lines().find_map(|l| l.strip_prefix("answer: ")) {
+                return a.to_string();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{name} did not answer")
+    };
+    let direct = format!("server {peer}:80");
+
+    // The meshed pod: registered before its container ran, so its first
+    // connection reached its proxy.
+    let out = start("cart", true);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(answer("cart"), "diverted");
+    let rows = registrations(&s);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0]["exclude_ports"], json!([15020]), "{rows:#?}");
+
+    // A pod without a sidecar, and a container that is not a pod: passed
+    // through, nothing registered.
+    for (name, k8s) in [("plain", true), ("not-a-pod", false)] {
+        let out = start(name, k8s);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(answer(name), direct, "{name}");
+    }
+    assert_eq!(registrations(&s).len(), 1);
+
+    // A bad annotation: the runtime's ADD fails with the plugin's error
+    // naming it, and the container never runs.
+    let out = start("bad", true);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the bad pod started: {err}");
+    assert!(
+        err.contains("traffic.sidecar.istio.io/excludeOutboundPorts") && err.contains("80,http"),
+        "{err}"
+    );
+    assert_eq!(registrations(&s).len(), 1);
+
+    // A daemon restart changes nothing of what the plugin registered.
+    let settled = || {
+        let mut rows = registrations(&s);
+        rows.iter_mut().for_each(|r| r["registered_at"] = Value::Null);
+        rows
+    };
+    let before = settled();
+    drop(daemon);
+    let _daemon = s.daemon();
+    assert_eq!(settled(), before, "a restart changed the policy");
+
+    // Removing the meshed pod's container: the runtime's DEL unregisters
+    // it (the daemon says so; its collector would say "namespace gone").
+    let out = podman.run(&["rm", "--force", "--time", "0", "cart"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(registrations(&s).is_empty());
+    let log = std::fs::read_to_string(dir.join("daemon-2.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("unregistered")),
+        "no unregister request: {log}"
+    );
+}

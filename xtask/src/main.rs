@@ -29,6 +29,11 @@ const APT_PACKAGES: &[&str] = &[
     "squid",
     "bind9-dnsutils",
     "fonts-dejavu-core",
+    // A real container runtime for the CNI plugin's test.
+    "podman",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
