@@ -431,6 +431,12 @@ impl Lab {
     /// testkit proxy on 127.0.0.1/::1 ports 15001 and 15006 in the proxy
     /// cgroup. Returns once all of them listen.
     pub fn start_peers(&self) -> Result<Vec<Daemon>> {
+        self.start_peers_with_proxy(None)
+    }
+
+    /// [`Lab::start_peers`] with the proxy run as `proxy_ids` (UID, GID),
+    /// as Istio's runs as 1337.
+    pub fn start_peers_with_proxy(&self, proxy_ids: Option<(u32, u32)>) -> Result<Vec<Daemon>> {
         let kit = testkit_bin();
         let mut daemons = Vec::new();
         let ports = ["80", "8080", "5432", "15008"];
@@ -449,7 +455,7 @@ impl Lab {
             cmd.arg("server").args(ports);
             daemons.push(Daemon::spawn(name, cmd)?);
         }
-        let (mut cmd, _keep) = command_in(self.in_client(&self.proxy, None), &kit)?;
+        let (mut cmd, _keep) = command_in(self.in_client(&self.proxy, proxy_ids), &kit)?;
         cmd.args([
             "proxy",
             "127.0.0.1:15001",

@@ -55,8 +55,13 @@ pub struct Setup {
 
 impl Setup {
     pub fn start() -> Setup {
+        Self::start_with_proxy(None)
+    }
+
+    /// [`Setup::start`] with the lab's proxy run as `proxy_ids` (UID, GID).
+    pub fn start_with_proxy(proxy_ids: Option<(u32, u32)>) -> Setup {
         let lab = Lab::new().expect("lab");
-        let peers = lab.start_peers().expect("peers");
+        let peers = lab.start_peers_with_proxy(proxy_ids).expect("peers");
         let bpffs = Bpffs::tempdir();
         let socket = bpffs.dir.path().join("divert.sock");
         Setup {
@@ -131,22 +136,7 @@ impl Setup {
 
     /// GET `path` from the daemon's HTTP endpoint: (status, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        let addr = self.metrics.get().expect("a daemon was started");
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-        let mut all = String::new();
-        std::io::Read::read_to_string(&mut s, &mut all).unwrap();
-        let status = all
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = all
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_string();
-        (status, body)
+        http_get(self.metrics.get().expect("a daemon was started"), path)
     }
 
     /// `divert init ARGS…` from the lab's client namespace.
@@ -212,6 +202,25 @@ impl Setup {
             "{when}: {counts:?}"
         );
     }
+}
+
+/// `GET path` of the daemon's HTTP endpoint at `addr`: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut all = String::new();
+    std::io::Read::read_to_string(&mut s, &mut all).unwrap();
+    let status = all
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = all
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
 }
 
 /// Lossy UTF-8 of a process's output.

@@ -136,13 +136,13 @@ impl Podman {
             .with_context(|| format!("podman {}", args.join(" ")))
     }
 
-    /// `podman run` arguments that place a container on this podman's
-    /// network and under its cgroup.
-    pub fn run_args(&self) -> Vec<String> {
+    /// `podman run` arguments that place a container on `network` (this
+    /// podman's own, `none`, `ns:PATH`) and under this podman's cgroup.
+    pub fn run_on(&self, network: &str) -> Vec<String> {
         vec![
             "run".into(),
             "--network".into(),
-            self.network.clone(),
+            network.into(),
             "--cgroup-parent".into(),
             self.cgroup_parent.clone(),
         ]

@@ -476,8 +476,15 @@ fn a_real_container_runtime_runs_the_plugin_in_its_chain() {
     );
     let start = |name: &str, k8s: bool| {
         let mut cmd = podman.command();
-        cmd.args(podman.run_args())
-            .args(["-d", "--name", name, divert_tests::podman::BUSYBOX, "sh", "-c"])
+        cmd.args(podman.run_on(&podman.network))
+            .args([
+                "-d",
+                "--name",
+                name,
+                divert_tests::podman::BUSYBOX,
+                "sh",
+                "-c",
+            ])
             .arg(&script);
         if k8s {
             cmd.env("CNI_ARGS", "K8S_POD_NAMESPACE=default");
@@ -500,7 +507,11 @@ fn a_real_container_runtime_runs_the_plugin_in_its_chain() {
     // The meshed pod: registered before its container ran, so its first
     // connection reached its proxy.
     let out = start("cart", true);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(answer("cart"), "diverted");
     let rows = registrations(&s);
     assert_eq!(rows.len(), 1, "{rows:#?}");
@@ -510,7 +521,11 @@ fn a_real_container_runtime_runs_the_plugin_in_its_chain() {
     // through, nothing registered.
     for (name, k8s) in [("plain", true), ("not-a-pod", false)] {
         let out = start(name, k8s);
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(answer(name), direct, "{name}");
     }
     assert_eq!(registrations(&s).len(), 1);
@@ -529,7 +544,8 @@ fn a_real_container_runtime_runs_the_plugin_in_its_chain() {
     // A daemon restart changes nothing of what the plugin registered.
     let settled = || {
         let mut rows = registrations(&s);
-        rows.iter_mut().for_each(|r| r["registered_at"] = Value::Null);
+        rows.iter_mut()
+            .for_each(|r| r["registered_at"] = Value::Null);
         rows
     };
     let before = settled();
@@ -539,8 +555,14 @@ fn a_real_container_runtime_runs_the_plugin_in_its_chain() {
 
     // Removing the meshed pod's container: the runtime's DEL unregisters
     // it (the daemon says so; its collector would say "namespace gone").
-    let out = podman.run(&["rm", "--force", "--time", "0", "cart"]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = podman
+        .run(&["rm", "--force", "--time", "0", "cart"])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(registrations(&s).is_empty());
     let log = std::fs::read_to_string(dir.join("daemon-2.log")).unwrap();
     assert!(

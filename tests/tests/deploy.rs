@@ -90,7 +90,16 @@ fn divert_args(spec: &PodSpec) -> Vec<(String, Vec<String>)> {
         .flatten()
         .chain(&spec.containers)
         .filter(|c| c.image.as_deref().is_some_and(|i| i.contains("divert")))
-        .map(|c| (c.name.clone(), c.args.clone().unwrap_or_default()))
+        .map(|c| {
+            // The image `cargo xtask image` tags: this version's.
+            assert_eq!(
+                c.image.as_deref(),
+                Some(format!("ghcr.io/divert-dev/divert:{}", env!("CARGO_PKG_VERSION")).as_str()),
+                "{}",
+                c.name
+            );
+            (c.name.clone(), c.args.clone().unwrap_or_default())
+        })
         .collect()
 }
 
@@ -172,7 +181,8 @@ fn the_daemonset_grants_what_the_daemon_needs() {
             continue;
         }
         let ds: DaemonSet = typed(&doc, &file);
-        let spec = ds.spec.unwrap().template.spec.unwrap();
+        let template = ds.spec.unwrap().template;
+        let spec = template.spec.unwrap();
         assert_eq!(
             spec.host_network,
             Some(true),
@@ -184,10 +194,78 @@ fn the_daemonset_grants_what_the_daemon_needs() {
             "SO_PEERCRED pids and pod processes"
         );
         let c = &spec.containers[0];
+        // Least privilege (the capabilities themselves are proved by
+        // tests/tests/image.rs, which runs the daemon with exactly these).
+        let sc = c.security_context.clone().expect("a securityContext");
+        assert_eq!(sc.privileged, Some(false));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        let caps = sc.capabilities.expect("capabilities");
+        assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
         assert_eq!(
-            c.security_context.as_ref().and_then(|s| s.privileged),
-            Some(true)
+            caps.add,
+            Some(
+                ["SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH"]
+                    .map(String::from)
+                    .to_vec()
+            )
         );
+        for (what, profile) in [
+            ("container", sc.seccomp_profile),
+            (
+                "pod",
+                spec.security_context
+                    .clone()
+                    .and_then(|s| s.seccomp_profile),
+            ),
+        ] {
+            assert_eq!(
+                profile.map(|p| p.type_),
+                Some("RuntimeDefault".to_string()),
+                "{what} seccomp profile"
+            );
+        }
+        // The API server refuses Bidirectional propagation in a container
+        // that is not privileged.
+        for m in c.volume_mounts.iter().flatten() {
+            assert_ne!(
+                m.mount_propagation.as_deref(),
+                Some("Bidirectional"),
+                "{}",
+                m.mount_path
+            );
+        }
+        assert_eq!(
+            spec.node_selector
+                .as_ref()
+                .and_then(|n| n.get("kubernetes.io/os"))
+                .map(String::as_str),
+            Some("linux")
+        );
+        let meta = template.metadata.clone().unwrap();
+        assert_eq!(
+            meta.labels
+                .as_ref()
+                .unwrap()
+                .get("sidecar.istio.io/inject")
+                .map(String::as_str),
+            Some("false"),
+            "the agent is never injected"
+        );
+        let annotations = meta.annotations.unwrap_or_default();
+        let port = c
+            .args
+            .iter()
+            .flatten()
+            .find_map(|a| a.strip_prefix("--metrics-addr="))
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|(_, p)| p.to_string())
+            .expect("--metrics-addr");
+        assert_eq!(
+            annotations.get("prometheus.io/scrape").map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(annotations.get("prometheus.io/port"), Some(&port));
         let env: Vec<_> = c.env.iter().flatten().collect();
         let node = env
             .iter()

@@ -1,11 +1,12 @@
-//! `cargo xtask setup | test | bench | demo`: the project's own way to get a
-//! fresh machine ready, prove it, measure it, and show it.
+//! `cargo xtask setup | test | bench | demo | image`: the project's own way
+//! to get a fresh machine ready, prove it, measure it, show it, and ship it.
 //!
 //! `setup` is idempotent and quiet when everything is present: Debian
 //! packages (LLVM 22 for bpf-linker, iptables, nftables, bpftool, curl,
-//! squid, dig for the DNS tests), the
-//! nightly toolchain with `rust-src`, and `bpf-linker` built against LLVM 22.
-//! `fonts-dejavu-core` is there for the benchmark's chart.
+//! squid, dig for the DNS tests, podman with runc, the CNI plugins and
+//! busybox-static for the container runtime tests, mmdebstrap for the
+//! image), the nightly toolchain with `rust-src`, and `bpf-linker` built
+//! against LLVM 22. `fonts-dejavu-core` is there for the benchmark's chart.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,6 +15,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod image;
 
 /// Debian packages the build, the tests and the demo need.
 const APT_PACKAGES: &[&str] = &[
@@ -34,6 +37,8 @@ const APT_PACKAGES: &[&str] = &[
     "runc",
     "containernetworking-plugins",
     "busybox-static",
+    // `cargo xtask image`.
+    "mmdebstrap",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -49,7 +54,8 @@ struct Cli {
 enum Cmd {
     /// Install every prerequisite (idempotent).
     Setup,
-    /// Set up, build, and run every test (kernel tests need root).
+    /// Set up, build, build the image (`image`), and run every test
+    /// (kernel tests need root).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
@@ -65,6 +71,14 @@ enum Cmd {
     },
     /// Set up, build, and run the end-to-end demo (needs root).
     Demo,
+    /// Set up and build divert's OCI image (needs root): the release
+    /// binary on a Debian root filesystem made by mmdebstrap, loaded into
+    /// podman and written to target/image/divert-<tag>.oci.tar.
+    Image {
+        /// The image's tag (default: the workspace version).
+        #[arg(long)]
+        tag: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -75,9 +89,11 @@ fn main() -> Result<()> {
             require_root("cargo xtask test")?;
             cargo(&["build", "--bins"])?;
             clippy_kernel()?;
+            // The image test runs what `cargo xtask image` made.
+            let archive = image::build(&image::default_tag())?;
             let mut a = vec!["test"];
             a.extend(args.iter().map(String::as_str));
-            cargo_test(&a)
+            cargo_test(&a, &[("DIVERT_IMAGE_ARCHIVE", archive.as_os_str())])
         }
         Cmd::Bench { quick } => {
             setup()?;
@@ -89,6 +105,11 @@ fn main() -> Result<()> {
                 c.arg("--quick");
             }
             run(c)
+        }
+        Cmd::Image { tag } => {
+            setup()?;
+            require_root("cargo xtask image")?;
+            image::build(&tag.unwrap_or_else(image::default_tag)).map(|_| ())
         }
         Cmd::Demo => {
             setup()?;
@@ -147,10 +168,11 @@ fn cargo(args: &[&str]) -> Result<()> {
 
 /// `cargo test ARGS`, its output passed through, then one closing line
 /// summing every test binary's `test result:` line: `N passed, M failed`.
-fn cargo_test(args: &[&str]) -> Result<()> {
+fn cargo_test(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
     use std::io::{BufRead, BufReader};
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(args)
+        .envs(env.iter().copied())
         .current_dir(root_dir())
         .stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn().context("spawning cargo test")?;

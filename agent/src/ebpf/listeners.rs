@@ -44,10 +44,20 @@ fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
 
 /// A process of this namespace and its descriptor that hold the socket
 /// `inode`, if any. Only processes whose `/proc/PID/ns/net` is `netns` (the
-/// namespace's `net:[INODE]` link text) have their descriptors read.
-fn holder(inode: u64, netns: &std::ffi::OsStr) -> Option<(i32, i32)> {
+/// namespace's `net:[INODE]` link text) have their descriptors read. When no
+/// holder is found and a process of the namespace had descriptors we could
+/// not read (`/proc/PID/fd` of another user's process needs
+/// `CAP_DAC_READ_SEARCH`), the error is that process's.
+fn holder(
+    inode: u64,
+    netns: &std::ffi::OsStr,
+) -> std::result::Result<Option<(i32, i32)>, (i32, std::io::Error)> {
     let wanted = format!("socket:[{inode}]");
-    for p in fs::read_dir("/proc").ok()?.flatten() {
+    let mut unreadable = None;
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Ok(None);
+    };
+    for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
@@ -55,18 +65,24 @@ fn holder(inode: u64, netns: &std::ffi::OsStr) -> Option<(i32, i32)> {
         if !fs::read_link(p.path().join("ns/net")).is_ok_and(|l| l.as_os_str() == netns) {
             continue;
         }
-        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
-            continue;
+        let fds = match fs::read_dir(p.path().join("fd")) {
+            Ok(fds) => fds,
+            // Gone since.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                unreadable.get_or_insert((pid, e));
+                continue;
+            }
         };
         for fd in fds.flatten() {
             if fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == wanted.as_str()) {
                 if let Some(n) = fd.file_name().to_str().and_then(|s| s.parse().ok()) {
-                    return Some((pid, n));
+                    return Ok(Some((pid, n)));
                 }
             }
         }
     }
-    None
+    unreadable.map_or(Ok(None), Err)
 }
 
 /// Our own descriptor of descriptor `fd` of process `pid`.
@@ -97,10 +113,20 @@ pub fn find_listeners(port: u16) -> Vec<(u32, OwnedFd)> {
         let Ok(table) = fs::read_to_string(format!("/proc/thread-self/net/{file}")) else {
             continue;
         };
-        let Some((pid, fd)) = listening_inodes(&table, port)
-            .into_iter()
-            .find_map(|i| holder(i, netns.as_os_str()))
-        else {
+        let mut found = None;
+        for inode in listening_inodes(&table, port) {
+            match holder(inode, netns.as_os_str()) {
+                Ok(Some(h)) => {
+                    found = Some(h);
+                    break;
+                }
+                Ok(None) => {}
+                Err((pid, e)) => {
+                    tracing::warn!(pid, port, error = %e, "a socket listens on the inbound capture port, but the descriptors of a process of the namespace cannot be read (the daemon needs CAP_DAC_READ_SEARCH): capture starts when the proxy listens again");
+                }
+            }
+        }
+        let Some((pid, fd)) = found else {
             continue;
         };
         match take_fd(pid, fd) {

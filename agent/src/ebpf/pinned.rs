@@ -191,7 +191,9 @@ pub fn open(dir: &Path, cgroup_root: &Path) -> Result<(Maps, Opened)> {
         path: cgroup_root.to_path_buf(),
         source: std::io::Error::other(e),
     })?;
-    ensure_bpffs(dir)?;
+    if ensure_bpffs(dir)? {
+        tracing::warn!(dir = %dir.display(), "no bpf filesystem was mounted there: mounted one; what is pinned outlives this daemon only as long as that mount (in a container, mount the node's /sys/fs/bpf)");
+    }
     let [maps_dir, progs_dir, links_dir] = dirs(dir);
     let fresh = Interceptor::load()?;
     if has_entries(&links_dir) {
