@@ -66,8 +66,9 @@ pub mod maps {
     /// DNS sockets, which no close callback removes, never evict a TCP
     /// connection's entry.
     pub const DNS_ORIG: &str = "DNS_ORIG";
-    /// `LruPerCpuHashMap<CounterKey, CounterValue>`: connections and bytes per
-    /// destination and verdict.
+    /// `LruHashMap<CounterKey, CounterValue>`: connections and bytes per
+    /// destination and verdict, added to atomically (one value for every
+    /// CPU, so its memory does not grow with the node's CPUs).
     pub const COUNTERS: &str = "COUNTERS";
     /// `HashMap<[u8; 16] address, u64 netns cookie>`: the namespace each
     /// address belongs to, for the namespaces with inbound capture (socket
@@ -98,8 +99,6 @@ pub enum MapKind {
     LpmTrie,
     /// `BPF_MAP_TYPE_LRU_HASH`.
     LruHash,
-    /// `BPF_MAP_TYPE_LRU_PERCPU_HASH`.
-    LruPerCpuHash,
     /// `BPF_MAP_TYPE_SOCKHASH`.
     SockHash,
 }
@@ -120,7 +119,7 @@ pub const MAPS: [(&str, MapKind); 17] = [
     (maps::ORIG_BY_COOKIE, MapKind::LruHash),
     (maps::ORIG_BY_TUPLE, MapKind::LruHash),
     (maps::DNS_ORIG, MapKind::LruHash),
-    (maps::COUNTERS, MapKind::LruPerCpuHash),
+    (maps::COUNTERS, MapKind::LruHash),
     (maps::PODS, MapKind::Hash),
     (maps::INBOUND_NETNS, MapKind::Hash),
     (maps::LISTENERS, MapKind::SockHash),
@@ -262,39 +261,136 @@ pub const PROGRAMS: [Program; 12] = [
     },
 ];
 
-/// Capacity of each map, in entries.
+/// Limits of one policy, in entries.
 pub mod limits {
-    /// Registered network namespaces (pods) per node.
-    pub const MAX_POLICIES: u32 = 16_384;
-    /// Prefixes per LPM trie (one trie per list and family, shared by all pods).
-    pub const MAX_RANGES: u32 = 131_072;
-    /// Include plus exclude ports, all pods together.
-    pub const MAX_PORTS: u32 = 65_536;
-    /// Own addresses, all pods together.
-    pub const MAX_LOCAL_ADDRS: u32 = 65_536;
-    /// In-flight diverted sockets remembered (LRU: the oldest is evicted).
-    pub const MAX_ORIG: u32 = 262_144;
-    /// Inbound captured connections remembered for `SO_ORIGINAL_DST` (LRU;
-    /// the proxy asks as it accepts, so only recent ones matter).
-    pub const MAX_INBOUND_ORIG: u32 = 65_536;
-    /// (netns, destination, port, verdict) counter series (LRU).
-    pub const MAX_COUNTERS: u32 = 65_536;
     /// Proxy UIDs and, separately, proxy GIDs per policy.
     pub const MAX_PROXY_IDS: usize = 8;
-    /// Owner-group GIDs, all pods together.
-    pub const MAX_OWNER_GROUP_ENTRIES: u32 = 16_384;
-    /// Nameservers, all pods together.
-    pub const MAX_NAMESERVER_ENTRIES: u32 = 65_536;
     /// Nameservers per policy (a resolv.conf names three that glibc uses;
     /// istio-iptables captures every one it names, up to this many here).
     pub const MAX_NAMESERVERS: usize = 16;
-    /// UDP sockets whose captured DNS queries are remembered (LRU: a DNS
-    /// socket lives for a lookup or a few).
-    pub const MAX_DNS_ORIG: u32 = 16_384;
     /// Owner-group GIDs per policy (istio-iptables' limit on an include
     /// list, `maxOwnerGroupsInclude`; the kernel holds an exclude list to
     /// it too).
     pub const MAX_OWNER_GROUPS: usize = 64;
+}
+
+/// How large the maps are made: every map's capacity follows from the
+/// node's two figures (`divert daemon --max-pods --max-connections`). The
+/// kernel object declares [`MapSizes::DEFAULT`]'s; the loader sets every
+/// map to [`MapSizes::entries`] of the sizes it is given.
+///
+/// Maps written only by user space (policies, ranges, ports, addresses)
+/// are not preallocated: they cost what they hold, plus a bucket array for
+/// the hash maps. The LRU maps the programs write (original destinations,
+/// counters) must be preallocated by the kernel: they are the memory a
+/// node pays up front, and they follow `max_connections` and `max_pods`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Registered network namespaces (pods) on the node: the kubelet's
+    /// `maxPods`.
+    pub max_pods: u32,
+    /// Diverted TCP connections open at once on the node (each holds an
+    /// entry in `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE` until it closes; past
+    /// this, the least recently used are evicted).
+    pub max_connections: u32,
+}
+
+impl MapSizes {
+    /// Kubernetes' default `maxPods` (110) and 65,536 connections.
+    pub const DEFAULT: MapSizes = MapSizes {
+        max_pods: 110,
+        max_connections: 65_536,
+    };
+    /// Bounds of `max_pods`.
+    pub const PODS_RANGE: (u32, u32) = (1, 4_096);
+    /// Bounds of `max_connections`.
+    pub const CONNECTIONS_RANGE: (u32, u32) = (1_024, 16_777_216);
+
+    /// `POLICIES` and `PODS`: one entry per namespace.
+    pub const fn policies(&self) -> u32 {
+        self.max_pods
+    }
+    /// `LISTENERS`: a capture listener per family per namespace.
+    pub const fn listeners(&self) -> u32 {
+        2 * self.max_pods
+    }
+    /// `LOCAL_ADDRS` and `INBOUND_NETNS`: 16 own addresses per namespace.
+    pub const fn local_addrs(&self) -> u32 {
+        16 * self.max_pods
+    }
+    /// `PORTS`: include plus exclude ports, 64 per namespace on average
+    /// (Istio's defaults write four).
+    pub const fn ports(&self) -> u32 {
+        64 * self.max_pods
+    }
+    /// Each LPM trie (one per list and family): 1,024 prefixes per
+    /// namespace on average, and at least 131,072 (a mesh-wide list of
+    /// thousands of ranges on a small node). Tries are never preallocated.
+    pub const fn ranges(&self) -> u32 {
+        let n = 1_024 * self.max_pods;
+        if n < 131_072 {
+            131_072
+        } else {
+            n
+        }
+    }
+    /// `OWNER_GROUPS`: 16 GIDs per namespace on average (one namespace
+    /// may have up to [`limits::MAX_OWNER_GROUPS`] in each list).
+    pub const fn owner_groups(&self) -> u32 {
+        16 * self.max_pods
+    }
+    /// `NAMESERVERS`: every namespace's nameservers.
+    pub const fn nameservers(&self) -> u32 {
+        limits::MAX_NAMESERVERS as u32 * self.max_pods
+    }
+    /// `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE` (LRU): the open diverted
+    /// connections.
+    pub const fn orig(&self) -> u32 {
+        self.max_connections
+    }
+    /// `INBOUND_ORIG` (LRU): captured inbound connections until the proxy
+    /// asks for their destination, as it accepts them; a quarter of
+    /// `max_connections`.
+    pub const fn inbound_orig(&self) -> u32 {
+        self.max_connections / 4
+    }
+    /// `DNS_ORIG` (LRU): UDP sockets with a captured query, an eighth of
+    /// `max_connections` (an entry is needed until the answer is read, a
+    /// lookup's time; nothing frees it but the LRU).
+    pub const fn dns_orig(&self) -> u32 {
+        self.max_connections / 8
+    }
+    /// `COUNTERS` (LRU): (namespace, destination, port, verdict) series,
+    /// 64 per namespace and at least 16,384.
+    pub const fn counters(&self) -> u32 {
+        let n = 64 * self.max_pods;
+        if n < 16_384 {
+            16_384
+        } else {
+            n
+        }
+    }
+
+    /// The capacity of the map named `map` (one of [`MAPS`]), `None` for a
+    /// name that is not one.
+    pub fn entries(&self, map: &str) -> Option<u32> {
+        Some(match map {
+            maps::POLICIES | maps::PODS => self.policies(),
+            maps::INCLUDE_V4 | maps::EXCLUDE_V4 | maps::INCLUDE_V6 | maps::EXCLUDE_V6 => {
+                self.ranges()
+            }
+            maps::PORTS => self.ports(),
+            maps::LOCAL_ADDRS | maps::INBOUND_NETNS => self.local_addrs(),
+            maps::OWNER_GROUPS => self.owner_groups(),
+            maps::NAMESERVERS => self.nameservers(),
+            maps::ORIG_BY_COOKIE | maps::ORIG_BY_TUPLE => self.orig(),
+            maps::DNS_ORIG => self.dns_orig(),
+            maps::COUNTERS => self.counters(),
+            maps::LISTENERS => self.listeners(),
+            maps::INBOUND_ORIG => self.inbound_orig(),
+            _ => return None,
+        })
+    }
 }
 
 /// Bits of [`PolicyHeader::flags`].
@@ -561,8 +657,7 @@ pub struct BoundOrig {
     pub _pad: [u8; 3],
 }
 
-/// Key of `COUNTERS`: 32 bytes. The value is a per-CPU [`CounterValue`];
-/// user space sums the CPUs.
+/// Key of `COUNTERS`: 32 bytes. The value is a [`CounterValue`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CounterKey {
@@ -576,7 +671,8 @@ pub struct CounterKey {
     pub _pad: [u8; 5],
 }
 
-/// Value of `COUNTERS`, one per CPU: 24 bytes, host byte order.
+/// Value of `COUNTERS`: 24 bytes, host byte order, each field added to
+/// with an atomic add by the programs.
 ///
 /// `connections` is added to by `connect4`/`connect6` when a connect is
 /// judged; the byte counts by `sock_ops` when the connection reaches
@@ -655,6 +751,29 @@ mod tests {
         assert_eq!(size_of::<TupleKey>(), 32);
         assert_eq!(size_of::<BoundOrig>(), 32);
         assert_eq!(size_of::<CounterKey>(), 32);
+    }
+
+    #[test]
+    fn every_map_is_sized_and_the_node_figures_bound_them() {
+        for sizes in [
+            MapSizes::DEFAULT,
+            MapSizes {
+                max_pods: MapSizes::PODS_RANGE.1,
+                max_connections: MapSizes::CONNECTIONS_RANGE.1,
+            },
+            MapSizes {
+                max_pods: MapSizes::PODS_RANGE.0,
+                max_connections: MapSizes::CONNECTIONS_RANGE.0,
+            },
+        ] {
+            for (name, _) in MAPS {
+                let n = sizes
+                    .entries(name)
+                    .unwrap_or_else(|| panic!("{name} is not sized"));
+                assert!(n >= 1, "{name}: {n}");
+            }
+        }
+        assert_eq!(MapSizes::DEFAULT.entries("NO_SUCH_MAP"), None);
     }
 
     #[test]

@@ -18,8 +18,10 @@ use crate::{
     orig::tuple_of,
 };
 
-/// Add to the counter of (netns, destination, port, verdict) on this CPU,
-/// creating it if the LRU has none.
+/// Add to the counter of (netns, destination, port, verdict), creating it
+/// if the LRU has none. One value for every CPU: each field is added to
+/// atomically (a BPF atomic add; two per connection at most, so CPUs
+/// rarely meet on one series).
 #[inline(always)]
 pub fn count(netns: u64, addr: [u8; 16], port: u16, v: Verdict, add: &CounterValue) {
     let key = CounterKey {
@@ -31,11 +33,12 @@ pub fn count(netns: u64, addr: [u8; 16], port: u16, v: Verdict, add: &CounterVal
     };
     for _ in 0..2 {
         if let Some(n) = COUNTERS.get_ptr_mut(&key) {
-            // Per-CPU value: no other CPU writes it.
+            // SAFETY: a map value, 8-byte aligned, live for this program's
+            // run; other CPUs write it only through atomics too.
             unsafe {
-                (*n).connections += add.connections;
-                (*n).bytes_sent += add.bytes_sent;
-                (*n).bytes_received += add.bytes_received;
+                add_atomic(&raw mut (*n).connections, add.connections);
+                add_atomic(&raw mut (*n).bytes_sent, add.bytes_sent);
+                add_atomic(&raw mut (*n).bytes_received, add.bytes_received);
             }
             return;
         }
@@ -44,6 +47,27 @@ pub fn count(netns: u64, addr: [u8; 16], port: u16, v: Verdict, add: &CounterVal
         if COUNTERS.insert(&key, add, BPF_NOEXIST as u64).is_ok() {
             return;
         }
+    }
+}
+
+/// `*field += n` as one atomic instruction (skipped for 0).
+///
+/// # Safety
+/// `field` points into a live map value, 8-byte aligned.
+#[inline(always)]
+unsafe fn add_atomic(field: *mut u64, n: u64) {
+    // `AtomicU64::fetch_add` is not offered for BPF (the target has no
+    // compare-and-swap in core's terms): the kernel's atomic add
+    // (`BPF_ATOMIC | BPF_ADD`, no fetch), written out.
+    if n != 0 {
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({p} + 0) += {n}",
+                p = in(reg) field,
+                n = in(reg) n,
+                options(nostack),
+            )
+        };
     }
 }
 

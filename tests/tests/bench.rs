@@ -41,12 +41,19 @@ fn the_benchmark_measures_every_backend_and_reports() {
             assert!(r.programs.is_empty());
         }
     }
-    let registry = bench::registry::measure_in_child(settings.namespaces).expect("registry");
-    assert_eq!(registry.namespaces, settings.namespaces);
+    let max_pods = settings.max_pods[0];
+    let mut registry = bench::registry::measure_in_child(max_pods).expect("registry");
+    // A node full: the maps sized for it hold every namespace.
+    assert_eq!(registry.namespaces, max_pods as usize);
     // The include and exclude tries hold each namespace's prefixes.
     let trie = |name: &str| registry.maps.iter().find(|m| m.name == name).unwrap();
     assert!(trie("INCLUDE_V4").registered_bytes > trie("INCLUDE_V4").loaded_bytes);
     assert!(trie("EXCLUDE_V4").registered_bytes > trie("EXCLUDE_V4").loaded_bytes);
+    // The daemon's own memory, charged to its cgroup: at least its maps.
+    let daemon = bench::registry::daemon_memory(max_pods).expect("the daemon's memory");
+    assert!(daemon.maps_bytes > 0 && daemon.rss_kib > 0, "{daemon:?}");
+    assert!(daemon.cgroup_bytes >= daemon.maps_bytes, "{daemon:?}");
+    registry.daemon = Some(daemon);
     // Inbound and DNS capture: every connection and lookup was checked by
     // its client (captured ones reached the proxy with the destination
     // dialled, answers came from the server asked).
@@ -75,7 +82,7 @@ fn the_benchmark_measures_every_backend_and_reports() {
         machine: bench::machine().expect("machine"),
         settings,
         rows,
-        registry,
+        registry: vec![registry],
         pod,
     };
     let text = report::text(&run);

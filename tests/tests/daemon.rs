@@ -263,13 +263,31 @@ fn a_deleted_namespace_loses_its_policy_and_the_others_keep_theirs() {
 }
 
 #[test]
-fn a_full_policy_map_fails_the_registration() {
+fn the_maps_are_sized_for_the_node_and_a_full_one_fails_the_registration() {
     require_root!();
     let s = Setup::start();
-    let _daemon = s.daemon();
+    let sizes = divert_common::MapSizes {
+        max_pods: 4,
+        max_connections: 2_048,
+    };
+    let daemon = s.daemon_with(&["--max-pods", "4", "--max-connections", "2048"]);
+    // Every map has the capacity MapSizes gives it for these flags.
+    for (name, _) in divert_common::MAPS {
+        let info = aya::maps::MapData::from_pin(s.bpffs.path().join("maps").join(name))
+            .and_then(|m| m.info())
+            .unwrap();
+        let want = sizes.entries(name).unwrap();
+        // The kernel rounds a common LRU up to a multiple of the CPUs.
+        let cpus = aya::util::nr_cpus().unwrap() as u32;
+        let got = info.max_entries();
+        assert!(
+            got == want || (got >= want && got - want < cpus),
+            "{name}: {got} entries, MapSizes says {want}"
+        );
+    }
     // Fill every slot of POLICIES with made-up namespaces.
     let mut maps = pinned::open_maps(&s.bpffs.path()).unwrap();
-    for i in 0..divert_common::limits::MAX_POLICIES as u64 {
+    for i in 0..sizes.policies() as u64 {
         maps.register(
             1 << 62 | i,
             &divert::policy::Policy::default(),
@@ -285,6 +303,28 @@ fn a_full_policy_map_fails_the_registration() {
     // and nothing of the policy is left in the maps.
     let (client, _) = s.lab.client_identity().unwrap();
     assert!(!maps.registered_cookies().unwrap().contains(&client));
+
+    // Pinned maps of other sizes are not taken over: the restart is
+    // refused, naming the map and the flags.
+    drop(daemon);
+    let _ = std::fs::remove_file(&s.socket);
+    let out = Command::new(divert_bin())
+        .arg("daemon")
+        .arg("--cgroup-root")
+        .arg(&s.lab.root.path)
+        .arg("--bpffs-dir")
+        .arg(s.bpffs.path())
+        .arg("--socket")
+        .arg(&s.socket)
+        .args(["--metrics-addr", "127.0.0.1:0", "--max-pods", "8"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("POLICIES") && err.contains("--max-pods"),
+        "{err}"
+    );
 }
 
 /// A namespace with a veth pair and a default route through it, nothing

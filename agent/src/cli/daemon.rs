@@ -7,6 +7,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Args;
+use divert_common::MapSizes;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +36,24 @@ pub struct DaemonArgs {
     /// Registration socket for the pods' `divert init`.
     #[arg(long, value_name = "PATH", default_value = proto::DEFAULT_SOCKET, env = "DIVERT_DAEMON_SOCKET")]
     pub socket: PathBuf,
+
+    /// Pods this node runs at most (the kubelet's maxPods): the maps'
+    /// capacities for policies, addresses, ports, nameservers, DNS sockets
+    /// and counter series follow from it (divert_common::MapSizes). A
+    /// registration past it fails with "eBPF map … is full".
+    #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.max_pods,
+          value_parser = clap::value_parser!(u32).range(MapSizes::PODS_RANGE.0 as i64..=MapSizes::PODS_RANGE.1 as i64),
+          env = "DIVERT_MAX_PODS")]
+    pub max_pods: u32,
+
+    /// Diverted TCP connections open at once on this node: the capacity of
+    /// the original-destination maps, which the kernel preallocates (about
+    /// 230 bytes each). Past it, the least recently used entries are
+    /// evicted.
+    #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.max_connections,
+          value_parser = clap::value_parser!(u32).range(MapSizes::CONNECTIONS_RANGE.0 as i64..=MapSizes::CONNECTIONS_RANGE.1 as i64),
+          env = "DIVERT_MAX_CONNECTIONS")]
+    pub max_connections: u32,
 
     /// Address of the HTTP endpoint: /metrics (Prometheus text) and
     /// /healthz/ready.
@@ -309,7 +328,11 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     let http = daemon::metrics::bind(args.metrics_addr).context("--metrics-addr")?;
     let endpoint = daemon::Endpoint::bind(&args.socket).context("--socket")?;
 
-    let (interceptor, opened) = pinned::open(&args.bpffs_dir, &cgroup_root)?;
+    let sizes = MapSizes {
+        max_pods: args.max_pods,
+        max_connections: args.max_connections,
+    };
+    let (interceptor, opened) = pinned::open(&args.bpffs_dir, &cgroup_root, sizes)?;
     match opened {
         Opened::Installed => tracing::info!(
             "attached at {} and pinned under {}",

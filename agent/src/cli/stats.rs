@@ -1,12 +1,11 @@
 //! `divert stats [--top N] [--pod NS/NAME | --netns COOKIE] [--verdict V]
 //! [--watch]`: connections and payload bytes per destination and verdict,
-//! redirected and passed-through alike, from the kernel's per-CPU
-//! `COUNTERS` summed over CPUs.
+//! redirected and passed-through alike, from the kernel's `COUNTERS`.
 //!
 //! Connections are counted at `connect()`; bytes when a connection closes,
 //! so a connection still open shows in `connections` and not yet in the
-//! bytes. `COUNTERS` is an LRU of [`divert_common::limits::MAX_COUNTERS`]
-//! series: past that, the least recently updated series is evicted and
+//! bytes. `COUNTERS` is an LRU of
+//! [`MapSizes::counters`](divert_common::MapSizes::counters) series: past that, the least recently updated series is evicted and
 //! starts again from zero the next time it is counted.
 
 use std::{

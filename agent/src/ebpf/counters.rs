@@ -1,15 +1,15 @@
 //! The `COUNTERS` map: connections and bytes per (namespace, destination,
-//! port, verdict), summed over CPUs.
+//! port, verdict).
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use aya::maps::{MapData, PerCpuHashMap};
+use aya::maps::{HashMap, MapData};
 use divert_common::{maps, CounterKey, CounterValue, Verdict};
 
 use super::{absent, Error, Maps, Result};
 use crate::policy::canonical;
 
-/// One destination's counters in one namespace, summed over CPUs.
+/// One destination's counters in one namespace.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Counter {
     pub netns_cookie: u64,
@@ -35,8 +35,8 @@ impl Maps {
             .maps
             .get_mut(maps::COUNTERS)
             .ok_or(Error::MissingMap(maps::COUNTERS))?;
-        let mut counters: PerCpuHashMap<&mut MapData, CounterKey, CounterValue> =
-            PerCpuHashMap::try_from(m).map_err(|source| Error::Map {
+        let mut counters: HashMap<&mut MapData, CounterKey, CounterValue> = HashMap::try_from(m)
+            .map_err(|source| Error::Map {
                 map: maps::COUNTERS,
                 source,
             })?;
@@ -60,30 +60,25 @@ impl Maps {
         Ok(())
     }
 
-    /// Per-destination counters, summed over CPUs, sorted by namespace,
-    /// destination, port and verdict.
+    /// Per-destination counters, sorted by namespace, destination, port and
+    /// verdict.
     pub fn counters(&self) -> Result<Vec<Counter>> {
         let map = self
             .maps
             .get(maps::COUNTERS)
             .ok_or(Error::MissingMap(maps::COUNTERS))?;
-        let counters: PerCpuHashMap<&MapData, CounterKey, CounterValue> =
-            PerCpuHashMap::try_from(map).map_err(|source| Error::Map {
+        let counters: HashMap<&MapData, CounterKey, CounterValue> = HashMap::try_from(map)
+            .map_err(|source| Error::Map {
                 map: maps::COUNTERS,
                 source,
             })?;
         let mut sums: BTreeMap<CounterKey, CounterValue> = BTreeMap::new();
         for entry in counters.iter() {
-            let (key, per_cpu) = entry.map_err(|source| Error::Map {
+            let (key, value) = entry.map_err(|source| Error::Map {
                 map: maps::COUNTERS,
                 source,
             })?;
-            let sum = sums.entry(key).or_default();
-            for v in per_cpu.iter() {
-                sum.connections += v.connections;
-                sum.bytes_sent += v.bytes_sent;
-                sum.bytes_received += v.bytes_received;
-            }
+            sums.insert(key, value);
         }
         Ok(sums
             .into_iter()

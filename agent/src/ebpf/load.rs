@@ -7,7 +7,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps},
     Ebpf,
 };
-use divert_common::{MapKind, ProgramKind, Side, PROGRAMS};
+use divert_common::{MapKind, MapSizes, ProgramKind, Side, PROGRAMS};
 
 use super::{Error, Maps, Result};
 
@@ -28,16 +28,26 @@ pub struct Interceptor {
 }
 
 impl Interceptor {
-    /// Load and verify every program. Private to this process: nothing is
-    /// pinned, and everything is released when the instance is dropped.
+    /// [`Interceptor::load_sized`] with [`MapSizes::DEFAULT`].
     pub fn load() -> Result<Self> {
+        Self::load_sized(MapSizes::DEFAULT)
+    }
+
+    /// Load and verify every program, each map made with its capacity for
+    /// `sizes` ([`MapSizes::entries`]). Private to this process: nothing is
+    /// pinned, and everything is released when the instance is dropped.
+    pub fn load_sized(sizes: MapSizes) -> Result<Self> {
         // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
         let _ = nix::sys::resource::setrlimit(
             nix::sys::resource::Resource::RLIMIT_MEMLOCK,
             nix::sys::resource::RLIM_INFINITY,
             nix::sys::resource::RLIM_INFINITY,
         );
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        let mut loader = aya::EbpfLoader::new();
+        for (name, _) in divert_common::MAPS {
+            loader.set_max_entries(name, sizes.entries(name).expect("every map is sized"));
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         for p in PROGRAMS {
             let failed = |source| Error::Program {
                 program: p.name,
@@ -65,7 +75,6 @@ impl Interceptor {
                 Map::HashMap(_) => Some(MapKind::Hash),
                 Map::LpmTrie(_) => Some(MapKind::LpmTrie),
                 Map::LruHashMap(_) => Some(MapKind::LruHash),
-                Map::PerCpuLruHashMap(_) => Some(MapKind::LruPerCpuHash),
                 Map::SockHash(_) => Some(MapKind::SockHash),
                 _ => None,
             };

@@ -17,8 +17,9 @@
 //! * no pins: load, pin maps and programs, attach at the cgroup root with
 //!   `BPF_LINK_CREATE`, pin the links. Any failure removes every pin made.
 //! * links pinned (all or some): adopt. Each pinned map must have the shape
-//!   (type, key and value size, max entries, flags) and each pinned program
-//!   the tag (a hash of its instructions) of this build's object; each link
+//!   (type, key and value size, max entries, flags) of this build's object
+//!   sized for this daemon's `MapSizes`, and each pinned program the tag (a
+//!   hash of its instructions) of this build's object; each link
 //!   must run its pinned program at this cgroup root. Anything else is an
 //!   [`PinnedError::Incompatible`] naming the object, never silently
 //!   reused. A link missing (a crash between link pins) is created again
@@ -41,7 +42,7 @@ use aya::{
     maps::{Map, MapData, MapError},
     programs::{ProgramError, ProgramInfo},
 };
-use divert_common::{MapKind, Program, Side, PROGRAMS};
+use divert_common::{MapKind, MapSizes, Program, Side, PROGRAMS};
 
 use super::{Interceptor, Maps, MAP_NAMES};
 
@@ -148,11 +149,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
 
 fn map_data(m: &Map) -> Option<&MapData> {
     match m {
-        Map::HashMap(d)
-        | Map::LpmTrie(d)
-        | Map::LruHashMap(d)
-        | Map::PerCpuLruHashMap(d)
-        | Map::SockHash(d) => Some(d),
+        Map::HashMap(d) | Map::LpmTrie(d) | Map::LruHashMap(d) | Map::SockHash(d) => Some(d),
         _ => None,
     }
 }
@@ -169,7 +166,6 @@ fn typed(name: &str, d: MapData) -> Map {
         MapKind::Hash => Map::HashMap(d),
         MapKind::LpmTrie => Map::LpmTrie(d),
         MapKind::LruHash => Map::LruHashMap(d),
-        MapKind::LruPerCpuHash => Map::PerCpuLruHashMap(d),
         MapKind::SockHash => Map::SockHash(d),
     }
 }
@@ -184,7 +180,7 @@ fn has_entries(p: &Path) -> bool {
 
 /// Open the pinned instance under `dir` for `cgroup_root` (see the module
 /// documentation for what is installed, adopted or refused).
-pub fn open(dir: &Path, cgroup_root: &Path) -> Result<(Maps, Opened)> {
+pub fn open(dir: &Path, cgroup_root: &Path, sizes: MapSizes) -> Result<(Maps, Opened)> {
     // The cgroup first: a bad root must leave no bpffs mount behind.
     let cgroup = crate::cgroup::open(cgroup_root).map_err(|e| PinnedError::Io {
         what: "opening the cgroup root",
@@ -195,7 +191,7 @@ pub fn open(dir: &Path, cgroup_root: &Path) -> Result<(Maps, Opened)> {
         tracing::warn!(dir = %dir.display(), "no bpf filesystem was mounted there: mounted one; what is pinned outlives this daemon only as long as that mount (in a container, mount the node's /sys/fs/bpf)");
     }
     let [maps_dir, progs_dir, links_dir] = dirs(dir);
-    let fresh = Interceptor::load()?;
+    let fresh = Interceptor::load_sized(sizes)?;
     if has_entries(&links_dir) {
         let relinked = adopt_check(dir, &fresh, cgroup.as_fd(), cgroup_root)?;
         drop(fresh);
@@ -354,7 +350,11 @@ fn adopt_check(
             return Err(incompatible(
                 format!("map {name}"),
                 &path,
-                format!("pinned {}, this build {}", shape(&pinned), shape(&ours)),
+                format!(
+                    "pinned {}, this daemon's {} (another build, or another --max-pods or --max-connections)",
+                    shape(&pinned),
+                    shape(&ours)
+                ),
             ));
         }
     }

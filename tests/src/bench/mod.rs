@@ -41,6 +41,7 @@ use divert::{
     iptables::{self, Family},
     policy::Policy,
 };
+use divert_common::MapSizes;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
@@ -117,8 +118,10 @@ pub struct Settings {
     pub bulk_rounds: usize,
     /// Connections under eBPF with the kernel's run-time accounting on.
     pub profile_connections: usize,
-    /// Registered namespaces for the registration and memory figures.
-    pub namespaces: usize,
+    /// Node sizes (`--max-pods`) for the registration and memory figures:
+    /// maps sized for each, that many namespaces registered, and the
+    /// daemon's memory.
+    pub max_pods: Vec<u32>,
 }
 
 impl Settings {
@@ -133,7 +136,7 @@ impl Settings {
             bulk_bytes: 256 << 20,
             bulk_rounds: 3,
             profile_connections: 5_000,
-            namespaces: 10_000,
+            max_pods: vec![MapSizes::DEFAULT.max_pods, 1_000, MapSizes::PODS_RANGE.1],
         }
     }
 
@@ -149,7 +152,7 @@ impl Settings {
             bulk_bytes: 1 << 20,
             bulk_rounds: 1,
             profile_connections: 100,
-            namespaces: 200,
+            max_pods: vec![16],
         }
     }
 
@@ -165,7 +168,7 @@ impl Settings {
             bulk_bytes: 64 << 20,
             bulk_rounds: 2,
             profile_connections: 2_000,
-            namespaces: 10_000,
+            max_pods: vec![MapSizes::DEFAULT.max_pods, MapSizes::PODS_RANGE.1],
         }
     }
 }
@@ -219,7 +222,8 @@ pub struct Run {
     pub machine: Machine,
     pub settings: Settings,
     pub rows: Vec<Row>,
-    pub registry: registry::Figures,
+    /// One per node size ([`Settings::max_pods`]).
+    pub registry: Vec<registry::Figures>,
     /// Inbound and DNS capture ([`pod`]); empty in runs from before them.
     #[serde(default)]
     pub pod: Vec<pod::PodRow>,

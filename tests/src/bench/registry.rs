@@ -1,8 +1,14 @@
-//! Registration latency, map memory and process RSS with many registered
-//! namespaces, measured in a process of its own (`divert-bench registry`)
-//! that holds one loaded [`Interceptor`] and nothing else, the way the node
-//! daemon will. Nothing is attached: only the maps are written, under
-//! made-up netns cookies (no namespace connects through them).
+//! Registration latency, map memory and process RSS for a node of
+//! `max_pods` pods, every one registered, measured in a process of its own
+//! (`divert-bench registry`) that holds one [`Interceptor`] loaded with the
+//! maps sized for that node ([`MapSizes`]) and nothing else. Nothing is
+//! attached: only the maps are written, under made-up netns cookies (no
+//! namespace connects through them).
+//!
+//! Then the node daemon itself ([`daemon_memory`]): `divert daemon
+//! --max-pods N` started in a memory cgroup of its own, whose usage is what
+//! a container's request and limit are held to (the kernel charges a map
+//! to the memory cgroup of the process that creates it, Linux 5.11+).
 
 use std::{
     fs,
@@ -13,6 +19,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use divert::ebpf::{map_memory, Interceptor, MapMemory};
+use divert_common::MapSizes;
 use serde::{Deserialize, Serialize};
 
 use crate::goldens::policy_for;
@@ -32,6 +39,10 @@ pub fn policy_flags() -> Vec<String> {
 /// What [`measure`] found.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Figures {
+    /// The node's size: the maps are sized for it, and this many
+    /// namespaces are registered.
+    pub max_pods: u32,
+    pub max_connections: u32,
     pub namespaces: usize,
     pub policy_flags: String,
     /// One `Interceptor::register` (all map writes of one policy), µs.
@@ -49,6 +60,21 @@ pub struct Figures {
     pub maps_registered_bytes: u64,
     /// Per map, with every namespace registered.
     pub maps: Vec<MapFigure>,
+    /// `divert daemon --max-pods max_pods` in a memory cgroup of its own.
+    #[serde(default)]
+    pub daemon: Option<DaemonMemory>,
+}
+
+/// The node daemon's memory, as its container's cgroup sees it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DaemonMemory {
+    /// The cgroup's usage, bytes: the process's memory and the kernel
+    /// memory charged to it, its maps included.
+    pub cgroup_bytes: u64,
+    /// VmRSS of the daemon, KiB.
+    pub rss_kib: u64,
+    /// fdinfo `memlock` of its maps, bytes.
+    pub maps_bytes: u64,
 }
 
 /// One map's memory with every namespace registered.
@@ -80,13 +106,19 @@ fn pod_ip(i: usize) -> IpAddr {
     ))
 }
 
-/// Register `namespaces` policies in a fresh instance (this process) and
-/// report. Cookies are made up (`1 << 62 | i`), far above any real one.
-pub fn measure(namespaces: usize) -> Result<Figures> {
+/// Load the maps sized for `max_pods` pods in a fresh instance (this
+/// process), register that many policies and report. Cookies are made up
+/// (`1 << 62 | i`), far above any real one.
+pub fn measure(max_pods: u32) -> Result<Figures> {
+    let sizes = MapSizes {
+        max_pods,
+        ..MapSizes::DEFAULT
+    };
+    let namespaces = max_pods as usize;
     let flags = policy_flags();
     let base = policy_for(&flags)?;
     let rss_start_kib = rss_kib()?;
-    let mut interceptor = Interceptor::load()?;
+    let mut interceptor = Interceptor::load_sized(sizes)?;
     let rss_loaded_kib = rss_kib()?;
     let loaded = map_memory()?;
     let mut register = Vec::with_capacity(namespaces);
@@ -130,6 +162,8 @@ pub fn measure(namespaces: usize) -> Result<Figures> {
         })
         .collect();
     Ok(Figures {
+        max_pods,
+        max_connections: sizes.max_connections,
         namespaces,
         policy_flags: flags.join(" "),
         register_p50_us: us(&register, 0.50),
@@ -141,14 +175,15 @@ pub fn measure(namespaces: usize) -> Result<Figures> {
         maps_loaded_bytes: total(&loaded),
         maps_registered_bytes: total(&registered),
         maps,
+        daemon: None,
     })
 }
 
 /// Run [`measure`] in a fresh `divert-bench registry` process and read its
 /// figures from its stdout (so the RSS is of a process that did only this).
-pub fn measure_in_child(namespaces: usize) -> Result<Figures> {
+pub fn measure_in_child(max_pods: u32) -> Result<Figures> {
     let out = Command::new(super::bench_exe()?)
-        .args(["registry", "--namespaces", &namespaces.to_string()])
+        .args(["registry", "--max-pods", &max_pods.to_string()])
         .output()
         .context("spawning divert-bench registry")?;
     if !out.status.success() {
@@ -158,4 +193,137 @@ pub fn measure_in_child(namespaces: usize) -> Result<Figures> {
         );
     }
     serde_json::from_slice(&out.stdout).context("reading divert-bench registry's figures")
+}
+
+/// Start `divert daemon --max-pods max_pods` (the binary beside this one)
+/// in a memory cgroup of its own — cgroup v1's memory controller where it
+/// is mounted, else a cgroup v2 child with `memory` — attached at a child
+/// cgroup made for it, pins under a bpffs of its own; once it serves,
+/// read the cgroup's usage, its RSS and its maps' memory; then stop it and
+/// remove everything.
+pub fn daemon_memory(max_pods: u32) -> Result<DaemonMemory> {
+    use std::os::unix::process::CommandExt;
+    let tag = format!("divert-bench-daemon-{}", std::process::id());
+    let memcg = MemoryCgroup::create(&tag)?;
+    let cg2 = divert::cgroup::cgroup2_mount()?;
+    let root = crate::Cgroup::create(cg2.join(&tag))?;
+    let dir = tempfile::Builder::new()
+        .prefix("divert-bench-daemon-")
+        .tempdir()?;
+    let bpffs = dir.path().join("bpf");
+    let log = dir.path().join("daemon.log");
+    let exe = crate::sibling_bin("divert");
+    let procs = fs::OpenOptions::new().write(true).open(memcg.procs())?;
+    let procs_fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
+    let mut cmd = Command::new(&exe);
+    cmd.arg("daemon")
+        .arg("--cgroup-root")
+        .arg(&root.path)
+        .arg("--bpffs-dir")
+        .arg(&bpffs)
+        .arg("--socket")
+        .arg(dir.path().join("divert.sock"))
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--max-pods",
+            &max_pods.to_string(),
+        ])
+        .stderr(fs::File::create(&log)?);
+    // SAFETY: one write(2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut daemon = crate::Daemon::spawn("divert daemon", cmd)?;
+    let ready = crate::wait_for_line(&log, "metrics on", std::time::Duration::from_secs(30));
+    let measured = ready.and_then(|_| {
+        // Let start-up allocations settle.
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let pid = daemon.child.id();
+        let rss_kib = fs::read_to_string(format!("/proc/{pid}/status"))?
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS")?;
+        // Holding the pinned maps open, this process sees their memory
+        // (it holds no other maps here).
+        let _maps = divert::ebpf::pinned::open_maps(&bpffs)?;
+        let maps_bytes = map_memory()?.iter().map(|m| m.memlock_bytes).sum();
+        Ok(DaemonMemory {
+            cgroup_bytes: memcg.usage()?,
+            rss_kib,
+            maps_bytes,
+        })
+    });
+    let _ = daemon.child.kill();
+    let _ = daemon.child.wait();
+    drop(daemon);
+    let _ = divert::ebpf::pinned::uninstall(&bpffs);
+    let _ = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
+    measured.with_context(|| fs::read_to_string(&log).unwrap_or_default())
+}
+
+/// A memory cgroup of the bench's own, removed on drop.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+    v1: bool,
+}
+
+impl MemoryCgroup {
+    fn create(name: &str) -> Result<MemoryCgroup> {
+        let mounts = fs::read_to_string("/proc/self/mounts")?;
+        let v1 = mounts.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 3 && f[2] == "cgroup" && f[3].split(',').any(|o| o == "memory"))
+                .then(|| std::path::PathBuf::from(f[1]))
+        });
+        let (dir, v1) = match v1 {
+            Some(m) => (m.join(name), true),
+            None => {
+                let cg2 = divert::cgroup::cgroup2_mount()?;
+                let controllers = fs::read_to_string(cg2.join("cgroup.subtree_control"))?;
+                if !controllers.split_whitespace().any(|c| c == "memory") {
+                    bail!("no memory controller: neither a cgroup v1 memory hierarchy nor memory in the cgroup v2 root's subtree_control");
+                }
+                (cg2.join(name), false)
+            }
+        };
+        let _ = fs::remove_dir(&dir);
+        fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        Ok(MemoryCgroup { dir, v1 })
+    }
+
+    fn procs(&self) -> std::path::PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    /// Bytes charged to the cgroup now.
+    fn usage(&self) -> Result<u64> {
+        let file = if self.v1 {
+            "memory.usage_in_bytes"
+        } else {
+            "memory.current"
+        };
+        let text = fs::read_to_string(self.dir.join(file))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("{file}: {text}"))
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // The daemon is gone; its charges move to the parent on removal.
+        for _ in 0..50 {
+            if fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }

@@ -224,29 +224,42 @@ pub fn text(run: &Run) -> String {
             );
         }
     }
-    let g = &run.registry;
-    let _ = writeln!(
-        s,
-        "\nregistration, {} namespaces (flags: {}):\n  register p50 {:.1} µs, p99 {:.1} µs; unregister p50 {:.1} µs\n  \
-         map memory {:.1} MiB loaded, {:.1} MiB with {} namespaces; RSS {:.1} MiB loaded, {:.1} MiB with {} namespaces",
-        grouped(g.namespaces),
-        g.policy_flags,
-        g.register_p50_us,
-        g.register_p99_us,
-        g.unregister_p50_us,
-        g.maps_loaded_bytes as f64 / (1 << 20) as f64,
-        g.maps_registered_bytes as f64 / (1 << 20) as f64,
-        grouped(g.namespaces),
-        g.rss_loaded_kib as f64 / 1024.0,
-        g.rss_registered_kib as f64 / 1024.0,
-        grouped(g.namespaces),
-    );
-    for m in &g.maps {
+    for g in &run.registry {
         let _ = writeln!(
             s,
-            "    {:<16} {:>8} entries max  {:>10} B loaded  {:>10} B registered",
-            m.name, m.max_entries, m.loaded_bytes, m.registered_bytes
+            "\na node of {} pods (--max-pods {}, --max-connections {}; flags: {}):\n  register p50 {:.1} µs, p99 {:.1} µs; unregister p50 {:.1} µs\n  \
+             map memory {:.1} MiB loaded, {:.1} MiB with {} namespaces; RSS {:.1} MiB loaded, {:.1} MiB with {} namespaces",
+            grouped(g.namespaces),
+            g.max_pods,
+            g.max_connections,
+            g.policy_flags,
+            g.register_p50_us,
+            g.register_p99_us,
+            g.unregister_p50_us,
+            g.maps_loaded_bytes as f64 / (1 << 20) as f64,
+            g.maps_registered_bytes as f64 / (1 << 20) as f64,
+            grouped(g.namespaces),
+            g.rss_loaded_kib as f64 / 1024.0,
+            g.rss_registered_kib as f64 / 1024.0,
+            grouped(g.namespaces),
         );
+        if let Some(d) = &g.daemon {
+            let _ = writeln!(
+                s,
+                "  divert daemon --max-pods {}: its memory cgroup {:.1} MiB (maps {:.1} MiB, RSS {:.1} MiB)",
+                g.max_pods,
+                d.cgroup_bytes as f64 / (1 << 20) as f64,
+                d.maps_bytes as f64 / (1 << 20) as f64,
+                d.rss_kib as f64 / 1024.0,
+            );
+        }
+        for m in &g.maps {
+            let _ = writeln!(
+                s,
+                "    {:<16} {:>8} entries max  {:>10} B loaded  {:>10} B registered",
+                m.name, m.max_entries, m.loaded_bytes, m.registered_bytes
+            );
+        }
     }
     s
 }

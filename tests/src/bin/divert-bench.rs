@@ -59,7 +59,7 @@ enum Role {
     #[command(hide = true)]
     Registry {
         #[arg(long)]
-        namespaces: usize,
+        max_pods: u32,
     },
 }
 
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         Some(Role::Proxy { addr, cpu }) => pin(cpu).and_then(|()| Ok(peer::proxy(addr)?)),
         Some(Role::DnsProxy { addr, cpu }) => pin(cpu).and_then(|()| Ok(peer::dns_proxy(addr)?)),
         Some(Role::Client { cpu }) => pin(cpu).and_then(|()| Ok(peer::client()?)),
-        Some(Role::Registry { namespaces }) => registry::measure(namespaces).and_then(|f| {
+        Some(Role::Registry { max_pods }) => registry::measure(max_pods).and_then(|f| {
             println!("{}", serde_json::to_string(&f)?);
             Ok(())
         }),
@@ -107,11 +107,13 @@ fn orchestrate(quick: bool, out: &PathBuf) -> Result<()> {
     let machine = bench::machine()?;
     let rows = bench::measure(&settings)?;
     let pod = bench::pod::measure(&settings)?;
-    eprintln!(
-        "divert-bench: registering {} namespaces",
-        settings.namespaces
-    );
-    let registry = registry::measure_in_child(settings.namespaces)?;
+    let mut registry = Vec::new();
+    for &max_pods in &settings.max_pods {
+        eprintln!("divert-bench: a node of {max_pods} pods: registering them; the daemon's memory");
+        let mut f = registry::measure_in_child(max_pods)?;
+        f.daemon = Some(registry::daemon_memory(max_pods)?);
+        registry.push(f);
+    }
     let run = Run {
         machine,
         settings,
