@@ -4,7 +4,8 @@
 //! injector's `istio-iptables` dry run, and the node daemon run as the
 //! DaemonSet runs it — its securityContext (capabilities, read-only root,
 //! no privilege escalation, the runtime's default seccomp profile), host
-//! PID namespace, the lab's "node" namespace as its host network, and its
+//! PID namespace, its memory limit, the lab's "node" namespace as its host
+//! network, and its
 //! volumes mapped to the test's own bpffs, cgroup, socket and CNI
 //! directories. The daemon attaches, takes a registration, captures
 //! outbound and inbound (adopting a proxy listening as UID 1337, as
@@ -18,7 +19,7 @@ use std::{
 
 use divert_tests::{
     fake_api::{kubeconfig, FakeApi},
-    node::{http_get, text, Setup},
+    node::{text, Setup},
     podman::Podman,
     require_root, INJECTOR,
 };
@@ -188,6 +189,20 @@ fn the_image_runs_offline_and_the_daemon_with_the_daemonsets_privileges() {
         Some("RuntimeDefault")
     );
     cmd.args(["--user", &sc.run_as_user.unwrap().to_string()]);
+    // The memory limit the manifest sets (Mi): the daemon's maps are
+    // charged to its cgroup, so it must start within it.
+    let limit = c
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("memory"))
+        .map(|q| q.0.clone())
+        .expect("a memory limit");
+    let mib: u64 = limit
+        .strip_suffix("Mi")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("memory limit {limit}: give the test its Mi"));
+    cmd.args(["--memory", &format!("{}", mib << 20)]);
     let volumes = spec.volumes.clone().unwrap();
     for m in c.volume_mounts.iter().flatten() {
         let v = volumes.iter().find(|v| v.name == m.name).unwrap();
@@ -211,16 +226,36 @@ fn the_image_runs_offline_and_the_daemon_with_the_daemonsets_privileges() {
     ));
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "podman run: {}", text(&out.stderr));
-    let logs = || text(&podman.run(&["logs", "divert"]).unwrap().stderr);
+    let logs = || {
+        let state = podman
+            .run(&[
+                "inspect",
+                "--format",
+                "status {{.State.Status}}, OOM-killed {{.State.OOMKilled}}, exit {{.State.ExitCode}}",
+                "divert",
+            ])
+            .unwrap();
+        format!(
+            "{}; its log: {}",
+            text(&state.stdout).trim(),
+            text(&podman.run(&["logs", "divert"]).unwrap().stderr)
+        )
+    };
 
     let metrics: SocketAddr = "127.0.0.1:15016".parse().unwrap();
+    // The status of /healthz/ready, None while nothing answers (or the
+    // daemon died answering).
     let ready = || {
         s.lab
             .peer
-            .enter(move || {
-                std::net::TcpStream::connect(metrics)
-                    .ok()
-                    .map(|_| http_get(metrics, "/healthz/ready").0)
+            .enter(move || -> Option<u16> {
+                use std::io::{Read, Write};
+                let mut c = std::net::TcpStream::connect(metrics).ok()?;
+                c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+                write!(c, "GET /healthz/ready HTTP/1.0\r\n\r\n").ok()?;
+                let mut all = String::new();
+                c.read_to_string(&mut all).ok()?;
+                all.split_whitespace().nth(1)?.parse().ok()
             })
             .unwrap()
     };

@@ -6,8 +6,7 @@
 //!
 //! * `divert_connections_total{namespace, pod, netns_cookie, destination,
 //!   port, verdict}`: connects per destination and verdict (`redirected`,
-//!   `inbound_capture`, `passthrough`), from the kernel's per-CPU
-//!   `COUNTERS`. `namespace` and `pod` are empty until the
+//!   `inbound_capture`, `passthrough`), from the kernel's `COUNTERS`. `namespace` and `pod` are empty until the
 //!   daemon knows the pod (Kubernetes).
 //! * `divert_sent_bytes_total` and `divert_received_bytes_total`, same
 //!   labels: payload bytes of those connections, each direction, added when
