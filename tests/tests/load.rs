@@ -38,7 +38,8 @@ fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R>
 fn a_thousand_namespaces_and_ten_thousand_connections_counted_exactly() {
     require_root!();
     let s = Setup::start();
-    let _daemon = s.daemon();
+    // A node of that many pods (the default, 110, would refuse the 111th).
+    let _daemon = s.daemon_with(&["--max-pods", &NAMESPACES.to_string()]);
     let sock = s.socket.to_str().unwrap().to_string();
     let indices: Vec<usize> = (0..NAMESPACES).collect();
     let namespaces: Vec<Netns> = parallel(&indices, |i| {
