@@ -260,6 +260,11 @@ fn a_deleted_namespace_loses_its_policy_and_the_others_keep_theirs() {
     assert_eq!(registered(), vec![client]);
     assert!(!link.exists(), "the gone namespace's link pin stayed");
     s.assert_redirected("after the sweep");
+    let (_, body) = s.http_get("/metrics");
+    assert!(
+        body.contains("divert_gc_removed_namespaces_total 1"),
+        "{body}"
+    );
 }
 
 #[test]
@@ -303,6 +308,14 @@ fn the_maps_are_sized_for_the_node_and_a_full_one_fails_the_registration() {
     // and nothing of the policy is left in the maps.
     let (client, _) = s.lab.client_identity().unwrap();
     assert!(!maps.registered_cookies().unwrap().contains(&client));
+    // And visible to the operator.
+    let (_, body) = s.http_get("/metrics");
+    for series in [
+        r#"divert_map_full_total{map="POLICIES"} 1"#,
+        r#"divert_registration_errors_total{reason="map_full"} 1"#,
+    ] {
+        assert!(body.contains(series), "{series}: {body}");
+    }
 
     // Pinned maps of other sizes are not taken over: the restart is
     // refused, naming the map and the flags.
@@ -450,7 +463,6 @@ fn metrics_count_every_connection_per_destination_with_bounded_series() {
     let _daemon = s.daemon_with(&["--metrics-top", "2"]);
     assert_eq!(s.http_get("/healthz/ready").0, 200);
     assert!(s.init(INJECTOR).status.success());
-    let (cookie, _) = s.lab.client_identity().unwrap();
     // Three destinations, known counts: two get series of their own, the
     // third is folded into "other".
     let peer = s.lab.v4(2);
@@ -468,8 +480,11 @@ fn metrics_count_every_connection_per_destination_with_bounded_series() {
             .find(|l| l.starts_with("divert_connections_total{") && l.contains(labels))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
     };
+    // No pod identity without the pod watch: "unknown", as Istio writes it.
     let series = |dst: &str, port: &str| {
-        format!(r#"netns_cookie="{cookie}",destination="{dst}",port="{port}",verdict="redirected""#)
+        format!(
+            r#"source_workload_namespace="unknown",source_pod="unknown",destination="{dst}",port="{port}",verdict="redirected""#
+        )
     };
     let p = peer.to_string();
     let own80 = value(&series(&p, "80"));

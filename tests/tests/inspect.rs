@@ -328,7 +328,8 @@ fn stats_and_metrics_count_exact_connections_and_bytes() {
     for (&dst, &n) in &want_n {
         let verdict = verdict_of(dst);
         let labels = [
-            format!("netns_cookie=\"{cookie}\""),
+            // Registered by init, no pod watch: the pod is unknown.
+            "source_workload_namespace=\"unknown\",source_pod=\"unknown\"".to_string(),
             format!("destination=\"{}\"", dst.ip()),
             format!("port=\"{}\"", dst.port()),
             format!("verdict=\"{verdict}\""),

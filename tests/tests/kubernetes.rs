@@ -76,7 +76,7 @@ fn pods_are_registered_from_their_annotations_live() {
     assert!(redirected(15020));
     let (_, metrics) = s.http_get("/metrics");
     assert!(
-        metrics.contains(r#"namespace="shop",pod="cart-1""#),
+        metrics.contains(r#"source_workload_namespace="shop",source_pod="cart-1""#),
         "{metrics}"
     );
     // The watch recorded the pod and itself as the registrar in the pinned

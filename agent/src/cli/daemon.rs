@@ -345,11 +345,12 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
             cgroup_root.display()
         ),
     }
-    let registry = Arc::new(Registry::new(interceptor, &args.bpffs_dir)?);
+    let health = daemon::metrics::Health::default();
+    let registry = Arc::new(Registry::new(interceptor, &args.bpffs_dir, health.clone())?);
     let ready = endpoint.readiness();
     let interval = std::time::Duration::from_secs_f64(args.gc_interval);
     let bound = http.local_addr()?;
-    let metrics = Arc::new(daemon::metrics::Metrics::new(args.metrics_top));
+    let metrics = Arc::new(daemon::metrics::Metrics::new(args.metrics_top, &health));
     let unregistered = metrics.unregistered_pods();
     // A read-only handle of the metrics' own: scrapes never wait for, or
     // hold up, a registration.

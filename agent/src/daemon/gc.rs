@@ -98,6 +98,7 @@ impl Registry {
             // Removes the pod identity and inbound capture with the policy.
             let removed_now = self.forget(c)?;
             if removed_now {
+                self.health().gc_removed.inc();
                 tracing::info!(netns_cookie = c, "namespace gone: policy removed");
                 removed.push(c);
             }

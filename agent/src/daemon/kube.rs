@@ -109,6 +109,7 @@ impl Watch {
             Ok(p) => p,
             Err(bad) => {
                 self.applied.pending.remove(&uid);
+                self.registry.health().error("invalid");
                 tracing::warn!(pod = %who, annotation = %bad.annotation, value = %bad.value, error = %bad.reason, "bad annotation: the pod keeps what it had");
                 self.post_warning(
                     &pod,

@@ -82,16 +82,29 @@ pub struct Registry {
     interceptor: Mutex<Maps>,
     bpffs_dir: std::path::PathBuf,
     host_netns: u64,
+    health: metrics::Health,
 }
 
 impl Registry {
-    /// The service over `interceptor`'s maps, pinned under `bpffs_dir`.
-    pub fn new(interceptor: Maps, bpffs_dir: &std::path::Path) -> anyhow::Result<Registry> {
+    /// The service over `interceptor`'s maps, pinned under `bpffs_dir`;
+    /// failed registrations and collected namespaces are counted in
+    /// `health`.
+    pub fn new(
+        interceptor: Maps,
+        bpffs_dir: &std::path::Path,
+        health: metrics::Health,
+    ) -> anyhow::Result<Registry> {
         Ok(Registry {
             interceptor: Mutex::new(interceptor),
             bpffs_dir: bpffs_dir.to_path_buf(),
             host_netns: netns::current_cookie().context("the daemon's own netns cookie")?,
+            health,
         })
+    }
+
+    /// What this registry counts.
+    pub fn health(&self) -> &metrics::Health {
+        &self.health
     }
 
     /// Inbound capture for a namespace whose policy is registered: with
@@ -189,10 +202,14 @@ impl Registry {
         by: RegisteredBy,
     ) -> anyhow::Result<()> {
         let capture_port = (!policy.inbound_ports.is_none()).then_some(policy.inbound_capture_port);
-        self.register_namespace(peer.netns_cookie, policy, &peer.local_addrs, by)?;
+        if let Err(e) = self.register_namespace(peer.netns_cookie, policy, &peer.local_addrs, by) {
+            self.health.registration_failed(&e);
+            return Err(e);
+        }
         let ns = std::path::PathBuf::from(format!("/proc/{}/ns/net", peer.pid));
         if let Err(e) = self.inbound(peer.netns_cookie, &ns, capture_port) {
             let _ = self.forget(peer.netns_cookie);
+            self.health.registration_failed(&e);
             return Err(e.context("attaching inbound capture; the policy was removed again"));
         }
         Ok(())
@@ -237,12 +254,14 @@ impl Registry {
     fn decide(&self, peer: &Peer, req: Request) -> anyhow::Result<bool> {
         {
             if req.version != VERSION {
+                self.health.error("refused");
                 anyhow::bail!(
                     "protocol version {} is not spoken here (this daemon speaks {VERSION})",
                     req.version
                 );
             }
             if peer.netns_cookie == self.host_netns {
+                self.health.error("refused");
                 anyhow::bail!(
                     "pid {} is in the node's own network namespace (cookie {}); only pod namespaces can be registered",
                     peer.pid,
@@ -251,7 +270,10 @@ impl Registry {
             }
             match req.op {
                 Op::Register { policy } => {
-                    policy.validate(&|field| Source::Request(field.to_string()))?;
+                    if let Err(e) = policy.validate(&|field| Source::Request(field.to_string())) {
+                        self.health.error("invalid");
+                        return Err(e.into());
+                    }
                     self.register_peer(peer, *policy, RegisteredBy::Init)?;
                     tracing::info!(
                         pid = peer.pid,
