@@ -93,18 +93,9 @@ impl Setup {
             .dir
             .path()
             .join(format!("daemon-{}.log", self.starts.get()));
-        let mut cmd = Command::new(divert_bin());
-        cmd.arg("daemon")
-            .args(["--gc-interval", "0.5", "--metrics-addr", "127.0.0.1:0"])
-            .args(extra)
-            .envs(env.iter().copied())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .arg("--cgroup-root")
-            .arg(&self.lab.root.path)
-            .arg("--bpffs-dir")
-            .arg(self.bpffs.path())
-            .arg("--socket")
-            .arg(&self.socket);
+        let mut cmd = self.daemon_command(extra);
+        cmd.envs(env.iter().copied())
+            .stderr(std::fs::File::create(&log).unwrap());
         let mut d = Daemon::spawn("divert daemon", cmd).expect("spawn the daemon");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -127,6 +118,12 @@ impl Setup {
             thread::sleep(Duration::from_millis(20));
         }
         d
+    }
+
+    /// `divert daemon` for this setup (its cgroup root, bpffs and socket)
+    /// with `extra` flags, not started: see [`daemon_command`].
+    pub fn daemon_command(&self, extra: &[&str]) -> Command {
+        daemon_command(&self.lab, &self.bpffs, &self.socket, extra)
     }
 
     /// Where the last started daemon serves its HTTP endpoint.
@@ -202,6 +199,34 @@ impl Setup {
             "{when}: {counts:?}"
         );
     }
+}
+
+/// `divert daemon` at `lab`'s cgroup root (unless `extra` names
+/// `--cgroup-root`), pins under `bpffs`, serving `socket`, sweeping every
+/// 0.5 s and serving metrics on a free loopback port (unless `extra` sets
+/// those), with `extra` flags; not started.
+pub fn daemon_command(
+    lab: &Lab,
+    bpffs: &Bpffs,
+    socket: &std::path::Path,
+    extra: &[&str],
+) -> Command {
+    let mut cmd = Command::new(divert_bin());
+    cmd.arg("daemon");
+    for (flag, value) in [("--gc-interval", "0.5"), ("--metrics-addr", "127.0.0.1:0")] {
+        if !extra.contains(&flag) {
+            cmd.args([flag, value]);
+        }
+    }
+    if !extra.contains(&"--cgroup-root") {
+        cmd.arg("--cgroup-root").arg(&lab.root.path);
+    }
+    cmd.arg("--bpffs-dir")
+        .arg(bpffs.path())
+        .arg("--socket")
+        .arg(socket)
+        .args(extra);
+    cmd
 }
 
 /// `GET path` of the daemon's HTTP endpoint at `addr`: (status, body).

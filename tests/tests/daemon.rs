@@ -207,16 +207,7 @@ fn a_pinned_map_of_another_shape_is_reported_not_reused() {
         .output()
         .unwrap();
     assert!(out.status.success(), "bpftool: {}", text(&out.stderr));
-    let out = Command::new(divert_bin())
-        .arg("daemon")
-        .arg("--cgroup-root")
-        .arg(&s.lab.root.path)
-        .arg("--bpffs-dir")
-        .arg(s.bpffs.path())
-        .arg("--socket")
-        .arg(&s.socket)
-        .output()
-        .unwrap();
+    let out = s.daemon_command(&[]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert!(err.contains("the pinned map PORTS"), "{err}");
@@ -321,17 +312,7 @@ fn the_maps_are_sized_for_the_node_and_a_full_one_fails_the_registration() {
     // refused, naming the map and the flags.
     drop(daemon);
     let _ = std::fs::remove_file(&s.socket);
-    let out = Command::new(divert_bin())
-        .arg("daemon")
-        .arg("--cgroup-root")
-        .arg(&s.lab.root.path)
-        .arg("--bpffs-dir")
-        .arg(s.bpffs.path())
-        .arg("--socket")
-        .arg(&s.socket)
-        .args(["--metrics-addr", "127.0.0.1:0", "--max-pods", "8"])
-        .output()
-        .unwrap();
+    let out = s.daemon_command(&["--max-pods", "8"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(

@@ -22,22 +22,7 @@ use divert_tests::{
 
 /// The daemon's command line for `setup` with `extra` flags, not started.
 fn daemon_cmd(lab: &Lab, bpffs: &Bpffs, socket: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(divert_bin());
-    cmd.arg("daemon");
-    for (flag, value) in [("--gc-interval", "0.5"), ("--metrics-addr", "127.0.0.1:0")] {
-        if !extra.contains(&flag) {
-            cmd.args([flag, value]);
-        }
-    }
-    if !extra.contains(&"--cgroup-root") {
-        cmd.arg("--cgroup-root").arg(&lab.root.path);
-    }
-    cmd.arg("--bpffs-dir")
-        .arg(bpffs.path())
-        .arg("--socket")
-        .arg(socket)
-        .args(extra);
-    cmd
+    divert_tests::node::daemon_command(lab, bpffs, socket, extra)
 }
 
 fn on_bpffs(p: &Path) -> bool {
