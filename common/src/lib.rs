@@ -458,6 +458,8 @@ pub enum RegisteredBy {
     Kubernetes = 2,
     /// `divert run`, for the namespace it runs in.
     Run = 3,
+    /// `divert-cni`, the chained CNI plugin, through the daemon's socket.
+    Cni = 4,
 }
 
 impl RegisteredBy {
@@ -467,17 +469,20 @@ impl RegisteredBy {
             1 => RegisteredBy::Init,
             2 => RegisteredBy::Kubernetes,
             3 => RegisteredBy::Run,
+            4 => RegisteredBy::Cni,
             _ => RegisteredBy::Unknown,
         }
     }
 
-    /// The name `divert maps` prints (`init`, `kubernetes`, `run`, `unknown`).
+    /// The name `divert maps` prints (`init`, `kubernetes`, `run`, `cni`,
+    /// `unknown`).
     pub const fn name(self) -> &'static str {
         match self {
             RegisteredBy::Unknown => "unknown",
             RegisteredBy::Init => "init",
             RegisteredBy::Kubernetes => "kubernetes",
             RegisteredBy::Run => "run",
+            RegisteredBy::Cni => "cni",
         }
     }
 }

@@ -238,6 +238,8 @@ fn the_cni_plugin_registers_meshed_pods_before_they_start_and_nothing_else() {
     assert_eq!(code, Some(0), "{v}");
     assert!(passed_through(&v), "{v}");
     assert!(registered());
+    let rows = registrations(&s);
+    assert_eq!(rows[0]["source"], "cni", "{rows:#?}");
     assert_eq!(dial(), expected(Action::Redirect(15001), dst, false));
     // istio-cni's policy: inbound capture of every port but 15020, 15021,
     // 15090 (the proxy listens on 15006 in the lab).
@@ -516,6 +518,7 @@ fn a_real_container_runtime_runs_the_plugin_in_its_chain() {
     let rows = registrations(&s);
     assert_eq!(rows.len(), 1, "{rows:#?}");
     assert_eq!(rows[0]["exclude_ports"], json!([15020]), "{rows:#?}");
+    assert_eq!(rows[0]["source"], "cni", "{rows:#?}");
 
     // A pod without a sidecar, and a container that is not a pod: passed
     // through, nothing registered.

@@ -335,6 +335,7 @@ fn add(conf: &Config, ns: &str, name: &str) -> Result<(), CniError> {
         conf,
         Op::Register {
             policy: Box::new(policy),
+            registrar: Some(proto::Registrar::Cni),
         },
     )?
     .ok_or_else(|| {

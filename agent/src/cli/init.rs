@@ -396,6 +396,7 @@ fn ebpf(args: &InitArgs, policy: &Policy) -> anyhow::Result<()> {
             .resolved()
             .map_err(|e| anyhow::anyhow!("ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]: {e}"))?;
         Op::Register {
+            registrar: None,
             policy: Box::new(Policy {
                 owner_groups,
                 ..policy.clone()

@@ -29,7 +29,8 @@ pub struct PolicyRow {
     pub netns_cookie: u64,
     /// The pod, when the daemon's pod watch recorded it; else null.
     pub pod: Option<PodRef>,
-    /// Who registered the policy: `init`, `kubernetes`, `run` or `unknown`.
+    /// Who registered the policy: `init`, `cni`, `kubernetes`, `run` or
+    /// `unknown`.
     pub source: &'static str,
     /// When the policy was last written, RFC 3339 UTC; null if not recorded.
     pub registered_at: Option<String>,

@@ -269,12 +269,12 @@ impl Registry {
                 );
             }
             match req.op {
-                Op::Register { policy } => {
+                Op::Register { policy, registrar } => {
                     if let Err(e) = policy.validate(&|field| Source::Request(field.to_string())) {
                         self.health.error("invalid");
                         return Err(e.into());
                     }
-                    self.register_peer(peer, *policy, RegisteredBy::Init)?;
+                    self.register_peer(peer, *policy, proto::Registrar::registered_by(registrar))?;
                     tracing::info!(
                         pid = peer.pid,
                         netns_cookie = peer.netns_cookie,

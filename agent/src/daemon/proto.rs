@@ -57,11 +57,38 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     /// Register (or replace) the caller's namespace's policy.
-    Register { policy: Box<Policy> },
+    Register {
+        policy: Box<Policy>,
+        /// Who asks, as `divert maps` shows it: `divert init` when absent
+        /// (what every `divert init` sends), `cni` from `divert-cni`. A
+        /// label only: it changes nothing of what the daemon does.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        registrar: Option<Registrar>,
+    },
     /// Remove the caller's namespace's policy.
     Unregister,
     /// Whether the caller's namespace is registered.
     Status,
+}
+
+/// Who sends a registration ([`Op::Register`]'s `registrar`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Registrar {
+    /// `divert init` (or `divert istio-iptables`) in the pod.
+    Init,
+    /// `divert-cni`, for the pod's sandbox.
+    Cni,
+}
+
+impl Registrar {
+    /// How the registration is recorded.
+    pub fn registered_by(registrar: Option<Registrar>) -> crate::ebpf::RegisteredBy {
+        match registrar {
+            None | Some(Registrar::Init) => crate::ebpf::RegisteredBy::Init,
+            Some(Registrar::Cni) => crate::ebpf::RegisteredBy::Cni,
+        }
+    }
 }
 
 /// One request line.
@@ -82,12 +109,15 @@ impl Request {
         let v: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(line).map_err(|e| described(&e))?;
         if v.keys()
-            .any(|k| !["version", "op", "policy"].contains(&k.as_str()))
+            .any(|k| !["version", "op", "policy", "registrar"].contains(&k.as_str()))
         {
             return Err(
-                "a field that is not part of the protocol (only version, op and policy are; the daemon identifies the caller itself)"
+                "a field that is not part of the protocol (only version, op, policy and registrar are; the daemon identifies the caller itself)"
                     .into(),
             );
+        }
+        if v.contains_key("registrar") && v.get("op") != Some(&"register".into()) {
+            return Err("registrar belongs to a registration only".into());
         }
         serde_json::from_value(serde_json::Value::Object(v)).map_err(|e| {
             format!(
@@ -202,6 +232,7 @@ mod tests {
             version: VERSION,
             op: Op::Register {
                 policy: Box::default(),
+                registrar: None,
             },
         };
         let text = serde_json::to_string(&r).unwrap();
@@ -209,7 +240,24 @@ mod tests {
             text.starts_with(r#"{"version":2,"op":"register","policy":{"#),
             "{text}"
         );
+        assert!(!text.contains("registrar"), "{text}");
         assert_eq!(Request::parse(&text).unwrap(), r);
+        // divert-cni says who it is; an unknown registrar is refused.
+        let cni = Request {
+            version: VERSION,
+            op: Op::Register {
+                policy: Box::default(),
+                registrar: Some(Registrar::Cni),
+            },
+        };
+        let text = serde_json::to_string(&cni).unwrap();
+        assert!(text.contains(r#""registrar":"cni""#), "{text}");
+        assert_eq!(Request::parse(&text).unwrap(), cni);
+        assert!(Request::parse(&text.replace("\"cni\"", "\"kubelet\"")).is_err());
+        assert!(
+            Request::parse(r#"{"version":2,"op":"status","registrar":"cni"}"#).is_err(),
+            "a registrar on another op"
+        );
         let status = Request::parse(r#"{"version":2,"op":"status"}"#).unwrap();
         assert_eq!(status.op, Op::Status);
     }
@@ -307,9 +355,9 @@ mod tests {
         #[test]
         fn command_line_policies_are_valid_requests(p in cli_policy()) {
             prop_assert!(p.validate(&request_origin).is_ok());
-            let line = serde_json::to_string(&Request { version: VERSION, op: Op::Register { policy: Box::new(p.clone()) } }).unwrap();
+            let line = serde_json::to_string(&Request { version: VERSION, op: Op::Register { policy: Box::new(p.clone()), registrar: None } }).unwrap();
             let back = Request::parse(&line).unwrap();
-            prop_assert_eq!(back.op, Op::Register { policy: Box::new(p) });
+            prop_assert_eq!(back.op, Op::Register { policy: Box::new(p), registrar: None });
         }
 
         /// Random and mutated request lines never panic the parser or the
@@ -322,13 +370,13 @@ mod tests {
             cuts in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
             junk in ".{0,40}",
         ) {
-            let mut line = serde_json::to_string(&Request { version: VERSION, op: Op::Register { policy: Box::new(p) } }).unwrap().into_bytes();
+            let mut line = serde_json::to_string(&Request { version: VERSION, op: Op::Register { policy: Box::new(p), registrar: None } }).unwrap().into_bytes();
             for (at, byte) in cuts {
                 let i = at.index(line.len());
                 line[i] = byte;
             }
             for text in [String::from_utf8_lossy(&line).into_owned(), junk] {
-                if let Ok(Request { op: Op::Register { policy }, .. }) = Request::parse(&text) {
+                if let Ok(Request { op: Op::Register { policy, .. }, .. }) = Request::parse(&text) {
                     if policy.validate(&request_origin).is_ok() {
                         let again = PolicyArgs::of(&policy).to_policy_from(&request_origin).unwrap();
                         prop_assert_eq!(&again, policy.as_ref());
