@@ -15,7 +15,8 @@ use divert::{
 /// without IPv6). A case with DNS capture names its nameservers
 /// (`nameservers: 127.0.0.53 ::127.0.0.53`, possibly none): they are written
 /// to a resolv.conf of the case's own, and `--resolv-conf` with its path is
-/// added to the flags.
+/// added to the flags; the file is removed when the last golden of its
+/// load is dropped.
 pub struct Golden {
     pub name: String,
     pub flags: Vec<String>,
@@ -28,6 +29,8 @@ pub struct Golden {
     /// The `nft -f` script istio-nftables writes (`--- nft`; its goldens
     /// only).
     pub nft: String,
+    /// Holds the resolv.conf files the flags name.
+    _files: std::sync::Arc<tempfile::TempDir>,
 }
 
 /// Every istio-iptables golden file (`testdata/istio-iptables/`), by name.
@@ -42,6 +45,12 @@ pub fn nft_goldens() -> Vec<Golden> {
 
 fn load(under: &str) -> Vec<Golden> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(under);
+    let files = std::sync::Arc::new(
+        tempfile::Builder::new()
+            .prefix("divert-goldens-")
+            .tempdir()
+            .expect("a directory for the goldens' resolv.conf files"),
+    );
     let mut out = Vec::new();
     for e in fs::read_dir(&dir).expect(under) {
         let path = e.unwrap().path();
@@ -57,13 +66,14 @@ fn load(under: &str) -> Vec<Golden> {
             v4: String::new(),
             v6: String::new(),
             nft: String::new(),
+            _files: files.clone(),
         };
         let mut cur = 0;
         for line in text.lines() {
             if let Some(f) = line.strip_prefix("flags:") {
                 g.flags.splice(0..0, f.split_whitespace().map(String::from));
             } else if let Some(ns) = line.strip_prefix("nameservers:") {
-                let conf = resolv_conf(&g.name, ns.split_whitespace());
+                let conf = resolv_conf(files.path(), &g.name, ns.split_whitespace());
                 g.flags.extend(["--resolv-conf".to_string(), conf]);
             } else if let Some(v) = line.strip_prefix("apply: no") {
                 g.not_applied = Some(v.trim().to_string());
@@ -89,11 +99,12 @@ fn load(under: &str) -> Vec<Golden> {
     out
 }
 
-/// A resolv.conf naming `servers`, in a directory of this process's own;
-/// its path.
-fn resolv_conf<'a>(case: &str, servers: impl Iterator<Item = &'a str>) -> String {
-    let dir = std::env::temp_dir().join(format!("divert-goldens-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("a directory for the goldens' resolv.conf files");
+/// A resolv.conf naming `servers`, written in `dir`; its path.
+fn resolv_conf<'a>(
+    dir: &std::path::Path,
+    case: &str,
+    servers: impl Iterator<Item = &'a str>,
+) -> String {
     let path = dir.join(format!("{case}.resolv.conf"));
     let text: String = servers.map(|s| format!("nameserver {s}\n")).collect();
     fs::write(&path, text).expect("writing a golden's resolv.conf");
