@@ -126,6 +126,22 @@ fn run(cmd: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Run `cmd` with `input` on its standard input, collecting its status,
+/// standard output and standard error.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    // A child that exits without reading it all closes the pipe: what it
+    // answered is what counts.
+    let _ = child.stdin.take().expect("piped").write_all(input);
+    child.wait_with_output().expect("waiting for the child")
+}
+
 /// A named network namespace (`ip netns add`), deleted on drop.
 #[derive(Debug)]
 pub struct Netns {

@@ -138,10 +138,28 @@ impl Setup {
 
     /// `divert init ARGS…` from the lab's client namespace.
     pub fn init(&self, args: &[&str]) -> std::process::Output {
-        let (mut cmd, _keep) =
-            command_in(self.lab.in_client(&self.lab.plain, None), divert_bin()).unwrap();
+        self.init_with(&self.lab.client, &self.socket, args)
+    }
+
+    /// `divert init --backend ebpf --daemon-socket SOCKET ARGS…` from
+    /// `netns`, in the lab's plain cgroup.
+    pub fn init_with(
+        &self,
+        netns: &Netns,
+        socket: &std::path::Path,
+        args: &[impl AsRef<std::ffi::OsStr>],
+    ) -> std::process::Output {
+        let (mut cmd, _keep) = command_in(
+            Placement {
+                netns,
+                cgroup: &self.lab.plain,
+                ids: None,
+            },
+            divert_bin(),
+        )
+        .unwrap();
         cmd.args(["init", "--backend", "ebpf", "--daemon-socket"])
-            .arg(&self.socket)
+            .arg(socket)
             .args(args);
         cmd.output().expect("divert init")
     }
@@ -156,19 +174,7 @@ impl Setup {
     ) -> (Netns, u64, std::process::Output) {
         let ns = Netns::create(&format!("divert-test-{}-{tag}", std::process::id())).unwrap();
         let cookie = ns.enter(divert::netns::current_cookie).unwrap().unwrap();
-        let (mut cmd, _keep) = command_in(
-            Placement {
-                netns: &ns,
-                cgroup: &self.lab.plain,
-                ids: None,
-            },
-            divert_bin(),
-        )
-        .unwrap();
-        cmd.args(["init", "--backend", "ebpf", "--daemon-socket"])
-            .arg(&self.socket)
-            .args(args);
-        let out = cmd.output().expect("divert init");
+        let out = self.init_with(&ns, &self.socket, args);
         (ns, cookie, out)
     }
 

@@ -6,10 +6,9 @@
 //! injected pod (`tests/testdata/istio-inject/hello.yaml.cni.injected`).
 
 use std::{
-    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use divert::policy::Action;
@@ -124,26 +123,15 @@ impl Cni {
             ),
             None => "IgnoreUnknown=1".to_string(),
         };
-        let mut child = Command::new(&self.bin)
-            .env_clear()
+        let mut cmd = Command::new(&self.bin);
+        cmd.env_clear()
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", "0123abcd")
             .env("CNI_NETNS", &self.netns)
             .env("CNI_IFNAME", "eth0")
             .env("CNI_ARGS", args)
-            .env("CNI_PATH", "/opt/cni/bin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(self.config.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+            .env("CNI_PATH", "/opt/cni/bin");
+        let out = divert_tests::output_with_stdin(&mut cmd, self.config.to_string().as_bytes());
         let stdout = String::from_utf8_lossy(&out.stdout);
         let v = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
             panic!(

@@ -267,17 +267,7 @@ fn the_image_runs_offline_and_the_daemon_with_the_daemonsets_privileges() {
 
     // A registration through the socket the DaemonSet shares with the node.
     let socket = run_dir.join("divert.sock");
-    let (mut init, _keep) = divert_tests::command_in(
-        s.lab.in_client(&s.lab.plain, None),
-        divert_tests::divert_bin(),
-    )
-    .unwrap();
-    let out = init
-        .args(["init", "--backend", "ebpf", "--daemon-socket"])
-        .arg(&socket)
-        .args(INJECTOR)
-        .output()
-        .unwrap();
+    let out = s.init_with(&s.lab.client, &socket, INJECTOR);
     assert!(
         out.status.success(),
         "init: {} / daemon: {}",

@@ -88,22 +88,10 @@ fn save(ns: &Netns, f: Fam) -> String {
 }
 
 fn restore(ns: &Netns, f: Fam, text: &str) {
-    use std::io::Write;
-    let mut child = in_ns(ns, &format!("{}-restore", f.tool()))
-        .arg("--noflush")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
+    let mut cmd = in_ns(ns, &format!("{}-restore", f.tool()));
+    cmd.arg("--noflush");
     ok(
-        child.wait_with_output().unwrap(),
+        divert_tests::output_with_stdin(&mut cmd, text.as_bytes()),
         &format!("{}-restore of:\n{text}", f.tool()),
     );
 }
@@ -760,19 +748,12 @@ fn nft_twin(tag: &str, ipv6: bool) -> Netns {
 
 /// `nft -f` of `script` in `ns`, which must succeed.
 fn nft_f(ns: &Netns, script: &str) {
-    use std::io::Write;
-    let mut child = in_ns(ns, "nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft -f of:\n{script}");
+    let mut cmd = in_ns(ns, "nft");
+    cmd.args(["-f", "-"]);
+    ok(
+        divert_tests::output_with_stdin(&mut cmd, script.as_bytes()),
+        &format!("nft -f of:\n{script}"),
+    );
 }
 
 #[test]

@@ -190,21 +190,7 @@ fn a_meshed_pod_that_cannot_be_registered_is_reported_and_tried_again() {
         .ip(&["addr", "add", &format!("{own}/32"), "dev", "lo"])
         .unwrap();
     let init = |extra: &[&str]| {
-        let (mut cmd, _keep) = command_in(
-            divert_tests::Placement {
-                netns: &other,
-                cgroup: &s.lab.plain,
-                ids: None,
-            },
-            divert_tests::divert_bin(),
-        )
-        .unwrap();
-        let out = cmd
-            .args(["init", "--backend", "ebpf", "--daemon-socket"])
-            .arg(&s.socket)
-            .args(extra)
-            .output()
-            .unwrap();
+        let out = s.init_with(&other, &s.socket, extra);
         assert!(
             out.status.success(),
             "{}",
