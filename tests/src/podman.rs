@@ -192,24 +192,18 @@ impl Drop for Podman {
             return;
         }
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let tops: Vec<PathBuf> = mounts
-            .lines()
-            .map(|m| m.split_whitespace().collect::<Vec<_>>())
-            .filter(|f| f.len() > 2 && f[2] == "cgroup")
-            .map(|f| Path::new(f[1]).join(first))
-            .collect();
-        // conmon leaves its cgroup a moment after `podman rm` returns.
-        for _ in 0..100 {
-            tops.iter().for_each(|t| remove_tree(t));
-            if !tops.iter().any(|t| t.exists()) {
-                return;
+        for m in mounts.lines() {
+            let f: Vec<&str> = m.split_whitespace().collect();
+            if f.len() > 2 && f[2] == "cgroup" {
+                remove_tree(&Path::new(f[1]).join(first));
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 }
 
-/// Remove a cgroup v1 directory and its children, deepest first.
+/// Remove a cgroup v1 directory and its children, deepest first (each as
+/// `divert::cgroup::remove_cgroup` does: conmon leaves its cgroup a moment
+/// after `podman rm` returns, so a busy one is waited for).
 fn remove_tree(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
@@ -218,5 +212,5 @@ fn remove_tree(dir: &Path) {
             }
         }
     }
-    let _ = std::fs::remove_dir(dir);
+    let _ = divert::cgroup::remove_cgroup(dir);
 }

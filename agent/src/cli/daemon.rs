@@ -48,8 +48,8 @@ pub struct DaemonArgs {
 
     /// Diverted TCP connections open at once on this node: the capacity of
     /// the original-destination maps, which the kernel preallocates (about
-    /// 230 bytes each). Past it, the least recently used entries are
-    /// evicted.
+    /// 270 bytes per connection, all four together). Past it, the least
+    /// recently used entries are evicted.
     #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.max_connections,
           value_parser = clap::value_parser!(u32).range(MapSizes::CONNECTIONS_RANGE.0 as i64..=MapSizes::CONNECTIONS_RANGE.1 as i64),
           env = "DIVERT_MAX_CONNECTIONS")]

@@ -87,7 +87,12 @@ pub struct MapFigure {
 }
 
 fn rss_kib() -> Result<u64> {
-    let status = fs::read_to_string("/proc/self/status")?;
+    rss_kib_of("self")
+}
+
+/// VmRSS of process `pid` (or `self`), KiB.
+fn rss_kib_of(pid: &str) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -207,11 +212,10 @@ pub fn daemon_memory(max_pods: u32) -> Result<DaemonMemory> {
     let memcg = MemoryCgroup::create(&tag)?;
     let cg2 = divert::cgroup::cgroup2_mount()?;
     let root = crate::Cgroup::create(cg2.join(&tag))?;
-    let dir = tempfile::Builder::new()
-        .prefix("divert-bench-daemon-")
-        .tempdir()?;
-    let bpffs = dir.path().join("bpf");
-    let log = dir.path().join("daemon.log");
+    // Its pins, removed (and the bpffs it mounts unmounted) on drop.
+    let bpffs = crate::node::Bpffs::tempdir();
+    let dir = bpffs.dir.path();
+    let log = dir.join("daemon.log");
     let exe = crate::sibling_bin("divert");
     let procs = fs::OpenOptions::new().write(true).open(memcg.procs())?;
     let procs_fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
@@ -220,9 +224,9 @@ pub fn daemon_memory(max_pods: u32) -> Result<DaemonMemory> {
         .arg("--cgroup-root")
         .arg(&root.path)
         .arg("--bpffs-dir")
-        .arg(&bpffs)
+        .arg(bpffs.path())
         .arg("--socket")
-        .arg(dir.path().join("divert.sock"))
+        .arg(dir.join("divert.sock"))
         .args([
             "--metrics-addr",
             "127.0.0.1:0",
@@ -239,20 +243,15 @@ pub fn daemon_memory(max_pods: u32) -> Result<DaemonMemory> {
             Ok(())
         });
     }
-    let mut daemon = crate::Daemon::spawn("divert daemon", cmd)?;
+    let daemon = crate::Daemon::spawn("divert daemon", cmd)?;
     let ready = crate::wait_for_line(&log, "metrics on", std::time::Duration::from_secs(30));
     let measured = ready.and_then(|_| {
         // Let start-up allocations settle.
         std::thread::sleep(std::time::Duration::from_secs(1));
-        let pid = daemon.child.id();
-        let rss_kib = fs::read_to_string(format!("/proc/{pid}/status"))?
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS")?;
+        let rss_kib = rss_kib_of(&daemon.child.id().to_string())?;
         // Holding the pinned maps open, this process sees their memory
         // (it holds no other maps here).
-        let _maps = divert::ebpf::pinned::open_maps(&bpffs)?;
+        let _maps = divert::ebpf::pinned::open_maps(&bpffs.path())?;
         let maps_bytes = map_memory()?.iter().map(|m| m.memlock_bytes).sum();
         Ok(DaemonMemory {
             cgroup_bytes: memcg.usage()?,
@@ -260,11 +259,7 @@ pub fn daemon_memory(max_pods: u32) -> Result<DaemonMemory> {
             maps_bytes,
         })
     });
-    let _ = daemon.child.kill();
-    let _ = daemon.child.wait();
     drop(daemon);
-    let _ = divert::ebpf::pinned::uninstall(&bpffs);
-    let _ = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
     measured.with_context(|| fs::read_to_string(&log).unwrap_or_default())
 }
 
@@ -319,11 +314,6 @@ impl MemoryCgroup {
 impl Drop for MemoryCgroup {
     fn drop(&mut self) {
         // The daemon is gone; its charges move to the parent on removal.
-        for _ in 0..50 {
-            if fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let _ = divert::cgroup::remove_cgroup(&self.dir);
     }
 }
