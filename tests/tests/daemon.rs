@@ -132,6 +132,11 @@ fn only_the_callers_own_pod_namespace_can_be_registered() {
         "{}",
         text(&out.stderr)
     );
+    let (_, body) = s.http_get("/metrics");
+    assert!(
+        body.contains(r#"divert_registration_errors_total{reason="refused"} 1"#),
+        "{body}"
+    );
 
     // From the peer namespace, a request naming the client's namespace:
     // refused; the client stays registered.

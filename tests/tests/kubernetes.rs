@@ -151,6 +151,11 @@ fn pods_are_registered_from_their_annotations_live() {
     );
     assert!(!redirected(80), "the bad annotation changed the policy");
     assert!(redirected(8080), "the bad annotation changed the policy");
+    let (_, metrics) = s.http_get("/metrics");
+    assert!(
+        metrics.contains(r#"divert_registration_errors_total{reason="invalid"}"#),
+        "{metrics}"
+    );
 
     // An istio-init container now: the pod is its init container's, and
     // the watch takes back what it registered (never a pod it does not
