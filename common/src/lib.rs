@@ -19,6 +19,10 @@
 #![no_std]
 
 pub mod chain;
+#[macro_use]
+pub mod layout;
+
+use layout::MapLayout;
 
 pub use chain::Verdict;
 
@@ -88,6 +92,12 @@ pub mod maps {
     /// namespace is, written by the daemon's pod watch. No program reads it;
     /// it lives in the object so it is pinned, and survives, with the rest.
     pub const PODS: &str = "PODS";
+    /// `HashMap<u32 map id, MapLayout>`: the layout of each pinned map's
+    /// keys and values as the build that made the map declared them
+    /// ([`layout`](crate::layout)). No program reads it; the daemon writes
+    /// it when it pins a map and reads it when it takes over another
+    /// build's pins. Its own layout never changes.
+    pub const LAYOUTS: &str = "LAYOUTS";
 }
 
 /// The kind of a map, as the kernel object declares it (`BPF_MAP_TYPE_*`).
@@ -103,28 +113,272 @@ pub enum MapKind {
     SockHash,
 }
 
-/// Every map of the object with its kind, in the order the loader takes,
-/// pins and adopts them (`divert-ebpf`'s `maps` module declares each with
-/// this kind).
-pub const MAPS: [(&str, MapKind); 17] = [
-    (maps::POLICIES, MapKind::Hash),
-    (maps::INCLUDE_V4, MapKind::LpmTrie),
-    (maps::EXCLUDE_V4, MapKind::LpmTrie),
-    (maps::INCLUDE_V6, MapKind::LpmTrie),
-    (maps::EXCLUDE_V6, MapKind::LpmTrie),
-    (maps::PORTS, MapKind::Hash),
-    (maps::LOCAL_ADDRS, MapKind::Hash),
-    (maps::OWNER_GROUPS, MapKind::Hash),
-    (maps::NAMESERVERS, MapKind::Hash),
-    (maps::ORIG_BY_COOKIE, MapKind::LruHash),
-    (maps::ORIG_BY_TUPLE, MapKind::LruHash),
-    (maps::DNS_ORIG, MapKind::LruHash),
-    (maps::COUNTERS, MapKind::LruHash),
-    (maps::PODS, MapKind::Hash),
-    (maps::INBOUND_NETNS, MapKind::Hash),
-    (maps::LISTENERS, MapKind::SockHash),
-    (maps::INBOUND_ORIG, MapKind::LruHash),
+/// Who writes a map, which decides how its entries are carried over to a
+/// map of another layout or size when a daemon takes over another build's
+/// pins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writer {
+    /// User space (the daemon) writes, the programs read: policies, ranges,
+    /// ports, addresses, pods. Copied and converted before the programs
+    /// switch, so the old ones decide until the new map is complete.
+    UserSpace,
+    /// The programs write: original destinations. Copied before the
+    /// switch, and what the old programs added meanwhile copied after it.
+    Programs,
+    /// The programs add to the values: counters. Added into the new map
+    /// after the switch, once the old programs no longer write.
+    ProgramsAdding,
+    /// A socket hash, which holds sockets: its entries cannot be read out
+    /// and written again by user space, so it is never migrated.
+    Sockets,
+}
+
+/// One map of the object: its name, kind, who writes it, and the layout of
+/// its keys and values ([`layout`]), which the daemon records beside the
+/// pinned map so another build can carry its entries over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapDef {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub layout: Layout,
+    pub writer: Writer,
+}
+
+const fn map(name: &'static str, kind: MapKind, layout: Layout) -> MapDef {
+    let writer = match kind {
+        MapKind::SockHash => Writer::Sockets,
+        MapKind::LruHash => Writer::Programs,
+        MapKind::Hash | MapKind::LpmTrie => Writer::UserSpace,
+    };
+    MapDef {
+        name,
+        kind,
+        layout,
+        writer,
+    }
+}
+
+const fn layout(
+    key: &'static [Field],
+    key_size: usize,
+    value: &'static [Field],
+    value_size: usize,
+) -> Layout {
+    Layout {
+        key_size: key_size as u16,
+        key,
+        value_size: value_size as u16,
+        value,
+    }
+}
+
+use core::mem::size_of;
+use layout::{whole, Field, Layout};
+
+/// An LPM trie's key: the kernel's 4-byte prefix length, then the data.
+const PREFIX_LEN: Field = Field {
+    name: "prefix_len",
+    offset: 0,
+    size: 4,
+};
+const LPM_KEY4: [Field; 3] = {
+    let f = fields!(LpmKey4 { netns_cookie, addr } + 4);
+    [PREFIX_LEN, f[0], f[1]]
+};
+const LPM_KEY6: [Field; 3] = {
+    let f = fields!(LpmKey6 { netns_cookie, addr } + 4);
+    [PREFIX_LEN, f[0], f[1]]
+};
+/// The value of the range, port, address and group maps: 1, "present".
+const PRESENT: [Field; 1] = whole("present", 1);
+const NETNS_COOKIE: [Field; 1] = whole("netns_cookie", 8);
+const SOCKET_COOKIE: [Field; 1] = whole("socket_cookie", 8);
+const POLICY_HEADER: &[Field] = fields!(PolicyHeader {
+    flags,
+    proxy_port,
+    inbound_capture_port,
+    inbound_tunnel_port,
+    proxy_uid_count,
+    proxy_gid_count,
+    registered_by,
+    _pad,
+    proxy_uids,
+    proxy_gids,
+    registered_at_unix_ns,
+});
+const PORT_KEY: &[Field] = fields!(PortKey {
+    netns_cookie,
+    port,
+    list,
+    _pad
+});
+const ADDR_KEY: &[Field] = fields!(AddrKey { netns_cookie, addr });
+const GROUP_KEY: &[Field] = fields!(GroupKey {
+    netns_cookie,
+    gid,
+    _pad
+});
+const ORIG_DST: &[Field] = fields!(OrigDst {
+    addr,
+    port,
+    is_v4,
+    verdict,
+    _pad
+});
+const TUPLE_KEY: &[Field] = fields!(TupleKey {
+    netns_cookie,
+    addr,
+    port,
+    proxy_port,
+    _pad
+});
+const LPM4: Layout = layout(&LPM_KEY4, 4 + size_of::<LpmKey4>(), &PRESENT, 1);
+const LPM6: Layout = layout(&LPM_KEY6, 4 + size_of::<LpmKey6>(), &PRESENT, 1);
+
+/// Every map of the object with its kind and layout, in the order the
+/// loader takes, pins and adopts them (`divert-ebpf`'s `maps` module
+/// declares each with this kind, key and value).
+pub const MAPS: [MapDef; 18] = [
+    map(
+        maps::POLICIES,
+        MapKind::Hash,
+        layout(&NETNS_COOKIE, 8, POLICY_HEADER, size_of::<PolicyHeader>()),
+    ),
+    map(maps::INCLUDE_V4, MapKind::LpmTrie, LPM4),
+    map(maps::EXCLUDE_V4, MapKind::LpmTrie, LPM4),
+    map(maps::INCLUDE_V6, MapKind::LpmTrie, LPM6),
+    map(maps::EXCLUDE_V6, MapKind::LpmTrie, LPM6),
+    map(
+        maps::PORTS,
+        MapKind::Hash,
+        layout(PORT_KEY, size_of::<PortKey>(), &PRESENT, 1),
+    ),
+    map(
+        maps::LOCAL_ADDRS,
+        MapKind::Hash,
+        layout(ADDR_KEY, size_of::<AddrKey>(), &PRESENT, 1),
+    ),
+    map(
+        maps::OWNER_GROUPS,
+        MapKind::Hash,
+        layout(GROUP_KEY, size_of::<GroupKey>(), &PRESENT, 1),
+    ),
+    map(
+        maps::NAMESERVERS,
+        MapKind::Hash,
+        layout(ADDR_KEY, size_of::<AddrKey>(), &PRESENT, 1),
+    ),
+    map(
+        maps::ORIG_BY_COOKIE,
+        MapKind::LruHash,
+        layout(&SOCKET_COOKIE, 8, ORIG_DST, size_of::<OrigDst>()),
+    ),
+    map(
+        maps::ORIG_BY_TUPLE,
+        MapKind::LruHash,
+        layout(
+            TUPLE_KEY,
+            size_of::<TupleKey>(),
+            fields!(BoundOrig {
+                orig,
+                client_isn,
+                established,
+                _pad
+            }),
+            size_of::<BoundOrig>(),
+        ),
+    ),
+    map(
+        maps::DNS_ORIG,
+        MapKind::LruHash,
+        layout(&SOCKET_COOKIE, 8, ORIG_DST, size_of::<OrigDst>()),
+    ),
+    MapDef {
+        writer: Writer::ProgramsAdding,
+        ..map(
+            maps::COUNTERS,
+            MapKind::LruHash,
+            layout(
+                fields!(CounterKey {
+                    netns_cookie,
+                    addr,
+                    port,
+                    verdict,
+                    _pad
+                }),
+                size_of::<CounterKey>(),
+                fields!(CounterValue {
+                    connections,
+                    bytes_sent,
+                    bytes_received
+                }),
+                size_of::<CounterValue>(),
+            ),
+        )
+    },
+    map(
+        maps::PODS,
+        MapKind::Hash,
+        layout(
+            &NETNS_COOKIE,
+            8,
+            fields!(PodName { namespace, name }),
+            size_of::<PodName>(),
+        ),
+    ),
+    map(
+        maps::INBOUND_NETNS,
+        MapKind::Hash,
+        layout(&whole("addr", 16), 16, &NETNS_COOKIE, 8),
+    ),
+    map(
+        maps::LISTENERS,
+        MapKind::SockHash,
+        layout(
+            fields!(ListenerKey {
+                netns_cookie,
+                family,
+                _pad
+            }),
+            size_of::<ListenerKey>(),
+            &whole("socket", 4),
+            4,
+        ),
+    ),
+    map(
+        maps::INBOUND_ORIG,
+        MapKind::LruHash,
+        layout(
+            TUPLE_KEY,
+            size_of::<TupleKey>(),
+            ORIG_DST,
+            size_of::<OrigDst>(),
+        ),
+    ),
+    map(
+        maps::LAYOUTS,
+        MapKind::Hash,
+        layout(
+            &whole("map_id", 4),
+            4,
+            fields!(MapLayout {
+                name,
+                key_size,
+                value_size,
+                field_count,
+                _pad,
+                fields
+            }),
+            size_of::<MapLayout>(),
+        ),
+    ),
 ];
+
+/// The [`MapDef`] of the map named `name`, `None` for a name that is not
+/// one of [`MAPS`].
+pub fn map_def(name: &str) -> Option<&'static MapDef> {
+    MAPS.iter().find(|m| m.name == name)
+}
 
 /// Program names (the Rust function names in `divert-ebpf`).
 pub mod programs {
@@ -388,6 +642,7 @@ impl MapSizes {
             maps::COUNTERS => self.counters(),
             maps::LISTENERS => self.listeners(),
             maps::INBOUND_ORIG => self.inbound_orig(),
+            maps::LAYOUTS => layout::MAX_MAPS,
             _ => return None,
         })
     }
@@ -509,6 +764,7 @@ pub const SO_ORIGINAL_DST: i32 = 80;
 /// initial user namespace). The programs read everything up to
 /// `proxy_gids`; `registered_by` and `registered_at_unix_ns` are for the
 /// people reading the map (`divert maps`).
+#[cfg(not(feature = "upgrade-test"))]
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyHeader {
@@ -533,6 +789,28 @@ pub struct PolicyHeader {
     /// When this header was written: nanoseconds since the Unix epoch
     /// (`CLOCK_REALTIME`), host byte order.
     pub registered_at_unix_ns: u64,
+}
+
+/// [`PolicyHeader`] as the `upgrade-test` build lays it out: the same
+/// fields in another order (88 bytes), so its kernel programs differ from
+/// this build's and its `POLICIES` map has another layout of the same
+/// size (as has `COUNTERS`, see the other [`CounterValue`]). Only the upgrade test builds it, as "the other release" whose
+/// pins this build takes over and which takes this build's over.
+#[cfg(feature = "upgrade-test")]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyHeader {
+    pub registered_at_unix_ns: u64,
+    pub proxy_uids: [u32; limits::MAX_PROXY_IDS],
+    pub proxy_gids: [u32; limits::MAX_PROXY_IDS],
+    pub flags: u32,
+    pub registered_by: u8,
+    pub proxy_uid_count: u8,
+    pub proxy_gid_count: u8,
+    pub _pad: [u8; 3],
+    pub inbound_tunnel_port: u16,
+    pub inbound_capture_port: u16,
+    pub proxy_port: u16,
 }
 
 /// Bits of an LPM trie key that hold the netns cookie: every trie key's
@@ -682,6 +960,7 @@ pub struct CounterKey {
 /// `connections` is added to by `connect4`/`connect6` when a connect is
 /// judged; the byte counts by `sock_ops` when the connection reaches
 /// `TCP_CLOSE`, so an open connection's bytes are not in them yet.
+#[cfg(not(feature = "upgrade-test"))]
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CounterValue {
@@ -693,6 +972,18 @@ pub struct CounterValue {
     /// Payload bytes received in sequence (the socket's `bytes_received`
     /// without the peer's FIN), of closed connections.
     pub bytes_received: u64,
+}
+
+/// [`CounterValue`] as the `upgrade-test` build lays it out: the same
+/// counters in another order, so `COUNTERS` is carried over (added into
+/// the new map after the switch) by the upgrade test.
+#[cfg(feature = "upgrade-test")]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    pub bytes_received: u64,
+    pub connections: u64,
+    pub bytes_sent: u64,
 }
 
 /// Longest Kubernetes namespace name (a DNS label), in bytes.
@@ -734,6 +1025,7 @@ mod user {
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for PodName {}
+    unsafe impl aya::Pod for MapLayout {}
 }
 
 #[cfg(test)]
@@ -771,7 +1063,7 @@ mod tests {
                 max_connections: MapSizes::CONNECTIONS_RANGE.0,
             },
         ] {
-            for (name, _) in MAPS {
+            for MapDef { name, .. } in MAPS {
                 let n = sizes
                     .entries(name)
                     .unwrap_or_else(|| panic!("{name} is not sized"));
@@ -779,6 +1071,44 @@ mod tests {
             }
         }
         assert_eq!(MapSizes::DEFAULT.entries("NO_SUCH_MAP"), None);
+    }
+
+    #[test]
+    fn every_layout_names_each_byte_once_and_fits_its_record() {
+        for m in MAPS {
+            let l = &m.layout;
+            for (part, fields, size) in
+                [("key", l.key, l.key_size), ("value", l.value, l.value_size)]
+            {
+                let mut covered = [false; 2048];
+                for f in fields {
+                    assert!(
+                        f.name.len() <= layout::FIELD_NAME_LEN,
+                        "{}: {}",
+                        m.name,
+                        f.name
+                    );
+                    for b in f.offset..f.offset + f.size {
+                        assert!(b < size, "{} {part}: {} past the end", m.name, f.name);
+                        assert!(
+                            !covered[b as usize],
+                            "{} {part}: {} overlaps",
+                            m.name, f.name
+                        );
+                        covered[b as usize] = true;
+                    }
+                }
+                assert!(
+                    covered[..size as usize].iter().all(|&c| c),
+                    "{} {part}: bytes no field names (padding must be a field)",
+                    m.name
+                );
+            }
+            let r = MapLayout::new(m.name, l);
+            assert_eq!(r.map_name(), m.name);
+            assert_eq!(r.field_count as usize, l.key.len() + l.value.len());
+        }
+        assert!(MAPS.len() * 2 <= layout::MAX_MAPS as usize);
     }
 
     #[test]

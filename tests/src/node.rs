@@ -86,6 +86,23 @@ impl Setup {
 
     /// [`Setup::daemon`] with extra flags and environment variables.
     pub fn daemon_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = self.daemon_command(extra);
+        cmd.envs(env.iter().copied());
+        self.spawn_daemon(cmd)
+    }
+
+    /// [`Setup::daemon_with`] of the divert binary `bin` (another build).
+    pub fn daemon_of(&self, bin: &std::path::Path, extra: &[&str]) -> Daemon {
+        let mut cmd = self.daemon_command(extra);
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
+        cmd = Command::new(bin);
+        cmd.args(args);
+        self.spawn_daemon(cmd)
+    }
+
+    /// Start `cmd` (a `divert daemon` of this setup), its log in the
+    /// bpffs' directory, and wait until it serves.
+    fn spawn_daemon(&self, mut cmd: Command) -> Daemon {
         let _ = std::fs::remove_file(&self.socket);
         self.starts.set(self.starts.get() + 1);
         let log = self
@@ -93,9 +110,7 @@ impl Setup {
             .dir
             .path()
             .join(format!("daemon-{}.log", self.starts.get()));
-        let mut cmd = self.daemon_command(extra);
-        cmd.envs(env.iter().copied())
-            .stderr(std::fs::File::create(&log).unwrap());
+        cmd.stderr(std::fs::File::create(&log).unwrap());
         let mut d = Daemon::spawn("divert daemon", cmd).expect("spawn the daemon");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -124,6 +139,16 @@ impl Setup {
     /// with `extra` flags, not started: see [`daemon_command`].
     pub fn daemon_command(&self, extra: &[&str]) -> Command {
         daemon_command(&self.lab, &self.bpffs, &self.socket, extra)
+    }
+
+    /// The log of the last started daemon.
+    pub fn daemon_log(&self) -> String {
+        let log = self
+            .bpffs
+            .dir
+            .path()
+            .join(format!("daemon-{}.log", self.starts.get()));
+        std::fs::read_to_string(log).unwrap_or_default()
     }
 
     /// Where the last started daemon serves its HTTP endpoint.

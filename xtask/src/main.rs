@@ -81,19 +81,48 @@ enum Cmd {
     },
 }
 
+/// Build "the other release" of the upgrade test (`tests/tests/upgrade.rs`):
+/// divert with the `upgrade-test` feature (other program instructions,
+/// other map layouts), copied to target/upgrade-test/divert before the
+/// normal build puts its own binary back in target/debug. Returns its path.
+fn upgrade_test_build() -> Result<PathBuf> {
+    cargo(&[
+        "build",
+        "-p",
+        "divert",
+        "--bin",
+        "divert",
+        "--features",
+        "upgrade-test",
+    ])?;
+    let dir = target_dir().join("upgrade-test");
+    std::fs::create_dir_all(&dir)?;
+    let bin = dir.join("divert");
+    std::fs::copy(target_dir().join("debug/divert"), &bin)
+        .with_context(|| format!("copying the upgrade-test build to {}", bin.display()))?;
+    Ok(bin)
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup(),
         Cmd::Test { args } => {
             setup()?;
             require_root("cargo xtask test")?;
+            let other = upgrade_test_build()?;
             cargo(&["build", "--bins"])?;
             clippy_kernel()?;
             // The image test runs what `cargo xtask image` made.
             let archive = image::build(&image::default_tag())?;
             let mut a = vec!["test"];
             a.extend(args.iter().map(String::as_str));
-            cargo_test(&a, &[("DIVERT_IMAGE_ARCHIVE", archive.as_os_str())])
+            cargo_test(
+                &a,
+                &[
+                    ("DIVERT_IMAGE_ARCHIVE", archive.as_os_str()),
+                    ("DIVERT_UPGRADE_TEST_BIN", other.as_os_str()),
+                ],
+            )
         }
         Cmd::Bench { quick } => {
             setup()?;

@@ -344,6 +344,15 @@ fn run(args: &DaemonArgs) -> anyhow::Result<()> {
             args.bpffs_dir.display(),
             cgroup_root.display()
         ),
+        Opened::Upgraded(u) => tracing::info!(
+            reused = ?u.reused,
+            migrated = ?u.migrated,
+            links_updated = u.links_updated,
+            elapsed_ms = u.elapsed.as_secs_f64() * 1e3,
+            "took over the pinned instance of another build under {} (attached at {}): every link switched to this build's programs in place",
+            args.bpffs_dir.display(),
+            cgroup_root.display()
+        ),
     }
     let health = daemon::metrics::Health::default();
     let registry = Arc::new(Registry::new(interceptor, &args.bpffs_dir, health.clone())?);

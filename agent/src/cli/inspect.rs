@@ -101,6 +101,7 @@ pub fn open(dir: &Path) -> anyhow::Result<Maps> {
         };
         match errno {
             Some(libc::EPERM | libc::EACCES) => denied(),
+            _ if matches!(e, PinnedError::OtherBuild { .. }) => e.into(),
             _ => anyhow::Error::new(e).context(format!(
                 "opening the maps pinned under {} (pinned by another version of divert? its `divert daemon --uninstall` removes them)",
                 dir.display()

@@ -36,7 +36,29 @@ impl Interceptor {
     /// Load and verify every program, each map made with its capacity for
     /// `sizes` ([`MapSizes::entries`]). Private to this process: nothing is
     /// pinned, and everything is released when the instance is dropped.
+    ///
+    /// The object's maps are declared pinned by name, so the loader needs
+    /// a bpffs directory: it gets an empty one of its own, a bpffs mounted
+    /// in a mount namespace of a thread made for the load (gone with the
+    /// thread), so nothing of it is ever seen outside this process.
     pub fn load_sized(sizes: MapSizes) -> Result<Self> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let dir = private_bpffs().map_err(Error::PrivateBpffs)?;
+                let loaded = Self::load_in(sizes, &dir);
+                let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+                loaded
+            })
+            .join()
+            .expect("the loading thread does not panic")
+        })
+    }
+
+    /// Load as [`Interceptor::load_sized`] does, against the maps pinned
+    /// by name in `dir` (on bpffs): a map pinned there is used as it is
+    /// (the caller has checked its shape and layout), any other is made
+    /// and pinned there.
+    pub fn load_in(sizes: MapSizes, dir: &std::path::Path) -> Result<Self> {
         // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
         let _ = nix::sys::resource::setrlimit(
             nix::sys::resource::Resource::RLIMIT_MEMLOCK,
@@ -44,8 +66,9 @@ impl Interceptor {
             nix::sys::resource::RLIM_INFINITY,
         );
         let mut loader = aya::EbpfLoader::new();
-        for (name, _) in divert_common::MAPS {
-            loader.set_max_entries(name, sizes.entries(name).expect("every map is sized"));
+        loader.map_pin_path(dir);
+        for m in divert_common::MAPS {
+            loader.set_max_entries(m.name, sizes.entries(m.name).expect("every map is sized"));
         }
         let mut ebpf = loader.load(OBJECT)?;
         for p in PROGRAMS {
@@ -69,8 +92,15 @@ impl Interceptor {
             }
         }
         let mut maps = BTreeMap::new();
-        for (name, kind) in divert_common::MAPS {
+        for m in divert_common::MAPS {
+            let (name, kind) = (m.name, m.kind);
             let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+            let data = match &map {
+                Map::HashMap(d) | Map::LpmTrie(d) | Map::LruHashMap(d) | Map::SockHash(d) => {
+                    Some(d)
+                }
+                _ => None,
+            };
             let declared = match &map {
                 Map::HashMap(_) => Some(MapKind::Hash),
                 Map::LpmTrie(_) => Some(MapKind::LpmTrie),
@@ -80,6 +110,19 @@ impl Interceptor {
             };
             if declared != Some(kind) {
                 return Err(Error::MapKind { map: name, kind });
+            }
+            let info = data
+                .expect("one of our kinds")
+                .info()
+                .map_err(|source| Error::Map { map: name, source })?;
+            let sizes = (info.key_size(), info.value_size());
+            let declared = (u32::from(m.layout.key_size), u32::from(m.layout.value_size));
+            if sizes != declared {
+                return Err(Error::MapLayout {
+                    map: name,
+                    object: sizes,
+                    declared,
+                });
             }
             maps.insert(name, map);
         }
@@ -187,6 +230,32 @@ impl std::ops::DerefMut for Interceptor {
     fn deref_mut(&mut self) -> &mut Maps {
         &mut self.maps
     }
+}
+
+/// Mount an empty bpffs for this thread alone: a mount namespace of its
+/// own (`unshare(CLONE_NEWNS)` unshares the calling thread's filesystem
+/// context only), every mount in it made private so nothing propagates
+/// back, and a new bpffs instance over the temporary directory (only this
+/// thread sees it there). Returns the directory.
+fn private_bpffs() -> std::io::Result<std::path::PathBuf> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    let dir = std::env::temp_dir();
+    mount(
+        Some("bpf"),
+        &dir,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )?;
+    Ok(dir)
 }
 
 fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>

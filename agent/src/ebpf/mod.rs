@@ -70,6 +70,14 @@ pub enum Error {
     },
     #[error("eBPF map {0} is full: the policy was not registered (nothing of it is left behind)")]
     Full(&'static str),
+    #[error("a private bpf filesystem to load into (a mount namespace for the loading thread, and bpffs mounted in it): {0}")]
+    PrivateBpffs(#[source] std::io::Error),
+    #[error("eBPF map {map}: the object's key and value are {object:?} bytes, divert_common::MAPS' layout says {declared:?}")]
+    MapLayout {
+        map: &'static str,
+        object: (u32, u32),
+        declared: (u32, u32),
+    },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
     #[error(
@@ -134,7 +142,7 @@ pub const MAP_NAMES: [&str; divert_common::MAPS.len()] = {
     let mut names = [""; divert_common::MAPS.len()];
     let mut i = 0;
     while i < names.len() {
-        names[i] = divert_common::MAPS[i].0;
+        names[i] = divert_common::MAPS[i].name;
         i += 1;
     }
     names
@@ -416,6 +424,20 @@ impl Maps {
 
     fn policies(&mut self) -> Result<HashMap<&mut MapData, u64, PolicyHeader>> {
         hash_map(&mut self.maps, maps::POLICIES)
+    }
+
+    /// `LAYOUTS`, for reading: map id → the layout its maker recorded.
+    pub(crate) fn layouts(
+        &self,
+    ) -> Result<HashMap<&MapData, u32, divert_common::layout::MapLayout>> {
+        self.read_hash(maps::LAYOUTS)
+    }
+
+    /// `LAYOUTS`, for writing.
+    pub(crate) fn layouts_mut(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, u32, divert_common::layout::MapLayout>> {
+        hash_map(&mut self.maps, maps::LAYOUTS)
     }
 
     /// A read-only handle on the hash map `name`: readers take `&self`.

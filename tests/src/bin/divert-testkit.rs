@@ -44,6 +44,12 @@
 //! * `connects DST N`: N connects to DST one after another, each closed at
 //!   once; a refused connect counts as made (the kernel judged it). Prints
 //!   `connects N refused R`.
+//! * `load DST STOP`: four threads connect to DST one connection after
+//!   another, each reading the one line answered, until the file STOP
+//!   exists. A connection whose line is the proxy's with `orig=DST` is
+//!   `ok`; one the server answered went past the proxy (`escaped`); any
+//!   other answer, or an error, `failed`. Prints `load ok N escaped E
+//!   failed F`, then up to five of the lines that were not ok.
 //! * `bytes-server S R eof|first ADDR…`: for each accepted connection,
 //!   writes R bytes, then either reads to the client's EOF (`eof`: the
 //!   client's FIN is first) or reads exactly S bytes (`first`: its own FIN
@@ -99,6 +105,7 @@ fn main() -> ExitCode {
         Some("send") => send(&args[1]),
         Some("sockopts") => sockopts(&args[1]),
         Some("connects") => connects(&args[1], &args[2]),
+        Some("load") => load(&args[1], &args[2]),
         Some("bytes-server") => bytes_server(&args[1], &args[2], &args[3], &args[4..]),
         Some("bytes") => bytes(&args[1..]),
         Some("hold") => hold(&args[1], &args[2], &args[3]),
@@ -691,6 +698,57 @@ fn connects(dst: &str, n: &str) -> Result<()> {
         }
     }
     println!("connects {n} refused {refused}");
+    Ok(())
+}
+
+fn load(dst: &str, stop: &str) -> Result<()> {
+    let dst: SocketAddr = dst.parse()?;
+    let stop = std::path::PathBuf::from(stop);
+    let one = move || -> std::result::Result<String, String> {
+        let s = TcpStream::connect_timeout(&dst, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(|e| format!("read: {e}"))?;
+        Ok(line.trim().to_string())
+    };
+    let orig = format!("orig={dst}");
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, orig) = (stop.clone(), orig.clone());
+            thread::spawn(move || {
+                let (mut ok, mut escaped, mut bad) = (0u64, 0u64, Vec::new());
+                while !stop.exists() {
+                    match one() {
+                        Ok(l) if l.starts_with("proxy ") && l.ends_with(&orig) => ok += 1,
+                        Ok(l) if l.starts_with("server ") => {
+                            escaped += 1;
+                            bad.push(l)
+                        }
+                        Ok(l) => bad.push(l),
+                        Err(e) => bad.push(e),
+                    }
+                }
+                (ok, escaped, bad)
+            })
+        })
+        .collect();
+    let (mut ok, mut escaped, mut bad) = (0, 0, Vec::new());
+    for t in threads {
+        let (o, e, b) = t.join().map_err(|_| "a load thread panicked")?;
+        ok += o;
+        escaped += e;
+        bad.extend(b);
+    }
+    println!(
+        "load ok {ok} escaped {escaped} failed {}",
+        bad.len() as u64 - escaped
+    );
+    for l in bad.iter().take(5) {
+        println!("{l}");
+    }
     Ok(())
 }
 
