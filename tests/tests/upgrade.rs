@@ -63,6 +63,34 @@ fn links(s: &Setup) -> Vec<(String, u32, u32)> {
     out
 }
 
+/// How many layout records `LAYOUTS` holds.
+fn layout_records(s: &Setup) -> usize {
+    let m = sys::obj_get(&s.bpffs.path().join("maps/LAYOUTS")).unwrap();
+    let mut key = None;
+    let mut n = 0;
+    while let Some(k) =
+        sys::map_get_next_key(std::os::fd::AsFd::as_fd(&m), key.as_deref(), 4).unwrap()
+    {
+        key = Some(k);
+        n += 1;
+    }
+    n
+}
+
+/// Stops the load and the sampler when dropped, a failed assertion
+/// included (the scope would otherwise wait for the sampler for ever).
+struct StopLoad<'a> {
+    sampling: &'a AtomicBool,
+    stop_file: &'a std::path::Path,
+}
+
+impl Drop for StopLoad<'_> {
+    fn drop(&mut self) {
+        self.sampling.store(false, Ordering::Relaxed);
+        let _ = std::fs::write(self.stop_file, b"");
+    }
+}
+
 /// SIGTERM, as the kubelet stops a pod, and wait for the exit.
 fn stop(mut d: Daemon) {
     nix::sys::signal::kill(
@@ -129,6 +157,10 @@ fn another_build_is_taken_over_and_back_under_load_with_no_gap() {
     let load = cmd.spawn().unwrap();
     let sampling = AtomicBool::new(true);
     let (samples, wrong) = thread::scope(|scope| {
+        let stop_load = StopLoad {
+            sampling: &sampling,
+            stop_file: &stop_file,
+        };
         let sampler = scope.spawn(|| {
             let (mut n, mut wrong) = (0u64, Vec::new());
             while sampling.load(Ordering::Relaxed) {
@@ -167,6 +199,8 @@ fn another_build_is_taken_over_and_back_under_load_with_no_gap() {
             assert_ne!(b.2, a.2, "{}: runs this build's program", a.0);
         }
         assert_eq!(inspect(&divert_bin(), &s, "maps"), policies);
+        // One record per map pinned: those of the maps that went are gone.
+        assert_eq!(layout_records(&s), divert_common::MAPS.len());
         assert_eq!(s.lab.dial_in(own).unwrap(), captured, "after the upgrade");
         assert!(connections(&inspect(&divert_bin(), &s, "stats")) >= connections(&stats_before));
 
@@ -186,12 +220,12 @@ fn another_build_is_taken_over_and_back_under_load_with_no_gap() {
             assert_eq!((&a.0, a.1), (&b.0, b.1), "the link itself stays");
         }
         assert_eq!(inspect(&other, &s, "maps"), policies);
+        assert_eq!(layout_records(&s), divert_common::MAPS.len());
         assert!(connections(&inspect(&other, &s, "stats")) >= connections(&stats_before));
         s.assert_redirected("after the downgrade");
         assert_eq!(s.lab.dial_in(own).unwrap(), captured, "after the downgrade");
 
-        std::fs::write(&stop_file, b"").unwrap();
-        sampling.store(false, Ordering::Relaxed);
+        drop(stop_load);
         sampler.join().unwrap()
     });
     let out = load.wait_with_output().unwrap();

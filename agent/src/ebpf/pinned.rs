@@ -754,15 +754,11 @@ fn stage_and_switch(
         sys::obj_pin(fd.as_fd(), &tmp).map_err(io("pinning", &tmp))?;
         fs::rename(&tmp, &path).map_err(io("replacing", &path))?;
     }
-    let mut gone = Vec::new();
     for (m, p) in &plan.maps {
         if *p == MapPlan::Reuse {
             continue;
         }
         let path = maps_dir.join(m.name);
-        if let Ok(old) = MapData::from_pin(&path).and_then(|d| d.info()) {
-            gone.push(old.id());
-        }
         fs::rename(stage.join(m.name), &path).map_err(io("replacing", &path))?;
         migrated.push((m.name, carried.get(m.name).copied().unwrap_or(0)));
     }
@@ -771,14 +767,24 @@ fn stage_and_switch(
         let path = e.map_err(io("reading", &maps_dir))?.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         if divert_common::map_def(&name).is_none() {
-            if let Ok(old) = MapData::from_pin(&path).and_then(|d| d.info()) {
-                gone.push(old.id());
-            }
             fs::remove_file(&path).map_err(io("unpinning", &path))?;
         }
     }
+    // Only the records of the maps pinned now are kept: those of the maps
+    // that went (and any an interrupted takeover left) are removed.
+    let current: std::collections::HashSet<u32> = new
+        .maps
+        .maps
+        .iter()
+        .filter_map(|(_, m)| map_data(m)?.info().ok().map(|i| i.id()))
+        .collect();
     let mut layouts = new.maps.layouts_mut()?;
-    for id in gone {
+    let stale: Vec<u32> = layouts
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|id| !current.contains(id))
+        .collect();
+    for id in stale {
         let _ = layouts.remove(&id);
     }
     Ok(Upgraded {
