@@ -775,8 +775,8 @@ fn stage_and_switch(
     let current: std::collections::HashSet<u32> = new
         .maps
         .maps
-        .iter()
-        .filter_map(|(_, m)| map_data(m)?.info().ok().map(|i| i.id()))
+        .values()
+        .filter_map(|m| map_data(m)?.info().ok().map(|i| i.id()))
         .collect();
     let mut layouts = new.maps.layouts_mut()?;
     let stale: Vec<u32> = layouts
