@@ -1,8 +1,21 @@
-//! The calling thread's network namespace: its cookie and its addresses.
+//! Network namespaces: the calling thread's cookie and addresses, and
+//! every live namespace by cookie.
 
-use std::{io, net::IpAddr, os::fd::AsRawFd};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs, io,
+    net::IpAddr,
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt,
+    },
+    path::PathBuf,
+};
 
-use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+use nix::{
+    sched::{setns, CloneFlags},
+    sys::socket::{socket, AddressFamily, SockFlag, SockType},
+};
 
 /// The network-namespace cookie of the calling thread's namespace
 /// (`getsockopt(SOL_SOCKET, SO_NETNS_COOKIE)`, Linux 5.14+), the key of
@@ -30,6 +43,66 @@ pub fn current_cookie() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+/// Where bind-mounted namespaces live.
+const NETNS_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
+
+/// Every path that names a live network namespace, grouped by namespace
+/// (device and inode of the nsfs file): `/proc/<pid>/ns/net` of every
+/// process, and the bind mounts under /run/netns and /var/run/netns.
+fn live_namespace_paths() -> BTreeMap<(u64, u64), Vec<PathBuf>> {
+    let mut by_ns: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
+    let mut add = |p: PathBuf| {
+        if let Ok(m) = fs::metadata(&p) {
+            by_ns.entry((m.dev(), m.ino())).or_default().push(p);
+        }
+    };
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                add(e.path().join("ns/net"));
+            }
+        }
+    }
+    for dir in NETNS_DIRS {
+        if let Ok(rd) = fs::read_dir(dir) {
+            for e in rd.flatten() {
+                add(e.path());
+            }
+        }
+    }
+    by_ns
+}
+
+/// Every live network namespace this process can see (a pod's pause
+/// process holds its namespace; `ip netns` and CNI plugins bind-mount
+/// theirs), by cookie, with a path that named it when it was read. Each
+/// cookie is read by entering the namespace on a throwaway thread (no
+/// cache: a freed namespace's inode number is reused). Seeing the pods'
+/// processes needs the host's pid namespace (`hostPID`).
+pub fn live_namespaces() -> io::Result<HashMap<u64, PathBuf>> {
+    let groups: Vec<Vec<PathBuf>> = live_namespace_paths().into_values().collect();
+    std::thread::spawn(move || {
+        let mut out = HashMap::new();
+        for paths in groups {
+            // Any path of the group will do; a process may have exited since.
+            for p in paths {
+                let Ok(f) = fs::File::open(&p) else { continue };
+                if setns(f.as_fd(), CloneFlags::CLONE_NEWNET).is_err() {
+                    continue;
+                }
+                if let Ok(c) = current_cookie() {
+                    out.insert(c, p);
+                    break;
+                }
+            }
+        }
+        out
+    })
+    .join()
+    .map_err(|_| io::Error::other("the namespace scan thread panicked"))
 }
 
 /// Whether `ip` is an address every namespace has or may have alike —

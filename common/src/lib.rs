@@ -128,8 +128,10 @@ pub enum Writer {
     /// The programs add to the values: counters. Added into the new map
     /// after the switch, once the old programs no longer write.
     ProgramsAdding,
-    /// A socket hash, which holds sockets: its entries cannot be read out
-    /// and written again by user space, so it is never migrated.
+    /// A socket hash, which holds sockets: user space cannot read them
+    /// out, so each is found again as a registration finds it (the
+    /// namespace entered, the socket taken from the process that holds
+    /// it) before the switch, and once more after it.
     Sockets,
 }
 

@@ -14,74 +14,17 @@
 //! by entering each live namespace once per sweep on a throwaway thread
 //! (no cache: a freed namespace's inode number is reused).
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    fs,
-    os::{fd::AsFd, unix::fs::MetadataExt},
-    path::PathBuf,
-    thread,
-    time::Duration,
-};
-
-use nix::sched::{setns, CloneFlags};
+use std::{collections::HashSet, time::Duration};
 
 use super::Registry;
 
 /// How often the daemon sweeps by default.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Where bind-mounted namespaces live.
-const NETNS_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
-
-/// Every path that names a live network namespace, grouped by namespace
-/// (device and inode of the nsfs file).
-fn live_namespace_paths() -> BTreeMap<(u64, u64), Vec<PathBuf>> {
-    let mut by_ns: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
-    let mut add = |p: PathBuf| {
-        if let Ok(m) = fs::metadata(&p) {
-            by_ns.entry((m.dev(), m.ino())).or_default().push(p);
-        }
-    };
-    if let Ok(rd) = fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let name = e.file_name();
-            if name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-                add(e.path().join("ns/net"));
-            }
-        }
-    }
-    for dir in NETNS_DIRS {
-        if let Ok(rd) = fs::read_dir(dir) {
-            for e in rd.flatten() {
-                add(e.path());
-            }
-        }
-    }
-    by_ns
-}
-
-/// The netns cookie of every live network namespace.
+/// The netns cookie of every live network namespace
+/// ([`crate::netns::live_namespaces`]).
 pub fn live_netns_cookies() -> std::io::Result<HashSet<u64>> {
-    let groups: Vec<Vec<PathBuf>> = live_namespace_paths().into_values().collect();
-    thread::spawn(move || {
-        let mut cookies = HashSet::new();
-        for paths in groups {
-            // Any path of the group will do; a process may have exited since.
-            for p in paths {
-                let Ok(f) = fs::File::open(&p) else { continue };
-                if setns(f.as_fd(), CloneFlags::CLONE_NEWNET).is_err() {
-                    continue;
-                }
-                if let Ok(c) = crate::netns::current_cookie() {
-                    cookies.insert(c);
-                    break;
-                }
-            }
-        }
-        cookies
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("the namespace scan thread panicked"))
+    Ok(crate::netns::live_namespaces()?.into_keys().collect())
 }
 
 impl Registry {

@@ -40,8 +40,7 @@
 //!
 //! Pins that cannot be taken over are an [`PinnedError::Incompatible`]
 //! naming the object, never silently reused: pins from a divert without
-//! layout records, a socket hash whose shape changed (it holds sockets,
-//! which user space cannot copy), a link at another cgroup.
+//! layout records, a map without a record, a link at another cgroup.
 //!
 //! aya 0.13 cannot pin a cgroup link (no `FdLink` from a cgroup link) nor
 //! update one, so links are made, pinned and updated with the `bpf(2)`
@@ -459,17 +458,12 @@ fn plan(dir: &Path, fresh: &Interceptor, cgroup_root: &Path) -> Result<Plan> {
         } else {
             "its keys or values are laid out differently".to_string()
         };
-        if m.writer == Writer::Sockets || m.name == maps::LAYOUTS {
+        if m.name == maps::LAYOUTS {
             return Err(incompatible(
                 format!("map {}", m.name),
                 &path,
                 format!(
-                    "{why}, and it cannot be carried over ({}). A different --max-pods needs `divert daemon --uninstall` first",
-                    if m.name == maps::LAYOUTS {
-                        "it is how every build reads the others' layouts"
-                    } else {
-                        "it holds sockets, which user space cannot copy"
-                    }
+                    "{why}, and it cannot be carried over: it is how every build reads the others' layouts"
                 ),
             ));
         }
@@ -672,6 +666,13 @@ fn stage_and_switch(
             carried.insert(m.name, n);
         }
     }
+    // The capture listeners last: they are found by the (carried) policies.
+    for &(m, from) in &migrating {
+        if m.writer == Writer::Sockets {
+            let n = refill_listeners(&maps_dir, &mut new.maps, from)?;
+            carried.insert(m.name, n);
+        }
+    }
     // 3. The switch.
     let mut links_updated = 0;
     for &Program {
@@ -731,7 +732,18 @@ fn stage_and_switch(
         let how = match m.writer {
             Writer::Programs => Carry::Missing,
             Writer::ProgramsAdding => Carry::Add,
-            _ => continue,
+            // A proxy that began listening since the refill was recorded
+            // by the old programs: found again.
+            Writer::Sockets => {
+                match refill_listeners(&maps_dir, &mut new.maps, from) {
+                    Ok(n) => *carried.entry(m.name).or_default() += n,
+                    Err(e) => {
+                        tracing::warn!(map = m.name, error = %e, "finding the capture listeners that began listening during the switch failed")
+                    }
+                }
+                continue;
+            }
+            Writer::UserSpace => continue,
         };
         match carry(&maps_dir, &new.maps, m, from, how) {
             Ok(n) => *carried.entry(m.name).or_default() += n,
@@ -805,6 +817,86 @@ fn update_link(path: &Path, prog: BorrowedFd<'_>) -> Result<()> {
     let info = sys::link_info(l.as_fd()).map_err(io("reading", path))?;
     let old = sys::prog_get_fd_by_id(info.prog_id).map_err(io("opening the program of", path))?;
     sys::link_update(l.as_fd(), prog, old.as_fd()).map_err(io("updating", path))
+}
+
+/// Fill `new`'s `LISTENERS` for the namespaces the pinned one (layout
+/// `from`) has a capture listener for, where the new map has none yet.
+///
+/// A socket hash holds sockets, which user space cannot read out of it, so
+/// each listener is found again as a registration finds one: the
+/// namespace (by cookie, among the live ones) is entered and the socket
+/// listening on its policy's inbound capture port taken from its holder
+/// ([`super::find_listeners`]: `/proc/PID/fd` and `pidfd_getfd(2)`).
+/// Returns how many sockets were put in.
+fn refill_listeners(maps_dir: &Path, new: &mut Maps, from: &MapLayout) -> Result<usize> {
+    use divert_common::{
+        layout::{convert, PART_KEY},
+        ListenerKey,
+    };
+    let path = maps_dir.join(maps::LISTENERS);
+    let old = sys::obj_get(&path).map_err(io("opening", &path))?;
+    let ours = MapLayout::new(
+        maps::LISTENERS,
+        &divert_common::map_def(maps::LISTENERS)
+            .expect("a map")
+            .layout,
+    );
+    let mut wanted = std::collections::BTreeMap::<u64, Vec<u32>>::new();
+    let (mut key, mut k) = (None::<Vec<u8>>, [0u8; core::mem::size_of::<ListenerKey>()]);
+    let bound = 1 << 20;
+    for _ in 0..bound {
+        let Some(next) = sys::map_get_next_key(old.as_fd(), key.as_deref(), from.key_size as usize)
+            .map_err(io("walking", &path))?
+        else {
+            break;
+        };
+        convert(from, &ours, PART_KEY, &next, &mut k, |_| {});
+        key = Some(next);
+        // SAFETY: ListenerKey is plain data of exactly these bytes.
+        let lk: ListenerKey = unsafe { core::ptr::read_unaligned(k.as_ptr().cast()) };
+        let families = wanted.entry(lk.netns_cookie).or_default();
+        if !families.contains(&lk.family) {
+            families.push(lk.family);
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(0);
+    }
+    let live = crate::netns::live_namespaces()
+        .map_err(io("reading the namespaces of", Path::new("/proc")))?;
+    let mut put = 0;
+    for (cookie, families) in wanted {
+        if new.has_listener(cookie)? {
+            continue;
+        }
+        let Ok(header) = new.policies()?.get(&cookie, 0) else {
+            continue;
+        };
+        let (Some(ns_path), port) = (live.get(&cookie), header.inbound_capture_port) else {
+            continue;
+        };
+        if port == 0 {
+            continue;
+        }
+        let Ok(ns) = fs::File::open(ns_path) else {
+            continue;
+        };
+        let found = std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map(|()| super::find_listeners(port))
+            })
+            .join()
+            .expect("the namespace thread does not panic")
+        })
+        .map_err(|e| io("entering", ns_path)(e.into()))?;
+        let found: Vec<_> = found
+            .into_iter()
+            .filter(|(family, _)| families.contains(family))
+            .collect();
+        put += new.adopt_listeners(cookie, &found)?;
+    }
+    Ok(put)
 }
 
 /// How [`carry`] writes an entry into the new map.
