@@ -364,7 +364,7 @@ enum MapPlan {
     /// Its layout and shape are this build's: shared as it is.
     Reuse,
     /// Made anew, its entries carried over from the pinned map, whose
-    /// layout is `from` and size `entries`; `why` says what differs.
+    /// layout is `from`; `why` says what differs (layout or shape).
     Migrate { from: Box<MapLayout>, why: String },
     /// The pinned install has no such map (an older build): made anew,
     /// empty.
@@ -582,15 +582,17 @@ fn adopt(dir: &Path, cgroup: BorrowedFd<'_>) -> Result<usize> {
 ///    programs loaded against that directory: the loader uses them, and
 ///    makes (and pins there) the maps that are new or migrate;
 /// 2. the migrating maps that user space or the programs write are filled
-///    from the pinned ones, each entry converted by field name, while the
-///    old programs still decide ([`Writer`]);
+///    from the pinned ones, each entry converted by field name, and a new
+///    `LISTENERS` with the sockets found again, while the old programs
+///    still decide ([`Writer`]);
 /// 3. every link, the namespaces' socket lookup links too, is switched to
 ///    its new program with `BPF_LINK_UPDATE` (`BPF_F_REPLACE`: only from
 ///    the program it runs);
-/// 4. what the old programs wrote since step 2 is carried over: entries
-///    still missing, and counters added;
+/// 4. after a grace period for old program runs in flight, what the old
+///    programs wrote since step 2 is carried over: entries still missing,
+///    counters added, capture listeners that began listening found;
 /// 5. the new pins replace the old by `rename(2)`, each atomically, and
-///    the layout records of the maps that went are removed.
+///    only the layout records of the maps pinned now are kept.
 ///
 /// A failure before step 3 leaves the old install as it was (the staging
 /// directory is removed); a crash at any point leaves links that run
