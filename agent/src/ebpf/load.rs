@@ -95,12 +95,6 @@ impl Interceptor {
         for m in divert_common::MAPS {
             let (name, kind) = (m.name, m.kind);
             let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
-            let data = match &map {
-                Map::HashMap(d) | Map::LpmTrie(d) | Map::LruHashMap(d) | Map::SockHash(d) => {
-                    Some(d)
-                }
-                _ => None,
-            };
             let declared = match &map {
                 Map::HashMap(_) => Some(MapKind::Hash),
                 Map::LpmTrie(_) => Some(MapKind::LpmTrie),
@@ -111,7 +105,7 @@ impl Interceptor {
             if declared != Some(kind) {
                 return Err(Error::MapKind { map: name, kind });
             }
-            let info = data
+            let info = super::map_data(&map)
                 .expect("one of our kinds")
                 .info()
                 .map_err(|source| Error::Map { map: name, source })?;

@@ -137,6 +137,14 @@ pub struct Registration {
     pub policy: Policy,
 }
 
+/// A map's data, for the kinds divert declares ([`MapKind`]).
+fn map_data(m: &Map) -> Option<&MapData> {
+    match m {
+        Map::HashMap(d) | Map::LpmTrie(d) | Map::LruHashMap(d) | Map::SockHash(d) => Some(d),
+        _ => None,
+    }
+}
+
 /// Every map of the object, by name ([`divert_common::MAPS`]).
 pub const MAP_NAMES: [&str; divert_common::MAPS.len()] = {
     let mut names = [""; divert_common::MAPS.len()];

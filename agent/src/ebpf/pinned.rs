@@ -59,7 +59,7 @@ use aya::{
 };
 use divert_common::{layout::MapLayout, maps, MapKind, MapSizes, Program, Side, Writer, PROGRAMS};
 
-use super::{Interceptor, Maps, MAP_NAMES};
+use super::{map_data, Interceptor, Maps, MAP_NAMES};
 
 /// `BPF_FS_MAGIC` from the kernel's uapi `magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -182,13 +182,6 @@ pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
         mounted = true;
     }
     Ok(mounted)
-}
-
-fn map_data(m: &Map) -> Option<&MapData> {
-    match m {
-        Map::HashMap(d) | Map::LpmTrie(d) | Map::LruHashMap(d) | Map::SockHash(d) => Some(d),
-        _ => None,
-    }
 }
 
 /// Wrap a pinned map's data in the variant its name is declared with.
