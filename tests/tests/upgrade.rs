@@ -179,7 +179,25 @@ fn another_build_is_taken_over_and_back_under_load_with_no_gap() {
         let before = links(&s);
         let stats_before = inspect(&other, &s, "stats");
         stop(daemon);
+        // What a takeover killed half-way leaves: a staging directory
+        // holding a pin of the wrong map under a map's name (which the
+        // loader would take as that map), and a layout record of a map that
+        // is gone. Both go before the new programs are loaded.
+        let stage = s.bpffs.path().join("upgrade");
+        std::fs::create_dir(&stage).unwrap();
+        let pods = sys::obj_get(&s.bpffs.path().join("maps/PODS")).unwrap();
+        sys::obj_pin(std::os::fd::AsFd::as_fd(&pods), &stage.join("POLICIES")).unwrap();
+        let layouts = sys::obj_get(&s.bpffs.path().join("maps/LAYOUTS")).unwrap();
+        let record = vec![0u8; std::mem::size_of::<divert_common::layout::MapLayout>()];
+        sys::map_update(
+            std::os::fd::AsFd::as_fd(&layouts),
+            &u32::MAX.to_ne_bytes(),
+            &record,
+            sys::BPF_ANY,
+        )
+        .unwrap();
         let daemon = s.daemon();
+        assert!(!stage.exists(), "the staging directory is removed");
         let log = s.daemon_log();
         assert!(log.contains("took over the pinned instance"), "{log}");
         assert!(
