@@ -10,12 +10,13 @@ use aya_ebpf::{
 };
 use divert_common::{
     chain::{self, Connect, Dst, Lookups, Transport, PASSTHROUGH_SRC4, PASSTHROUGH_SRC6},
-    mapped_v4, port_list, AddrKey, CounterValue, GroupKey, LpmKey4, LpmKey6, OrigDst, PortKey,
-    Verdict, COOKIE_PREFIX_BITS, DNS_PROXY_PORT,
+    mapped_v4, port_list, AddrKey, CounterValue, GroupKey, LpmKey4, LpmKey6, OrigDst, Verdict,
+    COOKIE_PREFIX_BITS, DNS_PROXY_PORT,
 };
 
 use crate::{
     counters::count,
+    ctx::port_key,
     maps::{
         DNS_ORIG, EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_ADDRS, NAMESERVERS,
         ORIG_BY_COOKIE, OWNER_GROUPS, POLICIES, PORTS,
@@ -30,13 +31,7 @@ pub struct MapLookups {
 impl MapLookups {
     #[inline(always)]
     fn port(&self, port: u16, list: u8) -> bool {
-        let key = PortKey {
-            netns_cookie: self.netns,
-            port,
-            list,
-            _pad: [0; 5],
-        };
-        unsafe { PORTS.get(&key) }.is_some()
+        unsafe { PORTS.get(&port_key(self.netns, port, list)) }.is_some()
     }
 
     #[inline(always)]

@@ -10,12 +10,12 @@ use aya_ebpf::{
     programs::SockOpsContext,
     EbpfContext,
 };
-use divert_common::{mapped_v4, CounterKey, CounterValue, Verdict};
+use divert_common::{mapped_v4, CounterValue, Verdict};
 
 use crate::{
-    ctx::AF_INET,
+    ctx::{counter_key, AF_INET},
     maps::{COUNTERS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, POLICIES},
-    orig::tuple_of,
+    orig::{remote_is_proxy_addr, tuple_of},
 };
 
 /// Add to the counter of (netns, destination, port, verdict), creating it
@@ -24,13 +24,7 @@ use crate::{
 /// rarely meet on one series).
 #[inline(always)]
 pub fn count(netns: u64, addr: [u8; 16], port: u16, v: Verdict, add: &CounterValue) {
-    let key = CounterKey {
-        netns_cookie: netns,
-        addr,
-        port,
-        verdict: v as u8,
-        _pad: [0; 5],
-    };
+    let key = counter_key(netns, addr, port, v as u8);
     for _ in 0..2 {
         if let Some(n) = COUNTERS.get_ptr_mut(&key) {
             // SAFETY: a map value, 8-byte aligned, live for this program's
@@ -100,8 +94,13 @@ unsafe fn add_atomic(field: *mut u64, n: u64) {
 pub fn account_close(ctx: &SockOpsContext, old: u32) {
     let ops = ctx.ops;
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied();
+    // Only a socket dialling the proxy's address can have been diverted.
+    let orig = if remote_is_proxy_addr(ctx) {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied()
+    } else {
+        None
+    };
     let peer_fin = old == BPF_TCP_CLOSE_WAIT
         || old == BPF_TCP_CLOSING
         || old == BPF_TCP_LAST_ACK
@@ -110,6 +109,7 @@ pub fn account_close(ctx: &SockOpsContext, old: u32) {
                 & BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG
                 == 0);
     if orig.is_some() {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let _ = ORIG_BY_COOKIE.remove(&cookie);
         if old != BPF_TCP_FIN_WAIT2 || peer_fin {
             let _ = ORIG_BY_TUPLE.remove(&tuple_of(ctx, netns));

@@ -119,3 +119,52 @@ pub fn transport(ty: u32, protocol: u32) -> Option<divert_common::chain::Transpo
         _ => None,
     }
 }
+
+/// A `PORTS` key, its padding zero. Built as two 8-byte words: LLVM turns
+/// the struct literal's odd-sized `_pad: [0; 5]` into a call to a
+/// byte-wise `memset` subprogram, on every lookup.
+#[inline(always)]
+pub fn port_key(netns_cookie: u64, port: u16, list: u8) -> divert_common::PortKey {
+    use divert_common::PortKey;
+    const _: () = assert!(
+        core::mem::size_of::<PortKey>() == 16
+            && core::mem::offset_of!(PortKey, port) == 8
+            && core::mem::offset_of!(PortKey, list) == 10
+    );
+    let words: [u64; 2] = [netns_cookie, port as u64 | (list as u64) << 16];
+    // SAFETY: 16 bytes of integers either way; the second word holds
+    // `port`, `list` and the zero padding in little-endian order (bpfel).
+    unsafe { core::mem::transmute::<[u64; 2], PortKey>(words) }
+}
+
+/// A `COUNTERS` key, its padding zero, without a `memset` call (see
+/// [`port_key`]).
+#[inline(always)]
+pub fn counter_key(
+    netns_cookie: u64,
+    addr: [u8; 16],
+    port: u16,
+    verdict: u8,
+) -> divert_common::CounterKey {
+    use divert_common::CounterKey;
+    #[repr(C)]
+    struct Words {
+        netns_cookie: u64,
+        addr: [u8; 16],
+        tail: u64,
+    }
+    const _: () = assert!(
+        core::mem::size_of::<CounterKey>() == core::mem::size_of::<Words>()
+            && core::mem::offset_of!(CounterKey, addr) == core::mem::offset_of!(Words, addr)
+            && core::mem::offset_of!(CounterKey, port) == core::mem::offset_of!(Words, tail)
+            && core::mem::offset_of!(CounterKey, verdict) == core::mem::offset_of!(Words, tail) + 2
+    );
+    let words = Words {
+        netns_cookie,
+        addr,
+        tail: port as u64 | (verdict as u64) << 16,
+    };
+    // SAFETY: as `port_key`: integers and bytes, the tail word holding
+    // `port`, `verdict` and the zero padding in little-endian order.
+    unsafe { core::mem::transmute::<Words, CounterKey>(words) }
+}

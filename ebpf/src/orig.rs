@@ -21,33 +21,45 @@ use crate::{
 /// An active open: file the tuple of a diverted socket, and ask for state
 /// callbacks on every socket of a meshed namespace so its bytes are counted
 /// (and a diverted socket's tuple entry removed) when it closes.
+///
+/// Only a socket dialling the proxy's address (127.0.0.1, ::1,
+/// ::ffff:127.0.0.1) can be diverted, so only such a socket is looked up
+/// in `ORIG_BY_COOKIE`; any other costs one lookup, its namespace's policy
+/// (a node's own sockets, on a node-wide attachment, are all of that
+/// kind).
 #[inline(always)]
 pub fn on_tcp_connect(ctx: &SockOpsContext) {
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let meshed = match unsafe { ORIG_BY_COOKIE.get(&cookie) } {
-        Some(orig) => {
-            // The source port is bound and the SYN not yet sent: file the
-            // original destination under the tuple the proxy will see.
-            let entry = BoundOrig {
-                orig: *orig,
-                client_isn: 0,
-                established: 0,
-                _pad: [0; 3],
-            };
-            let _ = ORIG_BY_TUPLE.insert(&tuple_of(ctx, netns), &entry, 0);
-            true
-        }
-        None => {
-            let meshed = unsafe { POLICIES.get(&netns) }.is_some();
-            // Not diverted, but straight to the proxy's address: the tuple
-            // may be an earlier diverted connection's (same source address
-            // and port). Its entry is for that connection only.
-            if meshed && remote_is_proxy_addr(ctx) {
-                let _ = ORIG_BY_TUPLE.remove(&tuple_of(ctx, netns));
+    let meshed = if remote_is_proxy_addr(ctx) {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        match unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+            Some(orig) => {
+                // The source port is bound and the SYN not yet sent: file
+                // the original destination under the tuple the proxy will
+                // see.
+                let entry = BoundOrig {
+                    orig: *orig,
+                    client_isn: 0,
+                    established: 0,
+                    _pad: [0; 3],
+                };
+                let _ = ORIG_BY_TUPLE.insert(&tuple_of(ctx, netns), &entry, 0);
+                true
             }
-            meshed
+            None => {
+                let meshed = unsafe { POLICIES.get(&netns) }.is_some();
+                // Not diverted, but straight to the proxy's address: the
+                // tuple may be an earlier diverted connection's (same
+                // source address and port). Its entry is for that
+                // connection only.
+                if meshed {
+                    let _ = ORIG_BY_TUPLE.remove(&tuple_of(ctx, netns));
+                }
+                meshed
+            }
         }
+    } else {
+        unsafe { POLICIES.get(&netns) }.is_some()
     };
     if meshed {
         let cb = load!(ctx.ops, bpf_sock_ops, bpf_sock_ops_cb_flags);
