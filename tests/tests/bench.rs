@@ -12,7 +12,7 @@ use divert_tests::{
 fn the_benchmark_measures_every_backend_and_reports() {
     require_root!();
     let settings = Settings::smoke();
-    let rows = bench::measure(&settings).expect("measure");
+    let rows = bench::measure(&settings, None).expect("measure");
     assert_eq!(rows.len(), 3 * settings.ranges.len());
     for r in &rows {
         // Each connection of each batch was checked by the client: the

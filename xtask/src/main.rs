@@ -27,6 +27,8 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "bpftool",
+    // `cargo xtask bench --perf`.
+    "linux-perf",
     "iproute2",
     "curl",
     "squid",
@@ -68,6 +70,10 @@ enum Cmd {
         /// A few minutes on two cores: 1 and 10,000 ranges, fewer samples.
         #[arg(long)]
         quick: bool,
+        /// Also sample the eBPF programs' call stacks with `perf record`
+        /// and report where their time goes.
+        #[arg(long)]
+        perf: bool,
     },
     /// Set up, build, and run the end-to-end demo (needs root).
     Demo,
@@ -124,7 +130,7 @@ fn main() -> Result<()> {
                 ],
             )
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, perf } => {
             setup()?;
             require_root("cargo xtask bench")?;
             cargo(&["build", "--release", "--bins"])?;
@@ -132,6 +138,9 @@ fn main() -> Result<()> {
             c.arg("--out").arg(target_dir().join("bench"));
             if quick {
                 c.arg("--quick");
+            }
+            if perf {
+                c.arg("--perf");
             }
             run(c)
         }

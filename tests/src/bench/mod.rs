@@ -23,6 +23,7 @@
 //! Nothing here asserts on time: the run prints and writes what it measured.
 
 pub mod peer;
+pub mod perf;
 pub mod pod;
 pub mod registry;
 pub mod report;
@@ -203,6 +204,10 @@ pub struct Row {
     /// accounting over a separate batch (not the latency batches).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub programs: Vec<ProgramCost>,
+    /// eBPF with `--perf` only: where each program's time goes, from
+    /// sampled call stacks over another batch ([`perf`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub perf: Vec<perf::ProgramProfile>,
 }
 
 /// One eBPF program's cost over the profiling batch.
@@ -540,6 +545,7 @@ impl Twin {
             bulk_mb_per_sec: median_f64(self.bulk.clone()),
             policy_install_ms: self.install_ms,
             programs: Vec::new(),
+            perf: Vec::new(),
         }
     }
 }
@@ -550,7 +556,9 @@ fn say(msg: impl AsRef<str>) {
 
 /// Measure every range count of `settings`; returns one row per backend
 /// and range count.
-pub fn measure(settings: &Settings) -> Result<Vec<Row>> {
+/// Measure every range count of `settings`. With `perf_dir`, also sample
+/// the programs' call stacks there ([`perf`]).
+pub fn measure(settings: &Settings, perf_dir: Option<&std::path::Path>) -> Result<Vec<Row>> {
     let cg2 = divert::cgroup::cgroup2_mount()?;
     let root = Cgroup::create(cg2.join(format!("divert-bench-{}", std::process::id())))?;
     let cgroups = Cgroups {
@@ -615,10 +623,21 @@ pub fn measure(settings: &Settings) -> Result<Vec<Row>> {
             }
         }
         let programs = profile(&mut interceptor, &mut twins[2], settings)?;
+        let sampled = match perf_dir {
+            Some(dir) => {
+                let n = PERF_CONNECTIONS_PER_PROFILED * settings.profile_connections;
+                say(format!("{ranges} ranges: {n} connections under perf"));
+                let rec = perf::start(&dir.join(format!("perf-{ranges}.data")))?;
+                twins[2].client.connect(n, true, None)?;
+                rec.finish()?
+            }
+            None => Vec::new(),
+        };
         for t in &mut twins {
             let mut row = t.row(ranges, settings);
             if t.backend == Backend::Ebpf {
                 row.programs = programs.clone();
+                row.perf = sampled.clone();
             }
             rows.push(row);
         }
@@ -630,6 +649,10 @@ pub fn measure(settings: &Settings) -> Result<Vec<Row>> {
     }
     Ok(rows)
 }
+
+/// The perf batch is this many times `profile_connections`: a sample is
+/// 50 µs of a CPU, and the programs take a few µs per connection.
+pub const PERF_CONNECTIONS_PER_PROFILED: usize = 4;
 
 /// What each eBPF program costs over `profile_connections` connections
 /// with the kernel's accounting on.

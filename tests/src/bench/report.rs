@@ -175,6 +175,23 @@ pub fn text(run: &Run) -> String {
             total
         );
     }
+    let sampled: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.backend == Backend::Ebpf && !r.perf.is_empty())
+        .collect();
+    if !sampled.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nwhere it goes (perf record, {} samples/s per CPU, {} connections): each program's samples by the function it was calling",
+            super::perf::FREQ,
+            super::PERF_CONNECTIONS_PER_PROFILED * run.settings.profile_connections
+        );
+        for r in sampled {
+            for line in super::perf::text(&r.perf) {
+                let _ = writeln!(s, "{:>7}  {line}", grouped(r.ranges));
+            }
+        }
+    }
     if !run.pod.is_empty() {
         let _ = writeln!(
             s,

@@ -25,6 +25,10 @@ struct Cli {
     /// Where the results go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Also sample the eBPF programs' call stacks with `perf record` and
+    /// report where their time goes (perf-<ranges>.data in --out).
+    #[arg(long)]
+    perf: bool,
     /// Measure nothing: redraw summary.txt and connect-latency.png in
     /// --out from the run.json of an earlier run.
     #[arg(long, value_name = "RUN_JSON")]
@@ -75,7 +79,7 @@ fn main() -> ExitCode {
         }),
         None => match &cli.report_from {
             Some(json) => redraw(json, &cli.out),
-            None => orchestrate(cli.quick, &cli.out),
+            None => orchestrate(cli.quick, cli.perf, &cli.out),
         },
     };
     match r {
@@ -94,7 +98,7 @@ fn pin(cpu: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-fn orchestrate(quick: bool, out: &PathBuf) -> Result<()> {
+fn orchestrate(quick: bool, perf: bool, out: &PathBuf) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!("needs root: it makes network namespaces, cgroups and iptables rules and loads eBPF programs");
     }
@@ -105,7 +109,7 @@ fn orchestrate(quick: bool, out: &PathBuf) -> Result<()> {
     };
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let machine = bench::machine()?;
-    let rows = bench::measure(&settings)?;
+    let rows = bench::measure(&settings, perf.then_some(out.as_path()))?;
     let pod = bench::pod::measure(&settings)?;
     let mut registry = Vec::new();
     for &max_pods in &settings.max_pods {
