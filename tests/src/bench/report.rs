@@ -263,9 +263,10 @@ pub fn text(run: &Run) -> String {
         if let Some(d) = &g.daemon {
             let _ = writeln!(
                 s,
-                "  divert daemon --max-pods {}: its memory cgroup {:.1} MiB (maps {:.1} MiB, RSS {:.1} MiB)",
+                "  divert daemon --max-pods {}: its memory cgroup {:.1} MiB without page cache ({:.1} MiB more; maps {:.1} MiB, RSS {:.1} MiB)",
                 g.max_pods,
-                d.cgroup_bytes as f64 / (1 << 20) as f64,
+                d.cgroup_bytes.saturating_sub(d.page_cache_bytes) as f64 / (1 << 20) as f64,
+                d.page_cache_bytes as f64 / (1 << 20) as f64,
                 d.maps_bytes as f64 / (1 << 20) as f64,
                 d.rss_kib as f64 / 1024.0,
             );
